@@ -1,0 +1,405 @@
+"""train_epoch, evaluate and predict: one pass over a loader each, nothing kept between calls."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from fntrain import metrics as metric_lib
+from fntrain.device import as_device, check_model_on, to_device
+from fntrain.errors import NonFiniteLossError
+from fntrain.modes import mode
+from fntrain.progress import Progress
+from fntrain.records import EvalResult, MetricValue, Predictions, TrainResult
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+
+
+def _describe(obj: object) -> str:
+    """Describe a batch for an error message: its type and shape or length."""
+    if isinstance(obj, torch.Tensor):
+        return f"a Tensor of shape {tuple(obj.shape)}"
+    if isinstance(obj, dict):
+        return f"a dict with keys {list(obj)}"
+    if isinstance(obj, tuple | list):
+        return f"a {type(obj).__name__} of {len(obj)} items"
+    return f"a {type(obj).__name__}"
+
+
+def _pair(batch: Any, index: int) -> tuple[Any, Any]:
+    """Split a training/evaluation batch into ``(inputs, targets)``."""
+    if isinstance(batch, tuple | list) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise TypeError(
+        f"'loader' must yield (inputs, targets) pairs, but batch {index} is {_describe(batch)}"
+    )
+
+
+def _inputs_and_targets(batch: Any, index: int) -> tuple[Any, Any]:
+    """Split a prediction batch: bare inputs, ``(inputs,)`` or ``(inputs, targets)``."""
+    if isinstance(batch, torch.Tensor | dict):
+        return batch, None
+    if isinstance(batch, tuple | list) and len(batch) in (1, 2):
+        return batch[0], (batch[1] if len(batch) == 2 else None)
+    raise TypeError(
+        f"'loader' must yield inputs (a tensor or dict), (inputs,) or (inputs, targets), "
+        f"but batch {index} is {_describe(batch)}"
+    )
+
+
+def _first_tensor(data: Any) -> torch.Tensor | None:
+    """Return the first tensor found in nested tuples, lists and dicts."""
+    if isinstance(data, torch.Tensor):
+        return data
+    items = data.values() if isinstance(data, dict) else data
+    if isinstance(data, dict | tuple | list):
+        for item in items:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _count(data: Any, index: int, what: str) -> int:
+    """Return the number of samples in a batch: the length of its first tensor."""
+    tensor = _first_tensor(data)
+    if tensor is None or tensor.dim() == 0:
+        raise TypeError(
+            f"cannot count the samples of batch {index}: its {what} are {_describe(data)}, "
+            f"expected a tensor (or tensors) with a batch dimension"
+        )
+    return tensor.shape[0]
+
+
+def _mean_loss(loss: Any, samples: int, index: int) -> torch.Tensor:
+    """Return the batch's mean loss from a scalar or a per-sample loss vector."""
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(
+            f"'loss_fn' must return a tensor, but returned {_describe(loss)} for batch {index}"
+        )
+    if loss.dim() == 0:
+        return loss
+    if loss.shape == (samples,):
+        return loss.mean()
+    raise ValueError(
+        f"'loss_fn' must return a scalar or a per-sample vector of shape ({samples},), "
+        f"but returned a tensor of shape {tuple(loss.shape)} for batch {index}"
+    )
+
+
+def _forward(
+    model: nn.Module, loss_fn: LossFn, batch: Any, index: int, device: torch.device
+) -> tuple[Any, Any, torch.Tensor, int]:
+    """Move a batch to ``device``; return outputs, targets, mean loss and sample count."""
+    inputs, targets = _pair(batch, index)
+    inputs, targets = to_device(inputs, device), to_device(targets, device)
+    samples = _count(targets, index, "targets")
+    outputs = model(inputs)
+    return outputs, targets, _mean_loss(loss_fn(outputs, targets), samples, index), samples
+
+
+class _Tally:
+    """Sample-weighted loss and summed metric states over one pass (private, per call)."""
+
+    def __init__(self, metrics: Mapping[str, Any], device: torch.device) -> None:
+        self.metrics = metrics
+        self.states = metric_lib.start(metrics, device)
+        self.loss_sum = 0.0
+        self.samples = 0
+        self.batches = 0
+
+    def add(self, loss: float, samples: int, outputs: Any, targets: Any) -> None:
+        """Add one batch: its mean loss, sample count, outputs and targets."""
+        self.loss_sum += loss * samples
+        self.samples += samples
+        self.batches += 1
+        if self.metrics:
+            with torch.no_grad():
+                self.states = metric_lib.update(self.metrics, self.states, outputs, targets)
+
+    @property
+    def loss(self) -> float:
+        """Mean loss per sample so far (NaN before any sample)."""
+        return self.loss_sum / self.samples if self.samples else float("nan")
+
+    def finish(self) -> dict[str, MetricValue]:
+        """Return the metric values, bringing their states to the host once."""
+        return metric_lib.finish(self.metrics, self.states)
+
+
+class _Buffers:
+    """A copy of the model's buffers taken before each forward pass (private, per call).
+
+    A non-finite batch can poison BatchNorm's running statistics during the forward pass,
+    before its loss is seen; restoring the copy undoes that. One fused copy per batch.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.live = list(model.buffers())
+        self.copy = [buffer.clone() for buffer in self.live]
+
+    def save(self) -> None:
+        """Copy the live buffers into the backup."""
+        if self.live:
+            torch._foreach_copy_(self.copy, self.live)
+
+    def restore(self) -> None:
+        """Copy the backup back into the live buffers."""
+        if self.live:
+            torch._foreach_copy_(self.live, self.copy)
+
+
+def _check_args(model: Any, loader: Any, device: torch.device | str) -> torch.device:
+    """Check the arguments every function shares; return the resolved device."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"'model' must be a torch.nn.Module, but got {type(model).__name__}")
+    if not isinstance(loader, Iterable):
+        raise TypeError(
+            f"'loader' must be an iterable of batches (e.g. a DataLoader), "
+            f"but got {type(loader).__name__}"
+        )
+    resolved = as_device(device)
+    check_model_on(model, resolved)
+    return resolved
+
+
+def _check_loss_fn(loss_fn: Any) -> None:
+    """Check ``loss_fn`` is callable."""
+    if not callable(loss_fn):
+        raise TypeError(
+            f"'loss_fn' must be callable as loss_fn(outputs, targets), "
+            f"but got {type(loss_fn).__name__}"
+        )
+
+
+def _check_optimizer(optimizer: Any) -> None:
+    """Check ``optimizer`` looks like a ``torch.optim.Optimizer``."""
+    if not all(hasattr(optimizer, name) for name in ("param_groups", "zero_grad", "step")):
+        raise TypeError(
+            f"'optimizer' must be a torch.optim.Optimizer, but got {type(optimizer).__name__}"
+        )
+
+
+def _no_batches() -> ValueError:
+    """Return the error for a loader that yielded nothing."""
+    return ValueError(
+        "'loader' yielded no batches; expected at least one (is the dataset empty, or is "
+        "drop_last=True with fewer samples than batch_size?)"
+    )
+
+
+def train_epoch(
+    model: nn.Module,
+    loader: Iterable[Any],
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device | str,
+    *,
+    metrics: Mapping[str, Any] | None = None,
+    on_nonfinite: Literal["raise", "skip"] = "raise",
+    progress: bool = False,
+) -> TrainResult:
+    """Train ``model`` for one pass over ``loader``; return the epoch's loss and metrics.
+
+    Per batch, exactly as the hand-written loop: ``optimizer.zero_grad()``, forward,
+    loss, ``backward()``, ``optimizer.step()``, in train mode. Every submodule's own
+    train/eval flag is restored afterwards. The loss and metrics are averaged over
+    samples, so an uneven last batch counts by its size.
+
+    Args:
+        model: the model, already on ``device``.
+        loader: yields ``(inputs, targets)``; inputs may be a tensor, a tuple/list or a
+            dict of tensors, moved to ``device`` and passed as ``model(inputs)``.
+        loss_fn: ``loss_fn(outputs, targets)`` returning the batch's mean loss (a scalar)
+            or per-sample losses (shape ``(batch,)``, from ``reduction="none"``).
+        optimizer: the optimizer over the model's parameters.
+        device: where the model is and the batches go.
+        metrics: name to metric (``ft.accuracy()``, a torchmetrics object, ...).
+        on_nonfinite: ``"raise"`` a ``NonFiniteLossError`` before the step, or ``"skip"``
+            such batches (counted in ``TrainResult.skipped``).
+        progress: show a tqdm progress bar (hidden when output is not a terminal).
+
+    Returns:
+        A frozen ``TrainResult``.
+
+    Example:
+        >>> import torch, fntrain as ft
+        >>> data = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(4)]
+        >>> model = torch.nn.Linear(4, 3)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> result = ft.train_epoch(model, data, torch.nn.functional.cross_entropy, opt, "cpu")
+        >>> result.samples, result.steps
+        (32, 4)
+    """
+    resolved = _check_args(model, loader, device)
+    _check_loss_fn(loss_fn)
+    _check_optimizer(optimizer)
+    if on_nonfinite not in ("raise", "skip"):
+        raise ValueError(f"'on_nonfinite' must be 'raise' or 'skip', but got {on_nonfinite!r}")
+    tally = _Tally(metric_lib.check(metrics), resolved)
+    buffers = _Buffers(model)
+    skipped = 0
+    start = time.perf_counter()
+    with mode(model, True), Progress(progress, loader, "train") as bar:
+        for index, batch in enumerate(loader):
+            optimizer.zero_grad()
+            buffers.save()
+            outputs, targets, loss, samples = _forward(model, loss_fn, batch, index, resolved)
+            value = loss.item()
+            if not math.isfinite(value):
+                buffers.restore()
+                if on_nonfinite == "raise":
+                    raise NonFiniteLossError(index, value)
+                skipped += 1
+                continue
+            loss.backward()
+            optimizer.step()
+            tally.add(value, samples, outputs, targets)
+            bar.tick(tally.loss)
+    if tally.batches == 0 and skipped == 0:
+        raise _no_batches()
+    return TrainResult(
+        loss=tally.loss,
+        metrics=tally.finish(),
+        samples=tally.samples,
+        batches=tally.batches,
+        steps=tally.batches,
+        seconds=time.perf_counter() - start,
+        lr=float(optimizer.param_groups[0]["lr"]),
+        skipped=skipped,
+    )
+
+
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[Any],
+    loss_fn: LossFn,
+    device: torch.device | str,
+    *,
+    metrics: Mapping[str, Any] | None = None,
+    inference_mode: bool = False,
+    progress: bool = False,
+) -> EvalResult:
+    """Measure ``model``'s loss and metrics over ``loader`` without changing the model.
+
+    Runs in eval mode under ``torch.no_grad()`` (or ``torch.inference_mode()`` with
+    ``inference_mode=True``): parameters, buffers such as BatchNorm statistics, and
+    ``.grad`` are left bit-identical, and every submodule's own train/eval flag is
+    restored afterwards. A non-finite loss is reported, not raised.
+
+    Args:
+        model: the model, already on ``device``.
+        loader: yields ``(inputs, targets)``, as for ``train_epoch``.
+        loss_fn: ``loss_fn(outputs, targets)``, a scalar mean or per-sample losses.
+        device: where the model is and the batches go.
+        metrics: name to metric (``ft.accuracy()``, a torchmetrics object, ...).
+        inference_mode: use ``torch.inference_mode()`` instead of ``torch.no_grad()``.
+        progress: show a tqdm progress bar (hidden when output is not a terminal).
+
+    Returns:
+        A frozen ``EvalResult``.
+
+    Example:
+        >>> import torch, fntrain as ft
+        >>> data = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(3)]
+        >>> model = torch.nn.Linear(4, 3)
+        >>> result = ft.evaluate(model, data, torch.nn.functional.cross_entropy, "cpu",
+        ...                      metrics={"acc": ft.accuracy()})
+        >>> result.samples, 0.0 <= result.metrics["acc"] <= 1.0
+        (24, True)
+    """
+    resolved = _check_args(model, loader, device)
+    _check_loss_fn(loss_fn)
+    tally = _Tally(metric_lib.check(metrics), resolved)
+    no_grad = torch.inference_mode() if inference_mode else torch.no_grad()
+    start = time.perf_counter()
+    with mode(model, False), no_grad, Progress(progress, loader, "eval") as bar:
+        for index, batch in enumerate(loader):
+            outputs, targets, loss, samples = _forward(model, loss_fn, batch, index, resolved)
+            tally.add(loss.item(), samples, outputs, targets)
+            bar.tick(tally.loss)
+    if tally.batches == 0:
+        raise _no_batches()
+    return EvalResult(
+        loss=tally.loss,
+        metrics=tally.finish(),
+        samples=tally.samples,
+        batches=tally.batches,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _concat(parts: list[Any]) -> Any:
+    """Concatenate per-batch structures (tensors, tuples, lists, dicts) along dim 0."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts) if first.dim() else torch.stack(parts)
+    if isinstance(first, dict):
+        return {key: _concat([part[key] for part in parts]) for key in first}
+    if isinstance(first, tuple | list):
+        items = [_concat([part[i] for part in parts]) for i in range(len(first))]
+        return type(first)(*items) if hasattr(first, "_fields") else type(first)(items)
+    return parts
+
+
+def predict(
+    model: nn.Module,
+    loader: Iterable[Any],
+    device: torch.device | str,
+    *,
+    progress: bool = False,
+) -> Predictions:
+    """Return ``model``'s outputs over ``loader``, in loader order, on the CPU.
+
+    Runs in eval mode under ``torch.no_grad()`` and changes nothing in the model. The
+    loader may yield bare inputs (a tensor or dict), ``(inputs,)`` or
+    ``(inputs, targets)``; a tuple or list of two is always read as inputs and targets.
+
+    Args:
+        model: the model, already on ``device``.
+        loader: yields inputs, ``(inputs,)`` or ``(inputs, targets)``.
+        device: where the model is and the inputs go.
+        progress: show a tqdm progress bar (hidden when output is not a terminal).
+
+    Returns:
+        A frozen ``Predictions``; ``targets`` is None when the loader gave none.
+
+    Example:
+        >>> import torch, fntrain as ft
+        >>> model = torch.nn.Linear(4, 3)
+        >>> preds = ft.predict(model, [torch.randn(5, 4), torch.randn(2, 4)], "cpu")
+        >>> preds.outputs.shape, preds.targets
+        (torch.Size([7, 3]), None)
+    """
+    resolved = _check_args(model, loader, device)
+    cpu = torch.device("cpu")
+    outputs: list[Any] = []
+    targets: list[Any] = []
+    samples = 0
+    with mode(model, False), torch.no_grad(), Progress(progress, loader, "predict") as bar:
+        for index, batch in enumerate(loader):
+            inputs, batch_targets = _inputs_and_targets(batch, index)
+            if index and (batch_targets is None) != (not targets):
+                raise TypeError(
+                    f"'loader' must yield targets in every batch or in none, but batch "
+                    f"{index} {'has none' if batch_targets is None else 'has targets'} "
+                    f"and batch 0 {'has' if targets else 'has none'}"
+                )
+            batch_outputs = model(to_device(inputs, resolved))
+            samples += _count(batch_outputs, index, "outputs")
+            outputs.append(to_device(batch_outputs, cpu))
+            if batch_targets is not None:
+                targets.append(to_device(batch_targets, cpu))
+            bar.tick()
+    if not outputs:
+        raise _no_batches()
+    return Predictions(
+        outputs=_concat(outputs),
+        targets=_concat(targets) if targets else None,
+        samples=samples,
+    )

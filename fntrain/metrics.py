@@ -1,0 +1,198 @@
+"""Metrics as summable tensor state: built-ins, and torchmetrics objects as they are.
+
+A :class:`Metric` is two pure functions. ``state(outputs, targets)`` maps one batch to a
+1-D tensor that adds up across batches (and across processes); ``compute(total)`` maps the
+summed state, on the CPU, to the metric's value. Accuracy's state is ``[correct, total]``.
+States stay on the device during the epoch and reach the host once, at its end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+import torch
+
+from fntrain.records import MetricValue
+
+
+@attrs.frozen
+class Metric:
+    """A metric whose per-batch states add up.
+
+    Attributes:
+        state: ``(outputs, targets) -> 1-D tensor`` for one batch, on the outputs' device.
+        compute: ``summed state (CPU tensor) -> value``.
+
+    Example:
+        >>> import torch, fntrain as ft
+        >>> mse = ft.Metric(
+        ...     state=lambda out, y: torch.stack(((out - y).pow(2).sum(), y.new_tensor(y.numel()))),
+        ...     compute=lambda s: float(s[0] / s[1]),
+        ... )
+        >>> mse.compute(mse.state(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 4.0])))
+        2.0
+    """
+
+    state: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    compute: Callable[[torch.Tensor], float]
+
+
+def _class_targets(outputs: torch.Tensor, targets: torch.Tensor, name: str) -> torch.Tensor:
+    """Return class-index targets; soft (probability) targets become their argmax."""
+    if outputs.dim() < 2:
+        raise ValueError(
+            f"{name} expects outputs of shape (N, C, ...) with class scores in dim 1, "
+            f"but got outputs of shape {tuple(outputs.shape)}"
+        )
+    if targets.shape == outputs.shape and targets.is_floating_point():
+        return targets.argmax(dim=1)
+    if targets.shape != outputs.shape[:1] + outputs.shape[2:]:
+        raise ValueError(
+            f"{name} expects targets of shape {tuple(outputs.shape[:1] + outputs.shape[2:])} "
+            f"(class indices) or {tuple(outputs.shape)} (class probabilities) for outputs of "
+            f"shape {tuple(outputs.shape)}, but got targets of shape {tuple(targets.shape)}"
+        )
+    return targets
+
+
+def _hits_state(hits: torch.Tensor) -> torch.Tensor:
+    """Return ``[number of hits, number of predictions]`` as an int64 tensor."""
+    total = torch.full((), hits.numel(), dtype=torch.long, device=hits.device)
+    return torch.stack((hits.sum(), total))
+
+
+def _ratio(total: torch.Tensor) -> float:
+    """Return ``total[0] / total[1]``, NaN when there was nothing to count."""
+    return float(total[0]) / float(total[1]) if total[1] else float("nan")
+
+
+def _accuracy_state(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Return ``[correct, total]`` for one batch."""
+    classes = _class_targets(outputs, targets, "accuracy()")
+    return _hits_state(outputs.argmax(dim=1) == classes)
+
+
+def accuracy() -> Metric:
+    """Return the fraction of samples whose highest-scoring class is the target.
+
+    Targets may be class indices, or class probabilities (mixup, label smoothing), in
+    which case their most probable class counts. Class scores are in dim 1, as for
+    ``CrossEntropyLoss``.
+
+    Example:
+        >>> import torch, fntrain as ft
+        >>> acc = ft.accuracy()
+        >>> acc.compute(acc.state(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([1, 1])))
+        0.5
+    """
+    return Metric(state=_accuracy_state, compute=_ratio)
+
+
+def top_k_accuracy(k: int) -> Metric:
+    """Return the fraction of samples whose target is among the ``k`` highest scores.
+
+    Example:
+        >>> import torch, fntrain as ft
+        >>> top2 = ft.top_k_accuracy(2)
+        >>> top2.compute(top2.state(torch.tensor([[0.5, 0.3, 0.2]]), torch.tensor([1])))
+        1.0
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"'k' must be a positive int, but got {k!r}")
+
+    def state(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        classes = _class_targets(outputs, targets, f"top_k_accuracy({k})")
+        if outputs.shape[1] < k:
+            raise ValueError(
+                f"top_k_accuracy({k}): 'k' is {k} but the outputs have only "
+                f"{outputs.shape[1]} classes"
+            )
+        top = outputs.topk(k, dim=1).indices
+        return _hits_state((top == classes.unsqueeze(1)).any(dim=1))
+
+    return Metric(state=state, compute=_ratio)
+
+
+def _is_torchmetric(obj: object) -> bool:
+    """Tell whether ``obj`` looks like a stateful torchmetrics ``Metric``."""
+    return all(callable(getattr(obj, name, None)) for name in ("update", "compute", "reset"))
+
+
+def check(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Return ``metrics`` as a dict after checking every entry is a usable metric."""
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise TypeError(
+            f"'metrics' must be a mapping of name to metric, but got {type(metrics).__name__}"
+        )
+    for name, metric in metrics.items():
+        if not isinstance(name, str):
+            raise TypeError(f"'metrics' keys must be str, but got {name!r}")
+        if not (isinstance(metric, Metric) or _is_torchmetric(metric)):
+            raise TypeError(
+                f"metrics[{name!r}] must be an fntrain.Metric (e.g. ft.accuracy()) or a "
+                f"torchmetrics Metric, but got {type(metric).__name__}"
+            )
+    return dict(metrics)
+
+
+def start(metrics: Mapping[str, Any], device: torch.device) -> list[torch.Tensor | None]:
+    """Reset stateful (torchmetrics) metrics on ``device``; return empty states for all."""
+    for metric in metrics.values():
+        if not isinstance(metric, Metric):
+            metric.reset()
+            if isinstance(metric, torch.nn.Module):
+                metric.to(device)
+    return [None] * len(metrics)
+
+
+def update(
+    metrics: Mapping[str, Any],
+    states: list[torch.Tensor | None],
+    outputs: torch.Tensor,
+    targets: torch.Tensor,
+) -> list[torch.Tensor | None]:
+    """Return the states with one batch added; torchmetrics objects update themselves."""
+    new: list[torch.Tensor | None] = []
+    for metric, total in zip(metrics.values(), states, strict=True):
+        if isinstance(metric, Metric):
+            batch = metric.state(outputs, targets)
+            new.append(batch if total is None else total + batch)
+        else:
+            metric.update(outputs, targets)
+            new.append(None)
+    return new
+
+
+def _gather(states: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """Bring every state to the CPU in a single transfer."""
+    present = [s for s in states if s is not None]
+    if not present:
+        return states
+    common = present[0].dtype
+    for s in present[1:]:
+        common = torch.promote_types(common, s.dtype)
+    flat = torch.cat([s.reshape(-1).to(common) for s in present]).cpu()
+    parts = iter(flat.split([s.numel() for s in present]))
+    return [None if s is None else next(parts).reshape(s.shape).to(s.dtype) for s in states]
+
+
+def _value(result: Any) -> MetricValue:
+    """Turn a metric's result into a float, or a CPU tensor when it is not a scalar."""
+    if isinstance(result, torch.Tensor):
+        return float(result) if result.numel() == 1 else result.detach().cpu().clone()
+    return float(result)
+
+
+def finish(metrics: Mapping[str, Any], states: list[torch.Tensor | None]) -> dict[str, MetricValue]:
+    """Return each metric's value, bringing the summed states to the host once."""
+    values: dict[str, MetricValue] = {}
+    for (name, metric), total in zip(metrics.items(), _gather(states), strict=True):
+        if isinstance(metric, Metric):
+            values[name] = float("nan") if total is None else _value(metric.compute(total))
+        else:
+            values[name] = _value(metric.compute())
+    return values

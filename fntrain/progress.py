@@ -1,0 +1,44 @@
+"""An optional tqdm progress bar, imported only when asked for."""
+
+from __future__ import annotations
+
+import time
+from types import TracebackType
+from typing import Any
+
+
+class Progress:
+    """A per-pass progress bar that does nothing unless ``enabled`` (private, per call)."""
+
+    refresh_seconds = 0.5
+
+    def __init__(self, enabled: bool, loader: Any, desc: str) -> None:
+        self.bar: Any = None
+        self.shown = 0.0
+        if enabled:
+            from tqdm import tqdm
+
+            total = len(loader) if hasattr(loader, "__len__") else None
+            self.bar = tqdm(total=total, desc=desc, unit="batch", disable=None, leave=False)
+
+    def tick(self, loss: float | None = None) -> None:
+        """Advance one batch; show the running loss at most every ``refresh_seconds``."""
+        if self.bar is None:
+            return
+        self.bar.update(1)
+        now = time.monotonic()
+        if loss is not None and now - self.shown >= self.refresh_seconds:
+            self.shown = now
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,78 @@
+"""Immutable records returned by fntrain's functions."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+import attrs
+import torch
+
+MetricValue = float | torch.Tensor
+"""A metric's value: a float, or a CPU tensor for non-scalar metrics (a confusion matrix)."""
+
+
+def _read_only(mapping: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """Return a read-only copy of ``mapping`` (an empty one for None)."""
+    return MappingProxyType(dict(mapping or {}))
+
+
+@attrs.frozen
+class TrainResult:
+    """What one ``train_epoch`` did.
+
+    Attributes:
+        loss: mean loss over the samples that were trained on (sample-weighted).
+        metrics: metric name to value, over the same samples.
+        samples: number of samples trained on.
+        batches: number of batches trained on (skipped batches not included).
+        steps: number of optimizer steps taken.
+        seconds: wall-clock time of the epoch.
+        lr: learning rate of the first param group at the end of the epoch.
+        skipped: batches skipped for a non-finite loss (``on_nonfinite="skip"``).
+    """
+
+    loss: float
+    metrics: Mapping[str, MetricValue] = attrs.field(converter=_read_only)
+    samples: int
+    batches: int
+    steps: int
+    seconds: float
+    lr: float
+    skipped: int = 0
+
+
+@attrs.frozen
+class EvalResult:
+    """What one ``evaluate`` measured.
+
+    Attributes:
+        loss: mean loss over all samples (sample-weighted).
+        metrics: metric name to value.
+        samples: number of samples evaluated.
+        batches: number of batches evaluated.
+        seconds: wall-clock time of the pass.
+    """
+
+    loss: float
+    metrics: Mapping[str, MetricValue] = attrs.field(converter=_read_only)
+    samples: int
+    batches: int
+    seconds: float
+
+
+@attrs.frozen
+class Predictions:
+    """Model outputs of ``predict``, in loader order, on the CPU.
+
+    Attributes:
+        outputs: the model's outputs concatenated along the batch dimension (a tensor, or
+            the same tuple/dict structure the model returns).
+        targets: the loader's targets concatenated likewise, or None when it gave none.
+        samples: number of samples predicted.
+    """
+
+    outputs: Any
+    targets: Any
+    samples: int

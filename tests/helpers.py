@@ -1,0 +1,81 @@
+"""Small models, data and the hand-written reference loop the tests compare against."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def make_data(samples: int, features: int, classes: int, seed: int) -> TensorDataset:
+    """Return a classification data set with a learnable signal."""
+    gen = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(samples, features, generator=gen)
+    weights = torch.randn(features, classes, generator=gen)
+    targets = (inputs @ weights).argmax(dim=1)
+    return TensorDataset(inputs, targets)
+
+
+def loader(data: TensorDataset, batch_size: int, seed: int | None = None) -> DataLoader:
+    """Return a DataLoader; shuffled with a seeded generator when ``seed`` is given."""
+    if seed is None:
+        return DataLoader(data, batch_size=batch_size)
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(data, batch_size=batch_size, shuffle=True, generator=gen)
+
+
+def mlp(features: int, classes: int, seed: int, dropout: float = 0.25) -> nn.Module:
+    """Return a small MLP with BatchNorm and dropout, initialised from ``seed``."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(features, 16),
+        nn.BatchNorm1d(16),
+        nn.ReLU(),
+        nn.Dropout(dropout),
+        nn.Linear(16, classes),
+    )
+
+
+def hand_train_epoch(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+) -> float:
+    """Train one epoch the way the tutorials do; return the sample-weighted mean loss."""
+    model.train()
+    total, count = 0.0, 0
+    for data, label in batches:
+        data, label = data.to(device), label.to(device)
+        optimizer.zero_grad()
+        output = model(data)
+        loss = criterion(output, label)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * data.size(0)
+        count += data.size(0)
+    return total / count
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor | None]:
+    """Return clones of every parameter, buffer and gradient of ``model``."""
+    state = {f"state:{k}": v.detach().clone() for k, v in model.state_dict().items()}
+    for name, param in model.named_parameters():
+        state[f"grad:{name}"] = None if param.grad is None else param.grad.clone()
+    return state
+
+
+def assert_bit_identical(
+    before: dict[str, torch.Tensor | None], after: dict[str, torch.Tensor | None]
+) -> None:
+    """Assert two snapshots hold the same keys and bit-identical tensors."""
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        other = after[key]
+        if value is None or other is None:
+            assert value is other, key
+        else:
+            assert torch.equal(value, other), key

@@ -1,0 +1,489 @@
+"""train_epoch, evaluate and predict: the contract of DESIGN.md, one property per test."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import attrs
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import fntrain as ft
+from tests import strategies as s
+from tests.helpers import (
+    assert_bit_identical,
+    hand_train_epoch,
+    loader,
+    make_data,
+    mlp,
+    snapshot,
+)
+
+CPU = torch.device("cpu")
+FAST = settings(max_examples=15, deadline=None)
+
+
+def _trained_model(seed: int = 0) -> tuple[nn.Module, TensorDataset]:
+    """Return an MLP after one training step (so .grad is set) and its data."""
+    data = make_data(40, 5, 3, seed)
+    model = mlp(5, 3, seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ft.train_epoch(model, [data[:8]], nn.CrossEntropyLoss(), opt, CPU)
+    return model, data
+
+
+@FAST
+@given(
+    seed=s.seeds,
+    samples=s.sample_counts,
+    batch_size=st.integers(2, 16),
+    adam=st.booleans(),
+)
+def test_train_epoch_is_bit_identical_to_the_hand_written_loop(
+    seed: int, samples: int, batch_size: int, adam: bool
+) -> None:
+    """One train_epoch equals the tutorial loop bit for bit (BatchNorm, dropout, shuffle)."""
+    assume(samples % batch_size != 1)  # BatchNorm cannot train on a batch of one
+    data = make_data(samples, 5, 3, seed)
+    results = []
+    for run in ("hand", "fntrain"):
+        model = mlp(5, 3, seed)
+        optim = torch.optim.Adam if adam else torch.optim.SGD
+        opt = optim(model.parameters(), lr=0.05, weight_decay=1e-3)
+        torch.manual_seed(seed + 1)  # dropout draws from the global generator
+        batches = loader(data, batch_size, seed=seed)
+        if run == "hand":
+            loss = hand_train_epoch(model, batches, nn.CrossEntropyLoss(), opt, CPU)
+        else:
+            loss = ft.train_epoch(model, batches, nn.CrossEntropyLoss(), opt, CPU).loss
+        results.append((snapshot(model), opt.state_dict(), loss))
+    (hand, hand_opt, hand_loss), (mine, mine_opt, mine_loss) = results
+    assert_bit_identical(hand, mine)
+    assert hand_loss == pytest.approx(mine_loss, rel=1e-12)
+    for key, value in hand_opt["state"].items():
+        for name, tensor in value.items():
+            assert torch.equal(tensor, mine_opt["state"][key][name])
+
+
+@FAST
+@given(seed=s.seeds, samples=s.sample_counts, sizes=st.lists(s.batch_sizes, min_size=2, max_size=3))
+def test_evaluate_loss_and_metrics_do_not_depend_on_batch_size(
+    seed: int, samples: int, sizes: list[int]
+) -> None:
+    """evaluate's loss and accuracy are sample-weighted: any batch size gives the same."""
+    data = make_data(samples, 4, 3, seed)
+    model = mlp(4, 3, seed)
+    metrics = {"acc": ft.accuracy(), "top2": ft.top_k_accuracy(2)}
+    results = [
+        ft.evaluate(model, loader(data, size), nn.CrossEntropyLoss(), CPU, metrics=metrics)
+        for size in sizes
+    ]
+    model.eval()
+    with torch.no_grad():
+        outputs = model(data.tensors[0])
+    whole = nn.functional.cross_entropy(outputs, data.tensors[1]).item()
+    correct = (outputs.argmax(1) == data.tensors[1]).sum().item()
+    for result in results:
+        assert result.samples == samples
+        assert result.loss == pytest.approx(whole, rel=1e-5, abs=1e-6)
+        assert result.metrics["acc"] == correct / samples
+        assert result.metrics["top2"] == results[0].metrics["top2"]
+
+
+def test_train_loss_is_weighted_by_samples_not_batches() -> None:
+    """With an uneven last batch, the epoch loss is the per-sample mean, not the batch mean."""
+    inputs = torch.tensor([[0.0]] * 4 + [[10.0]])
+    data = TensorDataset(inputs, torch.zeros(5, 1))
+    model = nn.Linear(1, 1, bias=False)
+    nn.init.ones_(model.weight)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    result = ft.train_epoch(model, loader(data, 4), nn.MSELoss(), opt, CPU)
+    assert result.loss == pytest.approx(100.0 / 5)  # the batch mean would be (0 + 100) / 2
+    assert (result.samples, result.batches, result.steps) == (5, 2, 2)
+
+
+@FAST
+@given(seed=s.seeds, batch_size=st.integers(2, 9))
+def test_per_sample_losses_give_the_same_training_as_the_mean(seed: int, batch_size: int) -> None:
+    """A loss_fn with reduction='none' trains and reports exactly like reduction='mean'."""
+    assume(30 % batch_size != 1)
+    data = make_data(30, 4, 3, seed)
+    results = []
+    for reduction in ("mean", "none"):
+        model = mlp(4, 3, seed, dropout=0.0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        loss_fn = nn.CrossEntropyLoss(reduction=reduction)
+        result = ft.train_epoch(model, loader(data, batch_size), loss_fn, opt, CPU)
+        results.append((result.loss, [p.detach().clone() for p in model.parameters()]))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("inference_mode", [False, True])
+def test_evaluate_changes_nothing_in_the_model(inference_mode: bool) -> None:
+    """evaluate leaves parameters, BatchNorm buffers and .grad bit-identical."""
+    model, data = _trained_model()
+    before = snapshot(model)
+    ft.evaluate(
+        model,
+        loader(data, 7),
+        nn.CrossEntropyLoss(),
+        CPU,
+        metrics={"acc": ft.accuracy()},
+        inference_mode=inference_mode,
+    )
+    assert_bit_identical(before, snapshot(model))
+
+
+def test_predict_changes_nothing_in_the_model() -> None:
+    """predict leaves parameters, BatchNorm buffers and .grad bit-identical."""
+    model, data = _trained_model()
+    before = snapshot(model)
+    ft.predict(model, loader(data, 7), CPU)
+    assert_bit_identical(before, snapshot(model))
+
+
+def test_evaluate_and_predict_build_no_graph() -> None:
+    """evaluate and predict run without autograd: outputs carry no graph."""
+    seen: list[bool] = []
+
+    class Probe(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(torch.is_grad_enabled())
+            return x
+
+    model = nn.Sequential(nn.Linear(3, 2), Probe())
+    data = [(torch.randn(4, 3), torch.randint(0, 2, (4,)))]
+    ft.evaluate(model, data, nn.CrossEntropyLoss(), CPU)
+    preds = ft.predict(model, data, CPU)
+    assert seen == [False, False]
+    assert not preds.outputs.requires_grad
+    assert preds.outputs.grad_fn is None
+
+
+class _ModeProbe(nn.Module):
+    """Records ``self.training`` at every forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 2)
+        self.seen: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(self.training)
+        return self.linear(x)
+
+
+def _probe_model() -> tuple[nn.Sequential, _ModeProbe, nn.BatchNorm1d]:
+    """Return a model in train mode whose BatchNorm the user froze in eval mode."""
+    probe = _ModeProbe()
+    frozen = nn.BatchNorm1d(3).eval()
+    return nn.Sequential(frozen, probe), probe, frozen
+
+
+_BATCHES = [(torch.randn(4, 3), torch.randint(0, 2, (4,)))]
+
+
+def _run(name: str, model: nn.Module, loss_fn: object = nn.functional.cross_entropy) -> None:
+    """Call one of the three loop functions on ``model`` over _BATCHES."""
+    if name == "train_epoch":
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        ft.train_epoch(model, _BATCHES, loss_fn, opt, CPU)
+    elif name == "evaluate":
+        ft.evaluate(model, _BATCHES, loss_fn, CPU)
+    else:
+        ft.predict(model, _BATCHES, CPU)
+
+
+@pytest.mark.parametrize(
+    ("name", "mode_inside"), [("train_epoch", True), ("evaluate", False), ("predict", False)]
+)
+def test_mode_is_set_inside_and_every_flag_restored_after(name: str, mode_inside: bool) -> None:
+    """train_epoch runs in train mode, evaluate/predict in eval; each flag is restored."""
+    model, probe, frozen = _probe_model()
+    model.train()
+    frozen.eval()
+    _run(name, model)
+    assert probe.seen == [mode_inside]
+    assert model.training and probe.training
+    assert not frozen.training
+
+
+@pytest.mark.parametrize("name", ["train_epoch", "evaluate"])
+def test_modes_are_restored_when_an_exception_escapes(name: str) -> None:
+    """An exception from inside the loop leaves every module in its own previous mode."""
+    model, probe, frozen = _probe_model()
+    model.eval()
+    probe.train()
+
+    def broken_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        _run(name, model, broken_loss)
+    assert not model.training and probe.training and not frozen.training
+
+
+def test_records_are_immutable() -> None:
+    """Records are frozen, their metric mappings read-only, their numbers Python floats."""
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    metrics = {"acc": ft.accuracy()}
+    train = ft.train_epoch(model, _BATCHES, nn.CrossEntropyLoss(), opt, CPU, metrics=metrics)
+    ev = ft.evaluate(model, _BATCHES, nn.CrossEntropyLoss(), CPU, metrics=metrics)
+    preds = ft.predict(model, _BATCHES, CPU)
+    for record in (train, ev, preds):
+        with pytest.raises(attrs.exceptions.FrozenInstanceError):
+            record.samples = 0  # type: ignore[misc]
+    for record in (train, ev):
+        assert type(record.loss) is float and type(record.metrics["acc"]) is float
+        with pytest.raises(TypeError):
+            record.metrics["acc"] = 1.0  # type: ignore[index]
+    assert type(train.lr) is float
+
+
+@FAST
+@given(seed=s.seeds, samples=s.sample_counts, batch_size=s.batch_sizes)
+def test_predict_equals_the_model_on_all_inputs_in_order(
+    seed: int, samples: int, batch_size: int
+) -> None:
+    """predict returns model(all inputs) in eval mode, in loader order, with the targets."""
+    data = make_data(samples, 4, 3, seed)
+    model = mlp(4, 3, seed)
+    preds = ft.predict(model, loader(data, batch_size), CPU)
+    model.eval()
+    with torch.no_grad():
+        expected = model(data.tensors[0])
+    torch.testing.assert_close(preds.outputs, expected)
+    assert torch.equal(preds.targets, data.tensors[1])
+    assert preds.samples == samples
+
+
+def test_predict_takes_bare_inputs_and_returns_no_targets() -> None:
+    """A loader of bare input tensors gives Predictions with targets None."""
+    model = nn.Linear(3, 2)
+    inputs = torch.randn(10, 3)
+    preds = ft.predict(model, DataLoader(inputs, batch_size=4), CPU)
+    assert preds.targets is None
+    torch.testing.assert_close(preds.outputs, model(inputs).detach())
+
+
+class _DictModel(nn.Module):
+    """Takes a dict of tensors, returns a (logits, features) tuple."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 2)
+        self.b = nn.Linear(1, 2)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.a(batch["x"]) + self.b(batch["extra"])
+        return hidden, hidden.relu()
+
+
+def test_dict_inputs_and_tuple_outputs_are_supported() -> None:
+    """Dict inputs reach the model as a dict; tuple outputs are concatenated per element."""
+    x, extra = torch.randn(6, 3), torch.randn(6, 1)
+    batches = [{"x": x[:4], "extra": extra[:4]}, {"x": x[4:], "extra": extra[4:]}]
+    model = _DictModel()
+    preds = ft.predict(model, batches, CPU)
+    expected = model({"x": x, "extra": extra})
+    assert isinstance(preds.outputs, tuple) and len(preds.outputs) == 2
+    torch.testing.assert_close(preds.outputs[0], expected[0].detach())
+    ev = ft.evaluate(
+        model,
+        [(batch, torch.zeros(len(batch["x"]), dtype=torch.long)) for batch in batches],
+        lambda out, y: nn.functional.cross_entropy(out[0], y),
+        CPU,
+    )
+    assert ev.samples == 6
+
+
+def test_torchmetrics_objects_work_and_are_reset_per_call() -> None:
+    """torchmetrics objects give the same value as on all data, and never leak across calls."""
+    torchmetrics = pytest.importorskip("torchmetrics")
+    data = make_data(50, 4, 3, 1)
+    model = mlp(4, 3, 1)
+    metrics = {
+        "f1": torchmetrics.classification.MulticlassF1Score(num_classes=3, average="macro"),
+        "cm": torchmetrics.classification.MulticlassConfusionMatrix(num_classes=3),
+        "acc": ft.accuracy(),
+    }
+    first = ft.evaluate(model, loader(data, 8), nn.CrossEntropyLoss(), CPU, metrics=metrics)
+    second = ft.evaluate(model, loader(data, 8), nn.CrossEntropyLoss(), CPU, metrics=metrics)
+    model.eval()
+    with torch.no_grad():
+        outputs = model(data.tensors[0])
+    whole_f1 = torchmetrics.functional.classification.multiclass_f1_score(
+        outputs, data.tensors[1], num_classes=3, average="macro"
+    )
+    assert first.metrics["f1"] == pytest.approx(whole_f1.item())
+    assert isinstance(first.metrics["cm"], torch.Tensor)
+    assert first.metrics["cm"].sum().item() == 50
+    assert torch.equal(first.metrics["cm"], second.metrics["cm"])
+    assert first.metrics["f1"] == second.metrics["f1"]
+
+
+def test_nonfinite_loss_raises_before_the_step_naming_the_batch() -> None:
+    """A NaN loss raises NonFiniteLossError with its batch index; no step is taken for it."""
+    data = make_data(24, 4, 3, 0)
+    good = list(loader(data, 8))
+    bad = (torch.full_like(good[2][0], float("nan")), good[2][1])
+    reference, model = mlp(4, 3, 0, dropout=0.0), mlp(4, 3, 0, dropout=0.0)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    hand_train_epoch(reference, good[:2], nn.CrossEntropyLoss(), ref_opt, CPU)
+    with pytest.raises(ft.NonFiniteLossError, match="batch 2") as caught:
+        ft.train_epoch(model, [*good[:2], bad, good[0]], nn.CrossEntropyLoss(), opt, CPU)
+    assert caught.value.batch_index == 2 and math.isnan(caught.value.loss)
+    for a, b in zip(reference.state_dict().values(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_nonfinite_batches_can_be_skipped() -> None:
+    """on_nonfinite='skip' skips non-finite batches, counts them, and trains on the rest."""
+    data = make_data(24, 4, 3, 0)
+    good = list(loader(data, 8))
+    bad = (torch.full_like(good[0][0], float("inf")), good[0][1])
+    reference, model = mlp(4, 3, 0, dropout=0.0), mlp(4, 3, 0, dropout=0.0)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref_loss = hand_train_epoch(reference, good, nn.CrossEntropyLoss(), ref_opt, CPU)
+    result = ft.train_epoch(
+        model, [good[0], bad, good[1], good[2]], nn.CrossEntropyLoss(), opt, CPU,
+        on_nonfinite="skip",
+    )  # fmt: skip
+    assert (result.skipped, result.batches, result.steps, result.samples) == (1, 3, 3, 24)
+    assert result.loss == pytest.approx(ref_loss)
+    for a, b in zip(reference.state_dict().values(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["train_epoch", "evaluate", "predict"])
+def test_an_empty_loader_is_an_error_naming_loader(name: str) -> None:
+    """A loader that yields no batches raises ValueError naming 'loader'."""
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="'loader' yielded no batches"):
+        if name == "train_epoch":
+            ft.train_epoch(model, [], nn.CrossEntropyLoss(), opt, CPU)
+        elif name == "evaluate":
+            ft.evaluate(model, [], nn.CrossEntropyLoss(), CPU)
+        else:
+            ft.predict(model, [], CPU)
+
+
+@pytest.mark.parametrize("name", ["train_epoch", "evaluate", "predict"])
+def test_a_model_on_another_device_is_an_error_naming_device(name: str) -> None:
+    """A model whose parameters are not on 'device' is refused before anything runs."""
+    model = nn.Linear(3, 2).to("meta")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="'device' is cpu but the model's parameters are on meta"):
+        if name == "train_epoch":
+            ft.train_epoch(model, _BATCHES, nn.CrossEntropyLoss(), opt, "cpu")
+        elif name == "evaluate":
+            ft.evaluate(model, _BATCHES, nn.CrossEntropyLoss(), "cpu")
+        else:
+            ft.predict(model, _BATCHES, "cpu")
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [torch.randn(4, 3), (torch.randn(4, 3),), (torch.randn(4, 3), torch.zeros(4), torch.ones(4))],
+)
+def test_a_batch_that_is_not_a_pair_is_an_error_naming_loader(batch: object) -> None:
+    """train_epoch and evaluate need (inputs, targets); anything else names the batch."""
+    model = nn.Linear(3, 2)
+    before = snapshot(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match=r"'loader' must yield \(inputs, targets\) pairs.*batch 0"):
+        ft.train_epoch(model, [batch], nn.CrossEntropyLoss(), opt, CPU)
+    with pytest.raises(TypeError, match="batch 0"):
+        ft.evaluate(model, [batch], nn.CrossEntropyLoss(), CPU)
+    assert_bit_identical(before, snapshot(model))
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "message"),
+    [
+        (lambda out, y: (out - 1).pow(2), r"shape \(4,\).*shape \(4, 2\)"),
+        (lambda out, y: 1.0, "must return a tensor"),
+    ],
+)
+def test_a_loss_that_is_not_scalar_or_per_sample_is_an_error(loss_fn: object, message: str) -> None:
+    """loss_fn must return a scalar or a (batch,) vector; the error says what it returned."""
+    model = nn.Linear(3, 2)
+    before = snapshot(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises((TypeError, ValueError), match=f"'loss_fn'.*{message}"):
+        ft.train_epoch(model, _BATCHES, loss_fn, opt, CPU)
+    assert_bit_identical(before, snapshot(model))
+
+
+def test_bad_arguments_name_the_argument() -> None:
+    """Wrong types and values are refused up front with the argument's name."""
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = nn.CrossEntropyLoss()
+    cases = [
+        (lambda: ft.train_epoch("net", _BATCHES, loss, opt, CPU), "'model'"),
+        (lambda: ft.train_epoch(model, 3, loss, opt, CPU), "'loader'"),
+        (lambda: ft.train_epoch(model, _BATCHES, "ce", opt, CPU), "'loss_fn'"),
+        (lambda: ft.train_epoch(model, _BATCHES, loss, model, CPU), "'optimizer'"),
+        (lambda: ft.train_epoch(model, _BATCHES, loss, opt, 0.5), "'device'"),
+        (lambda: ft.train_epoch(model, _BATCHES, loss, opt, "gpu"), "'device'"),
+        (lambda: ft.train_epoch(model, _BATCHES, loss, opt, CPU, on_nonfinite="x"), "on_nonfinite"),
+        (lambda: ft.evaluate(model, _BATCHES, loss, CPU, metrics=[ft.accuracy()]), "'metrics'"),
+        (lambda: ft.evaluate(model, _BATCHES, loss, CPU, metrics={"a": len}), r"metrics\['a'\]"),
+    ]
+    before = snapshot(model)
+    for call, name in cases:
+        with pytest.raises((TypeError, ValueError), match=name):
+            call()
+    assert_bit_identical(before, snapshot(model))
+
+
+def test_progress_bar_is_hidden_when_output_is_not_a_terminal(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """progress=True shows nothing when stderr is not a terminal, and changes no result."""
+    model = nn.Linear(3, 2)
+    quiet = ft.evaluate(model, _BATCHES, nn.CrossEntropyLoss(), CPU)
+    shown = ft.evaluate(model, _BATCHES, nn.CrossEntropyLoss(), CPU, progress=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ft.train_epoch(model, _BATCHES, nn.CrossEntropyLoss(), opt, CPU, progress=True)
+    ft.predict(model, _BATCHES, CPU, progress=True)
+    assert quiet.loss == shown.loss
+    assert capsys.readouterr().err == ""
+
+
+def test_progress_bar_shows_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """progress=True draws a tqdm bar with the running loss when output is a terminal."""
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    class SlowLoader:
+        def __len__(self) -> int:
+            return 3
+
+        def __iter__(self):
+            for batch in _BATCHES * 3:
+                time.sleep(0.3)
+                yield batch
+
+    screen = Terminal()
+    monkeypatch.setattr("sys.stderr", screen)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ft.train_epoch(model, SlowLoader(), nn.CrossEntropyLoss(), opt, CPU, progress=True)
+    drawn = screen.getvalue()
+    assert "train" in drawn and "0/3" in drawn and "2/3" in drawn and "loss=" in drawn
