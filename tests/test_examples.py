@@ -1,0 +1,59 @@
+"""Every example runs with --quick from any working folder."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("*.py")))
+def test_example_runs_quick(script: str, tmp_path: Path) -> None:
+    """The example finishes with --quick, run from an unrelated folder."""
+    pytest.importorskip("sklearn")
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), "--quick"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip(), "the example printed nothing"
+
+
+def test_digits_quick_prints_a_line_per_epoch_and_a_test_accuracy(tmp_path: Path) -> None:
+    """The README's main job prints one line per epoch and the held-out accuracy."""
+    pytest.importorskip("sklearn")
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / "digits.py"), "--quick"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=True,
+    )
+    lines = out.stdout.splitlines()
+    assert sum(line.startswith("epoch") for line in lines) == 2
+    accuracy = float(lines[-1].split()[2])
+    assert 0.5 < accuracy <= 1.0  # two epochs already learn the digits; 20 reach >= 0.97
+
+
+def test_digits_full_run_reaches_97_percent_held_out_accuracy(tmp_path: Path) -> None:
+    """The README's main job, run in full, reaches >= 97% accuracy on held-out digits."""
+    pytest.importorskip("sklearn")
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / "digits.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    last = out.stdout.splitlines()[-1]
+    assert last.startswith("test accuracy"), last
+    assert float(last.split()[2]) >= 0.97, last

@@ -1,0 +1,135 @@
+"""Built-in metrics: equal to torchmetrics, summable across batches, strict about shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import fntrain as ft
+from tests import strategies as s
+
+torchmetrics = pytest.importorskip("torchmetrics")
+FAST = settings(max_examples=25, deadline=None)
+
+
+def _scores(samples: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return random class scores and class-index targets."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(samples, classes, generator=gen), torch.randint(
+        0, classes, (samples,), generator=gen
+    )
+
+
+@FAST
+@given(samples=s.sample_counts, classes=s.class_counts, seed=s.seeds)
+def test_accuracy_equals_torchmetrics(samples: int, classes: int, seed: int) -> None:
+    """ft.accuracy() equals torchmetrics' micro-averaged MulticlassAccuracy."""
+    outputs, targets = _scores(samples, classes, seed)
+    metric = ft.accuracy()
+    expected = torchmetrics.functional.classification.multiclass_accuracy(
+        outputs, targets, num_classes=classes, average="micro"
+    )
+    assert metric.compute(metric.state(outputs, targets)) == pytest.approx(expected.item())
+
+
+@FAST
+@given(samples=s.sample_counts, classes=st.integers(3, 8), k=st.integers(1, 3), seed=s.seeds)
+def test_top_k_accuracy_equals_torchmetrics(samples: int, classes: int, k: int, seed: int) -> None:
+    """ft.top_k_accuracy(k) equals torchmetrics' MulticlassAccuracy(top_k=k, average='micro')."""
+    outputs, targets = _scores(samples, classes, seed)
+    metric = ft.top_k_accuracy(k)
+    expected = torchmetrics.functional.classification.multiclass_accuracy(
+        outputs, targets, num_classes=classes, average="micro", top_k=k
+    )
+    assert metric.compute(metric.state(outputs, targets)) == pytest.approx(expected.item())
+
+
+@FAST
+@given(samples=s.sample_counts, classes=s.class_counts, seed=s.seeds, data=st.data())
+def test_states_add_up_across_any_split(
+    samples: int, classes: int, seed: int, data: st.DataObject
+) -> None:
+    """The sum of per-batch states equals the state of the whole: batches (and ranks) add."""
+    outputs, targets = _scores(samples, classes, seed)
+    cut = data.draw(st.integers(1, samples - 1))
+    for metric in (ft.accuracy(), ft.top_k_accuracy(min(2, classes))):
+        parts = metric.state(outputs[:cut], targets[:cut]) + metric.state(
+            outputs[cut:], targets[cut:]
+        )
+        assert torch.equal(parts, metric.state(outputs, targets))
+
+
+@FAST
+@given(samples=s.sample_counts, classes=s.class_counts, seed=s.seeds)
+def test_accuracy_reads_probability_targets_by_their_most_likely_class(
+    samples: int, classes: int, seed: int
+) -> None:
+    """Soft targets (one-hot, smoothed or mixed) count by their argmax class."""
+    outputs, targets = _scores(samples, classes, seed)
+    soft = nn.functional.one_hot(targets, classes).float() * 0.8 + 0.2 / classes
+    metric = ft.accuracy()
+    assert torch.equal(metric.state(outputs, soft), metric.state(outputs, targets))
+
+
+def test_accuracy_counts_every_position_of_dense_outputs() -> None:
+    """For (N, C, H, W) outputs and (N, H, W) targets, every pixel is a prediction."""
+    outputs = torch.zeros(2, 3, 4, 4)
+    outputs[:, 1] = 1.0
+    targets = torch.ones(2, 4, 4, dtype=torch.long)
+    targets[0, 0, 0] = 2
+    metric = ft.accuracy()
+    assert metric.compute(metric.state(outputs, targets)) == pytest.approx(31 / 32)
+
+
+def test_top_1_accuracy_is_accuracy() -> None:
+    """top_k_accuracy(1) gives the same state as accuracy()."""
+    outputs, targets = _scores(50, 5, 3)
+    assert torch.equal(
+        ft.top_k_accuracy(1).state(outputs, targets), ft.accuracy().state(outputs, targets)
+    )
+
+
+@pytest.mark.parametrize("k", [0, -1, 1.5, True])
+def test_top_k_rejects_a_k_that_is_not_a_positive_int(k: object) -> None:
+    """top_k_accuracy names 'k' when it is not a positive int."""
+    with pytest.raises(ValueError, match="'k' must be a positive int"):
+        ft.top_k_accuracy(k)  # type: ignore[arg-type]
+
+
+def test_top_k_larger_than_the_classes_is_an_error() -> None:
+    """top_k_accuracy(5) on 3 classes says so instead of failing inside topk."""
+    with pytest.raises(ValueError, match="'k' is 5 but the outputs have only 3 classes"):
+        ft.top_k_accuracy(5).state(torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    ("outputs", "targets", "message"),
+    [
+        (torch.randn(4), torch.zeros(4, dtype=torch.long), r"outputs of shape \(N, C"),
+        (torch.randn(4, 3), torch.zeros(5, dtype=torch.long), r"targets of shape \(4,\)"),
+    ],
+)
+def test_accuracy_names_mismatched_shapes(
+    outputs: torch.Tensor, targets: torch.Tensor, message: str
+) -> None:
+    """accuracy() says which shapes it expected and which it got."""
+    with pytest.raises(ValueError, match=message):
+        ft.accuracy().state(outputs, targets)
+
+
+def test_a_custom_metric_is_summed_over_samples_by_evaluate() -> None:
+    """A user's Metric record works in evaluate and is summed over uneven batches."""
+    mae = ft.Metric(
+        state=lambda out, y: torch.stack(((out - y).abs().sum(), y.new_tensor(y.numel()))),
+        compute=lambda total: float(total[0] / total[1]),
+    )
+    inputs = torch.arange(7.0).unsqueeze(1)
+    batches = [(inputs[:4], torch.zeros(4, 1)), (inputs[4:], torch.zeros(3, 1))]
+    model = nn.Linear(1, 1, bias=False)
+    nn.init.ones_(model.weight)
+    result = ft.evaluate(model, batches, nn.L1Loss(), "cpu", metrics={"mae": mae})
+    assert result.metrics["mae"] == pytest.approx(3.0)
+    assert result.loss == pytest.approx(3.0)

@@ -1,0 +1,46 @@
+"""The package surface: lazy imports, public names, signatures and docstrings."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+
+import fntrain as ft
+
+
+def test_import_fntrain_adds_no_optional_dependency() -> None:
+    """import fntrain imports none of torchvision, tqdm, torchmetrics beyond what torch does."""
+    code = (
+        "import sys, torch\n"
+        "before = set(sys.modules)\n"
+        "import fntrain\n"
+        "added = set(sys.modules) - before\n"
+        "print(sorted(m for m in added if m.split('.')[0] in "
+        "{'torchvision', 'tqdm', 'torchmetrics', 'sklearn', 'matplotlib'}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_every_public_name_is_exported_and_documented() -> None:
+    """Every name in __all__ exists and opens with a one-line docstring."""
+    for name in ft.__all__:
+        obj = getattr(ft, name)
+        doc = inspect.getdoc(obj)
+        assert doc, name
+        assert doc.splitlines()[0].endswith("."), name
+
+
+def test_options_are_keyword_only_and_annotated() -> None:
+    """Options after the fixed positional arguments are keyword-only; all are annotated."""
+    positional = {
+        "train_epoch": ["model", "loader", "loss_fn", "optimizer", "device"],
+        "evaluate": ["model", "loader", "loss_fn", "device"],
+        "predict": ["model", "loader", "device"],
+    }
+    for name, expected in positional.items():
+        params = inspect.signature(getattr(ft, name)).parameters.values()
+        assert [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD] == expected
+        assert all(p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params)
+        assert all(p.annotation is not inspect.Parameter.empty for p in params)

@@ -1,0 +1,68 @@
+"""The README: its python snippets run, in order, and its set-up commands are CI's."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def _blocks(language: str) -> list[str]:
+    """Return the README's fenced code blocks of ``language``, in order."""
+    return re.findall(rf"^```{language}\n(.*?)^```$", README, flags=re.S | re.M)
+
+
+def _command(marker: str) -> str:
+    """Return the bash block that follows ``<!-- marker -->``."""
+    found = re.findall(rf"<!-- {marker} -->\n```bash\n(.*?)\n```", README, flags=re.S)
+    assert len(found) == 1, f"expected one {marker} block, found {len(found)}"
+    return found[0]
+
+
+def test_every_python_snippet_runs_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """All ```python blocks run top to bottom in one namespace, as a reader pastes them."""
+    pytest.importorskip("torchmetrics")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {"__name__": "readme"}
+    blocks = _blocks("python")
+    assert len(blocks) >= 5
+    for number, block in enumerate(blocks, start=1):
+        code = compile(block, f"README.md python block {number}", "exec")
+        exec(code, namespace)
+
+
+def test_there_are_exactly_two_one_line_setup_commands() -> None:
+    """The README has one command for the main job and one for the tests, one line each."""
+    demo, tests = _command("demo-command"), _command("test-command")
+    assert "\n" not in demo and "\n" not in tests
+    assert "examples/digits.py" in demo and "pytest" in tests
+    assert len(_blocks("bash")) == 2
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    """.ci/run extracts and runs the README's test command, not a copy of it."""
+    script = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert "test-command" in script and "README.md" in script
+    extracted = subprocess.run(
+        ["bash", str(ROOT / ".ci" / "run"), "--print"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert extracted == _command("test-command")
+
+
+@pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed")
+def test_the_code_is_ruff_clean() -> None:
+    """ruff check and ruff format --check pass on the whole repository."""
+    for args in (["check", "."], ["format", "--check", "."]):
+        out = subprocess.run(["ruff", *args], cwd=ROOT, capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout + out.stderr
