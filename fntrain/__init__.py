@@ -5,24 +5,30 @@ Five stateless functions (``train_epoch``, ``evaluate``, ``predict``, ``save_che
 immutable records. You write the outer loop.
 """
 
+from fntrain.checkpoint import load_checkpoint, save_checkpoint
 from fntrain.device import default_device
-from fntrain.errors import NonFiniteLossError
+from fntrain.errors import CheckpointError, NonFiniteLossError
 from fntrain.loop import evaluate, predict, train_epoch
 from fntrain.metrics import Metric, accuracy, top_k_accuracy
-from fntrain.records import EvalResult, Predictions, TrainResult
+from fntrain.records import Checkpoint, EvalResult, Predictions, SavedCheckpoint, TrainResult
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Checkpoint",
+    "CheckpointError",
     "EvalResult",
     "Metric",
     "NonFiniteLossError",
     "Predictions",
+    "SavedCheckpoint",
     "TrainResult",
     "accuracy",
     "default_device",
     "evaluate",
+    "load_checkpoint",
     "predict",
+    "save_checkpoint",
     "top_k_accuracy",
     "train_epoch",
 ]

@@ -19,3 +19,7 @@ class NonFiniteLossError(FloatingPointError):
             f"buffers were restored, so the model is as after the last finite batch. "
             f"Pass on_nonfinite='skip' to skip such batches instead"
         )
+
+
+class CheckpointError(Exception):
+    """A file is not a loadable fntrain checkpoint, or does not fit what it is loaded into."""

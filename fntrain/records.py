@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -76,3 +77,39 @@ class Predictions:
     outputs: Any
     targets: Any
     samples: int
+
+
+@attrs.frozen
+class SavedCheckpoint:
+    """What ``save_checkpoint`` wrote.
+
+    Attributes:
+        path: the file written.
+        size: its size in bytes.
+        epoch: the epoch stored in it.
+        step: the step stored in it.
+    """
+
+    path: Path
+    size: int
+    epoch: int
+    step: int
+
+
+@attrs.frozen
+class Checkpoint:
+    """What ``load_checkpoint`` restored, besides the objects it restored in place.
+
+    Attributes:
+        path: the file read.
+        epoch: the epoch stored (None for a bare state_dict).
+        step: the step stored (None for a bare state_dict).
+        metrics: the metrics stored, read-only.
+        extra: the user's extra data stored, read-only at the top level.
+    """
+
+    path: Path
+    epoch: int | None
+    step: int | None
+    metrics: Mapping[str, Any] = attrs.field(converter=_read_only)
+    extra: Mapping[str, Any] = attrs.field(converter=_read_only)

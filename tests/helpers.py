@@ -60,10 +60,10 @@ def hand_train_epoch(
     return total / count
 
 
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor | None]:
-    """Return clones of every parameter, buffer and gradient of ``model``."""
+def snapshot(model: nn.Module, grads: bool = True) -> dict[str, torch.Tensor | None]:
+    """Return clones of every parameter and buffer of ``model``, and its gradients."""
     state = {f"state:{k}": v.detach().clone() for k, v in model.state_dict().items()}
-    for name, param in model.named_parameters():
+    for name, param in model.named_parameters() if grads else ():
         state[f"grad:{name}"] = None if param.grad is None else param.grad.clone()
     return state
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
-import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,9 +61,10 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert extracted == _command("test-command")
 
 
-@pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed")
+@pytest.mark.skipif(importlib.util.find_spec("ruff") is None, reason="ruff is not installed")
 def test_the_code_is_ruff_clean() -> None:
     """ruff check and ruff format --check pass on the whole repository."""
     for args in (["check", "."], ["format", "--check", "."]):
-        out = subprocess.run(["ruff", *args], cwd=ROOT, capture_output=True, text=True)
+        command = [sys.executable, "-m", "ruff", *args]
+        out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
         assert out.returncode == 0, out.stdout + out.stderr
