@@ -330,6 +330,21 @@ def test_torchmetrics_objects_work_and_are_reset_per_call() -> None:
     assert first.metrics["f1"] == second.metrics["f1"]
 
 
+def test_train_epoch_computes_metric_states_without_autograd() -> None:
+    """train_epoch feeds metrics under no_grad: a differentiable metric keeps no graph alive."""
+    seen: list[bool] = []
+
+    def state(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        seen.append(torch.is_grad_enabled())
+        return torch.stack((outputs.sum(), outputs.new_tensor(outputs.numel())))
+
+    metric = ft.Metric(state=state, compute=lambda total: float(total[0] / total[1]))
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ft.train_epoch(model, _BATCHES * 3, nn.CrossEntropyLoss(), opt, CPU, metrics={"m": metric})
+    assert seen == [False, False, False]
+
+
 def test_nonfinite_loss_raises_before_the_step_naming_the_batch() -> None:
     """A NaN loss raises NonFiniteLossError with its batch index; no step is taken for it."""
     data = make_data(24, 4, 3, 0)

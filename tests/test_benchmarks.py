@@ -1,0 +1,26 @@
+"""The benchmark scripts run (tiny sizes; they report timings, tests never check them)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_checkpoint_save_benchmark_runs_and_reports_every_contender(tmp_path: Path) -> None:
+    """benchmarks/checkpoint_save.py prints a JSON line per contender and a table."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "checkpoint_save.py"), "--megabytes", "1",
+         "--repeats", "1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert {row["contender"] for row in rows} >= {
+        "torch.save(state_dict)",
+        "ft.save_checkpoint(model)",
+    }
+    assert all(row["median_s"] > 0 and row["mb"] > 0 for row in rows)
+    assert "| contender" in out.stdout
