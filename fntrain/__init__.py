@@ -10,6 +10,8 @@ from fntrain.device import default_device
 from fntrain.errors import CheckpointError, NonFiniteLossError
 from fntrain.loop import evaluate, predict, train_epoch
 from fntrain.metrics import Metric, accuracy, top_k_accuracy
+from fntrain.mixup import mixup
+from fntrain.optim import param_groups
 from fntrain.records import Checkpoint, EvalResult, Predictions, SavedCheckpoint, TrainResult
 
 __version__ = "0.1.0"
@@ -27,6 +29,8 @@ __all__ = [
     "default_device",
     "evaluate",
     "load_checkpoint",
+    "mixup",
+    "param_groups",
     "predict",
     "save_checkpoint",
     "top_k_accuracy",

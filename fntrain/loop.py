@@ -16,8 +16,10 @@ from fntrain.errors import NonFiniteLossError
 from fntrain.modes import mode
 from fntrain.progress import Progress
 from fntrain.records import EvalResult, MetricValue, Predictions, TrainResult
+from fntrain.stepping import StepOptions, Stepper
 
 LossFn = Callable[[Any, Any], torch.Tensor]
+Transform = Callable[[Any, Any], tuple[Any, Any]]
 
 
 def _describe(obj: object) -> str:
@@ -31,13 +33,11 @@ def _describe(obj: object) -> str:
     return f"a {type(obj).__name__}"
 
 
-def _pair(batch: Any, index: int) -> tuple[Any, Any]:
+def _pair(batch: Any, index: int, who: str = "'loader' must yield") -> tuple[Any, Any]:
     """Split a training/evaluation batch into ``(inputs, targets)``."""
     if isinstance(batch, tuple | list) and len(batch) == 2:
         return batch[0], batch[1]
-    raise TypeError(
-        f"'loader' must yield (inputs, targets) pairs, but batch {index} is {_describe(batch)}"
-    )
+    raise TypeError(f"{who} (inputs, targets) pairs, but batch {index} is {_describe(batch)}")
 
 
 def _inputs_and_targets(batch: Any, index: int) -> tuple[Any, Any]:
@@ -92,15 +92,23 @@ def _mean_loss(loss: Any, samples: int, index: int) -> torch.Tensor:
     )
 
 
-def _forward(
-    model: nn.Module, loss_fn: LossFn, batch: Any, index: int, device: torch.device
-) -> tuple[Any, Any, torch.Tensor, int]:
-    """Move a batch to ``device``; return outputs, targets, mean loss and sample count."""
+def _prepare(
+    batch: Any, index: int, device: torch.device, transform: Transform | None = None
+) -> tuple[Any, Any, int]:
+    """Split a batch, move it to ``device`` and transform it; return inputs, targets, count."""
     inputs, targets = _pair(batch, index)
     inputs, targets = to_device(inputs, device), to_device(targets, device)
-    samples = _count(targets, index, "targets")
+    if transform is not None:
+        inputs, targets = _pair(transform(inputs, targets), index, "'transform' must return")
+    return inputs, targets, _count(targets, index, "targets")
+
+
+def _forward(
+    model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any, samples: int, index: int
+) -> tuple[Any, torch.Tensor]:
+    """Run the model on a batch; return its outputs and mean loss."""
     outputs = model(inputs)
-    return outputs, targets, _mean_loss(loss_fn(outputs, targets), samples, index), samples
+    return outputs, _mean_loss(loss_fn(outputs, targets), samples, index)
 
 
 class _Tally:
@@ -203,6 +211,12 @@ def train_epoch(
     metrics: Mapping[str, Any] | None = None,
     on_nonfinite: Literal["raise", "skip"] = "raise",
     progress: bool = False,
+    accumulate: int = 1,
+    autocast: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    clip_grad_norm: float | None = None,
+    scheduler: Any = None,
+    transform: Transform | None = None,
 ) -> TrainResult:
     """Train ``model`` for one pass over ``loader``; return the epoch's loss and metrics.
 
@@ -221,8 +235,21 @@ def train_epoch(
         device: where the model is and the batches go.
         metrics: name to metric (``ft.accuracy()``, a torchmetrics object, ...).
         on_nonfinite: ``"raise"`` a ``NonFiniteLossError`` before the step, or ``"skip"``
-            such batches (counted in ``TrainResult.skipped``).
+            such batches (counted in ``TrainResult.skipped_batches``).
         progress: show a tqdm progress bar (hidden when output is not a terminal).
+        accumulate: add up the gradients of this many batches before each step; the
+            step's gradient is that of the sample-weighted mean loss over the window, and
+            a partial window at the end of the epoch is stepped too.
+        autocast: ``torch.bfloat16`` or ``torch.float16`` to run forward and loss under
+            ``torch.autocast``; None for full precision.
+        scaler: a ``torch.amp.GradScaler`` for float16; steps it skips for inf/NaN
+            gradients are counted in ``TrainResult.skipped_steps``.
+        clip_grad_norm: clip the total gradient norm to this before each step (after
+            unscaling); the largest norm before clipping is ``TrainResult.grad_norm``.
+        scheduler: an LR scheduler stepped after every optimizer step (warmup,
+            OneCycleLR, cosine per step). Step per-epoch schedulers yourself.
+        transform: ``transform(inputs, targets) -> (inputs, targets)`` applied to every
+            batch on the device before the forward pass, e.g. ``ft.mixup``.
 
     Returns:
         A frozen ``TrainResult``.
@@ -241,15 +268,21 @@ def train_epoch(
     _check_optimizer(optimizer)
     if on_nonfinite not in ("raise", "skip"):
         raise ValueError(f"'on_nonfinite' must be 'raise' or 'skip', but got {on_nonfinite!r}")
+    if transform is not None and not callable(transform):
+        raise TypeError(f"'transform' must be callable, but got {type(transform).__name__}")
+    options = StepOptions(accumulate, autocast, scaler, clip_grad_norm, scheduler)
+    stepper = Stepper(optimizer, options.check(optimizer, resolved))
     tally = _Tally(metric_lib.check(metrics), resolved)
     buffers = _Buffers(model)
     skipped = 0
     start = time.perf_counter()
     with mode(model, True), Progress(progress, loader, "train") as bar:
         for index, batch in enumerate(loader):
-            optimizer.zero_grad()
+            stepper.begin_batch()
             buffers.save()
-            outputs, targets, loss, samples = _forward(model, loss_fn, batch, index, resolved)
+            inputs, targets, samples = _prepare(batch, index, resolved, transform)
+            with options.autocast_context(resolved):
+                outputs, loss = _forward(model, loss_fn, inputs, targets, samples, index)
             value = loss.item()
             if not math.isfinite(value):
                 buffers.restore()
@@ -257,10 +290,10 @@ def train_epoch(
                     raise NonFiniteLossError(index, value)
                 skipped += 1
                 continue
-            loss.backward()
-            optimizer.step()
+            stepper.backward(loss, samples)
             tally.add(value, samples, outputs, targets)
-            bar.tick(tally.loss)
+            bar.tick(tally.loss, samples)
+        stepper.step()
     if tally.batches == 0 and skipped == 0:
         raise _no_batches()
     return TrainResult(
@@ -268,10 +301,12 @@ def train_epoch(
         metrics=tally.finish(),
         samples=tally.samples,
         batches=tally.batches,
-        steps=tally.batches,
+        steps=stepper.steps,
         seconds=time.perf_counter() - start,
         lr=float(optimizer.param_groups[0]["lr"]),
-        skipped=skipped,
+        skipped_batches=skipped,
+        skipped_steps=stepper.skipped_steps,
+        grad_norm=stepper.grad_norm(),
     )
 
 
@@ -320,7 +355,8 @@ def evaluate(
     start = time.perf_counter()
     with mode(model, False), no_grad, Progress(progress, loader, "eval") as bar:
         for index, batch in enumerate(loader):
-            outputs, targets, loss, samples = _forward(model, loss_fn, batch, index, resolved)
+            inputs, targets, samples = _prepare(batch, index, resolved)
+            outputs, loss = _forward(model, loss_fn, inputs, targets, samples, index)
             tally.add(loss.item(), samples, outputs, targets)
             bar.tick(tally.loss)
     if tally.batches == 0:

@@ -15,21 +15,25 @@ class Progress:
     def __init__(self, enabled: bool, loader: Any, desc: str) -> None:
         self.bar: Any = None
         self.shown = 0.0
+        self.samples = 0
+        self.started = time.monotonic()
         if enabled:
             from tqdm import tqdm
 
             total = len(loader) if hasattr(loader, "__len__") else None
             self.bar = tqdm(total=total, desc=desc, unit="batch", disable=None, leave=False)
 
-    def tick(self, loss: float | None = None) -> None:
-        """Advance one batch; show the running loss at most every ``refresh_seconds``."""
+    def tick(self, loss: float | None = None, samples: int = 0) -> None:
+        """Advance one batch; show loss and samples/s at most every ``refresh_seconds``."""
         if self.bar is None:
             return
         self.bar.update(1)
+        self.samples += samples
         now = time.monotonic()
         if loss is not None and now - self.shown >= self.refresh_seconds:
             self.shown = now
-            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            rate = self.samples / max(now - self.started, 1e-9)
+            self.bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{rate:.0f}", refresh=False)
 
     def __enter__(self) -> Progress:
         return self

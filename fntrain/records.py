@@ -31,7 +31,10 @@ class TrainResult:
         steps: number of optimizer steps taken.
         seconds: wall-clock time of the epoch.
         lr: learning rate of the first param group at the end of the epoch.
-        skipped: batches skipped for a non-finite loss (``on_nonfinite="skip"``).
+        skipped_batches: batches skipped for a non-finite loss (``on_nonfinite="skip"``).
+        skipped_steps: optimizer steps a GradScaler skipped for inf/NaN gradients.
+        grad_norm: the largest total gradient norm before clipping over the epoch's steps
+            (only with ``clip_grad_norm``; None otherwise).
     """
 
     loss: float
@@ -41,7 +44,9 @@ class TrainResult:
     steps: int
     seconds: float
     lr: float
-    skipped: int = 0
+    skipped_batches: int = 0
+    skipped_steps: int = 0
+    grad_norm: float | None = None
 
 
 @attrs.frozen

@@ -374,7 +374,7 @@ def test_nonfinite_batches_can_be_skipped() -> None:
         model, [good[0], bad, good[1], good[2]], nn.CrossEntropyLoss(), opt, CPU,
         on_nonfinite="skip",
     )  # fmt: skip
-    assert (result.skipped, result.batches, result.steps, result.samples) == (1, 3, 3, 24)
+    assert (result.skipped_batches, result.batches, result.steps, result.samples) == (1, 3, 3, 24)
     assert result.loss == pytest.approx(ref_loss)
     for a, b in zip(reference.state_dict().values(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
