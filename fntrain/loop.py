@@ -11,76 +11,26 @@ import torch
 from torch import nn
 
 from fntrain import metrics as metric_lib
+from fntrain.batches import concat, count, describe, inputs_and_targets, pair
 from fntrain.device import as_device, check_model_on, to_device
 from fntrain.errors import NonFiniteLossError
+from fntrain.guard import BufferGuard
 from fntrain.modes import mode
 from fntrain.progress import Progress
-from fntrain.records import EvalResult, MetricValue, Predictions, TrainResult
+from fntrain.records import EvalResult, Predictions, TrainResult
 from fntrain.stepping import StepOptions, Stepper
+from fntrain.tally import Tally
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 Transform = Callable[[Any, Any], tuple[Any, Any]]
 
 
-def _describe(obj: object) -> str:
-    """Describe a batch for an error message: its type and shape or length."""
-    if isinstance(obj, torch.Tensor):
-        return f"a Tensor of shape {tuple(obj.shape)}"
-    if isinstance(obj, dict):
-        return f"a dict with keys {list(obj)}"
-    if isinstance(obj, tuple | list):
-        return f"a {type(obj).__name__} of {len(obj)} items"
-    return f"a {type(obj).__name__}"
-
-
-def _pair(batch: Any, index: int, who: str = "'loader' must yield") -> tuple[Any, Any]:
-    """Split a training/evaluation batch into ``(inputs, targets)``."""
-    if isinstance(batch, tuple | list) and len(batch) == 2:
-        return batch[0], batch[1]
-    raise TypeError(f"{who} (inputs, targets) pairs, but batch {index} is {_describe(batch)}")
-
-
-def _inputs_and_targets(batch: Any, index: int) -> tuple[Any, Any]:
-    """Split a prediction batch: bare inputs, ``(inputs,)`` or ``(inputs, targets)``."""
-    if isinstance(batch, torch.Tensor | dict):
-        return batch, None
-    if isinstance(batch, tuple | list) and len(batch) in (1, 2):
-        return batch[0], (batch[1] if len(batch) == 2 else None)
-    raise TypeError(
-        f"'loader' must yield inputs (a tensor or dict), (inputs,) or (inputs, targets), "
-        f"but batch {index} is {_describe(batch)}"
-    )
-
-
-def _first_tensor(data: Any) -> torch.Tensor | None:
-    """Return the first tensor found in nested tuples, lists and dicts."""
-    if isinstance(data, torch.Tensor):
-        return data
-    items = data.values() if isinstance(data, dict) else data
-    if isinstance(data, dict | tuple | list):
-        for item in items:
-            found = _first_tensor(item)
-            if found is not None:
-                return found
-    return None
-
-
-def _count(data: Any, index: int, what: str) -> int:
-    """Return the number of samples in a batch: the length of its first tensor."""
-    tensor = _first_tensor(data)
-    if tensor is None or tensor.dim() == 0:
-        raise TypeError(
-            f"cannot count the samples of batch {index}: its {what} are {_describe(data)}, "
-            f"expected a tensor (or tensors) with a batch dimension"
-        )
-    return tensor.shape[0]
-
-
 def _mean_loss(loss: Any, samples: int, index: int) -> torch.Tensor:
     """Return the batch's mean loss from a scalar or a per-sample loss vector."""
-    if not isinstance(loss, torch.Tensor):
+    if not isinstance(loss, torch.Tensor) or not loss.is_floating_point():
         raise TypeError(
-            f"'loss_fn' must return a tensor, but returned {_describe(loss)} for batch {index}"
+            f"'loss_fn' must return a floating-point tensor, but returned {describe(loss)} "
+            f"for batch {index}"
         )
     if loss.dim() == 0:
         return loss
@@ -96,11 +46,41 @@ def _prepare(
     batch: Any, index: int, device: torch.device, transform: Transform | None = None
 ) -> tuple[Any, Any, int]:
     """Split a batch, move it to ``device`` and transform it; return inputs, targets, count."""
-    inputs, targets = _pair(batch, index)
+    inputs, targets = pair(batch, index)
     inputs, targets = to_device(inputs, device), to_device(targets, device)
     if transform is not None:
-        inputs, targets = _pair(transform(inputs, targets), index, "'transform' must return")
-    return inputs, targets, _count(targets, index, "targets")
+        inputs, targets = pair(transform(inputs, targets), index, "'transform' must return")
+    return inputs, targets, count(targets, index, "targets")
+
+
+def _train_batch(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    index: int,
+    device: torch.device,
+    transform: Transform | None,
+    stepper: Stepper,
+) -> tuple[float, int, Any, Any] | None:
+    """Forward, check and backward one batch; return (loss, samples, outputs, targets).
+
+    Returns None for a batch without samples. Raises NonFiniteLossError before backward.
+    """
+    inputs, targets, samples = _prepare(batch, index, device, transform)
+    if not samples:
+        return None
+    with stepper.options.autocast_context(device):
+        outputs, loss = _forward(model, loss_fn, inputs, targets, samples, index)
+    if not loss.requires_grad:
+        raise ValueError(
+            f"'loss_fn' returned a loss that does not require grad for batch {index}; was it "
+            f"detached or computed under torch.no_grad(), or are all parameters frozen?"
+        )
+    value = loss.item()
+    if not math.isfinite(value):
+        raise NonFiniteLossError(index, value)
+    stepper.backward(loss, samples)
+    return value, samples, outputs, targets
 
 
 def _forward(
@@ -109,57 +89,6 @@ def _forward(
     """Run the model on a batch; return its outputs and mean loss."""
     outputs = model(inputs)
     return outputs, _mean_loss(loss_fn(outputs, targets), samples, index)
-
-
-class _Tally:
-    """Sample-weighted loss and summed metric states over one pass (private, per call)."""
-
-    def __init__(self, metrics: Mapping[str, Any], device: torch.device) -> None:
-        self.metrics = metrics
-        self.states = metric_lib.start(metrics, device)
-        self.loss_sum = 0.0
-        self.samples = 0
-        self.batches = 0
-
-    def add(self, loss: float, samples: int, outputs: Any, targets: Any) -> None:
-        """Add one batch: its mean loss, sample count, outputs and targets."""
-        self.loss_sum += loss * samples
-        self.samples += samples
-        self.batches += 1
-        if self.metrics:
-            with torch.no_grad():
-                self.states = metric_lib.update(self.metrics, self.states, outputs, targets)
-
-    @property
-    def loss(self) -> float:
-        """Mean loss per sample so far (NaN before any sample)."""
-        return self.loss_sum / self.samples if self.samples else float("nan")
-
-    def finish(self) -> dict[str, MetricValue]:
-        """Return the metric values, bringing their states to the host once."""
-        return metric_lib.finish(self.metrics, self.states)
-
-
-class _Buffers:
-    """A copy of the model's buffers taken before each forward pass (private, per call).
-
-    A non-finite batch can poison BatchNorm's running statistics during the forward pass,
-    before its loss is seen; restoring the copy undoes that. One fused copy per batch.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.live = list(model.buffers())
-        self.copy = [buffer.clone() for buffer in self.live]
-
-    def save(self) -> None:
-        """Copy the live buffers into the backup."""
-        if self.live:
-            torch._foreach_copy_(self.copy, self.live)
-
-    def restore(self) -> None:
-        """Copy the backup back into the live buffers."""
-        if self.live:
-            torch._foreach_copy_(self.live, self.copy)
 
 
 def _check_args(model: Any, loader: Any, device: torch.device | str) -> torch.device:
@@ -272,27 +201,24 @@ def train_epoch(
         raise TypeError(f"'transform' must be callable, but got {type(transform).__name__}")
     options = StepOptions(accumulate, autocast, scaler, clip_grad_norm, scheduler)
     stepper = Stepper(optimizer, options.check(optimizer, resolved))
-    tally = _Tally(metric_lib.check(metrics), resolved)
-    buffers = _Buffers(model)
+    tally = Tally(metric_lib.check(metrics), resolved)
+    buffers = BufferGuard(model)
     skipped = 0
     start = time.perf_counter()
     with mode(model, True), Progress(progress, loader, "train") as bar:
         for index, batch in enumerate(loader):
             stepper.begin_batch()
-            buffers.save()
-            inputs, targets, samples = _prepare(batch, index, resolved, transform)
-            with options.autocast_context(resolved):
-                outputs, loss = _forward(model, loss_fn, inputs, targets, samples, index)
-            value = loss.item()
-            if not math.isfinite(value):
-                buffers.restore()
+            try:
+                with buffers.protect():
+                    done = _train_batch(model, loss_fn, batch, index, resolved, transform, stepper)
+            except NonFiniteLossError:
                 if on_nonfinite == "raise":
-                    raise NonFiniteLossError(index, value)
+                    raise
                 skipped += 1
                 continue
-            stepper.backward(loss, samples)
-            tally.add(value, samples, outputs, targets)
-            bar.tick(tally.loss, samples)
+            if done is not None:
+                tally.add(*done)
+                bar.tick(tally.loss, done[1])
         stepper.step()
     if tally.batches == 0 and skipped == 0:
         raise _no_batches()
@@ -350,12 +276,14 @@ def evaluate(
     """
     resolved = _check_args(model, loader, device)
     _check_loss_fn(loss_fn)
-    tally = _Tally(metric_lib.check(metrics), resolved)
+    tally = Tally(metric_lib.check(metrics), resolved)
     no_grad = torch.inference_mode() if inference_mode else torch.no_grad()
     start = time.perf_counter()
     with mode(model, False), no_grad, Progress(progress, loader, "eval") as bar:
         for index, batch in enumerate(loader):
             inputs, targets, samples = _prepare(batch, index, resolved)
+            if not samples:
+                continue
             outputs, loss = _forward(model, loss_fn, inputs, targets, samples, index)
             tally.add(loss.item(), samples, outputs, targets)
             bar.tick(tally.loss)
@@ -368,19 +296,6 @@ def evaluate(
         batches=tally.batches,
         seconds=time.perf_counter() - start,
     )
-
-
-def _concat(parts: list[Any]) -> Any:
-    """Concatenate per-batch structures (tensors, tuples, lists, dicts) along dim 0."""
-    first = parts[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(parts) if first.dim() else torch.stack(parts)
-    if isinstance(first, dict):
-        return {key: _concat([part[key] for part in parts]) for key in first}
-    if isinstance(first, tuple | list):
-        items = [_concat([part[i] for part in parts]) for i in range(len(first))]
-        return type(first)(*items) if hasattr(first, "_fields") else type(first)(items)
-    return parts
 
 
 def predict(
@@ -419,15 +334,15 @@ def predict(
     samples = 0
     with mode(model, False), torch.no_grad(), Progress(progress, loader, "predict") as bar:
         for index, batch in enumerate(loader):
-            inputs, batch_targets = _inputs_and_targets(batch, index)
+            inputs, batch_targets = inputs_and_targets(batch, index)
             if index and (batch_targets is None) != (not targets):
                 raise TypeError(
                     f"'loader' must yield targets in every batch or in none, but batch "
                     f"{index} {'has none' if batch_targets is None else 'has targets'} "
-                    f"and batch 0 {'has' if targets else 'has none'}"
+                    f"and batch 0 {'has targets' if targets else 'has none'}"
                 )
             batch_outputs = model(to_device(inputs, resolved))
-            samples += _count(batch_outputs, index, "outputs")
+            samples += count(batch_outputs, index, "outputs")
             outputs.append(to_device(batch_outputs, cpu))
             if batch_targets is not None:
                 targets.append(to_device(batch_targets, cpu))
@@ -435,7 +350,7 @@ def predict(
     if not outputs:
         raise _no_batches()
     return Predictions(
-        outputs=_concat(outputs),
-        targets=_concat(targets) if targets else None,
+        outputs=concat(outputs),
+        targets=concat(targets) if targets else None,
         samples=samples,
     )

@@ -41,6 +41,12 @@ class Metric:
 
 def _class_targets(outputs: torch.Tensor, targets: torch.Tensor, name: str) -> torch.Tensor:
     """Return class-index targets; soft (probability) targets become their argmax."""
+    if not isinstance(outputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
+        raise TypeError(
+            f"{name} needs the outputs as a tensor of class scores and the targets as a "
+            f"tensor, but got {type(outputs).__name__} and {type(targets).__name__}; for a "
+            f"model with several outputs, write an ft.Metric whose state picks the logits"
+        )
     if outputs.dim() < 2:
         raise ValueError(
             f"{name} expects outputs of shape (N, C, ...) with class scores in dim 1, "
@@ -168,16 +174,18 @@ def update(
 
 
 def _gather(states: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
-    """Bring every state to the CPU in a single transfer."""
-    present = [s for s in states if s is not None]
-    if not present:
-        return states
-    common = present[0].dtype
-    for s in present[1:]:
-        common = torch.promote_types(common, s.dtype)
-    flat = torch.cat([s.reshape(-1).to(common) for s in present]).cpu()
-    parts = iter(flat.split([s.numel() for s in present]))
-    return [None if s is None else next(parts).reshape(s.shape).to(s.dtype) for s in states]
+    """Bring every state to the CPU: one transfer per dtype, so no count loses precision."""
+    by_dtype: dict[torch.dtype, list[tuple[int, torch.Tensor]]] = {}
+    for position, state in enumerate(states):
+        if state is not None:
+            by_dtype.setdefault(state.dtype, []).append((position, state))
+    host: list[torch.Tensor | None] = [None] * len(states)
+    for group in by_dtype.values():
+        flat = torch.cat([state.reshape(-1) for _, state in group]).cpu()
+        pieces = flat.split([state.numel() for _, state in group])
+        for (position, state), piece in zip(group, pieces, strict=True):
+            host[position] = piece.reshape(state.shape)
+    return host
 
 
 def _value(result: Any) -> MetricValue:
@@ -187,12 +195,19 @@ def _value(result: Any) -> MetricValue:
     return float(result)
 
 
+def _flatten(name: str, result: Any) -> dict[str, MetricValue]:
+    """Turn a metric's result into entries; a dict (MetricCollection) gives name/key."""
+    if isinstance(result, Mapping):
+        return {f"{name}/{key}": _value(value) for key, value in result.items()}
+    return {name: _value(result)}
+
+
 def finish(metrics: Mapping[str, Any], states: list[torch.Tensor | None]) -> dict[str, MetricValue]:
     """Return each metric's value, bringing the summed states to the host once."""
     values: dict[str, MetricValue] = {}
     for (name, metric), total in zip(metrics.items(), _gather(states), strict=True):
         if isinstance(metric, Metric):
-            values[name] = float("nan") if total is None else _value(metric.compute(total))
+            values.update(_flatten(name, float("nan") if total is None else metric.compute(total)))
         else:
-            values[name] = _value(metric.compute())
+            values.update(_flatten(name, metric.compute()))
     return values

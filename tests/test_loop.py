@@ -428,7 +428,7 @@ def test_a_batch_that_is_not_a_pair_is_an_error_naming_loader(batch: object) -> 
     ("loss_fn", "message"),
     [
         (lambda out, y: (out - 1).pow(2), r"shape \(4,\).*shape \(4, 2\)"),
-        (lambda out, y: 1.0, "must return a tensor"),
+        (lambda out, y: 1.0, "must return a floating-point tensor"),
     ],
 )
 def test_a_loss_that_is_not_scalar_or_per_sample_is_an_error(loss_fn: object, message: str) -> None:
@@ -502,3 +502,98 @@ def test_progress_bar_shows_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> No
     ft.train_epoch(model, SlowLoader(), nn.CrossEntropyLoss(), opt, CPU, progress=True)
     drawn = screen.getvalue()
     assert "train" in drawn and "0/3" in drawn and "2/3" in drawn and "loss=" in drawn
+
+
+def _bad_loss_at(bad_index: int) -> object:
+    """Return a loss_fn that returns a wrongly shaped loss for batch ``bad_index``."""
+    calls = []
+
+    def loss_fn(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) - 1 == bad_index:
+            return nn.functional.cross_entropy(outputs, targets, reduction="none")[:, None]
+        return nn.functional.cross_entropy(outputs, targets)
+
+    return loss_fn
+
+
+def test_an_error_in_a_later_batch_leaves_the_model_as_after_the_previous_batch() -> None:
+    """An error at batch i leaves weights, BatchNorm buffers and optimizer as after batch i-1."""
+    data = make_data(24, 4, 3, 0)
+    batches = list(loader(data, 8))
+    reference, model = mlp(4, 3, 0, dropout=0.0), mlp(4, 3, 0, dropout=0.0)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    hand_train_epoch(reference, batches[:1], nn.CrossEntropyLoss(), ref_opt, CPU)
+    with pytest.raises(ValueError, match=r"'loss_fn' must return a scalar.*batch 1"):
+        ft.train_epoch(model, batches, _bad_loss_at(1), opt, CPU)
+    assert_bit_identical(snapshot(reference, grads=False), snapshot(model, grads=False))
+    for a, b in zip(ref_opt.state.values(), opt.state.values(), strict=True):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+
+
+def test_evaluate_with_inference_mode_runs_under_inference_mode() -> None:
+    """inference_mode=True runs the model under torch.inference_mode(), not just no_grad."""
+    seen: list[bool] = []
+
+    class Probe(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(torch.is_inference_mode_enabled())
+            return x
+
+    model = nn.Sequential(nn.Linear(3, 2), Probe())
+    ft.evaluate(model, _BATCHES, nn.CrossEntropyLoss(), CPU)
+    ft.evaluate(model, _BATCHES, nn.CrossEntropyLoss(), CPU, inference_mode=True)
+    assert seen == [False, True]
+
+
+def test_predict_restores_modes_when_the_model_raises() -> None:
+    """predict leaves every module in its own previous mode when the forward pass raises."""
+
+    class Broken(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("boom")
+
+    frozen = nn.BatchNorm1d(3).eval()
+    model = nn.Sequential(frozen, Broken()).train()
+    frozen.eval()
+    with pytest.raises(RuntimeError, match="boom"):
+        ft.predict(model, [torch.randn(4, 3)], CPU)
+    assert model.training and model[1].training and not frozen.training
+
+
+def test_a_nan_among_per_sample_losses_is_non_finite() -> None:
+    """With reduction='none', one NaN sample makes the batch non-finite and is caught."""
+    inputs = torch.randn(4, 3)
+    inputs[2] = float("nan")
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    with pytest.raises(ft.NonFiniteLossError, match="batch 0"):
+        ft.train_epoch(model, [(inputs, torch.zeros(4, dtype=torch.long))], loss_fn, opt, CPU)
+
+
+def test_empty_batches_are_skipped_without_a_step() -> None:
+    """A batch with zero samples is skipped: no step, no loss, not counted."""
+    empty = (torch.randn(0, 3), torch.zeros(0, dtype=torch.long))
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    train = ft.train_epoch(model, [empty, *_BATCHES, empty], nn.CrossEntropyLoss(), opt, CPU)
+    ev = ft.evaluate(model, [*_BATCHES, empty], nn.CrossEntropyLoss(), CPU)
+    assert (train.batches, train.steps, train.samples) == (1, 1, 4)
+    assert (ev.batches, ev.samples) == (1, 4) and math.isfinite(ev.loss)
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "message"),
+    [
+        (lambda out, y: torch.tensor(3), "'loss_fn' must return a floating-point tensor"),
+        (lambda out, y: nn.functional.cross_entropy(out, y).detach(), "does not require grad"),
+    ],
+)
+def test_a_loss_without_gradient_is_named(loss_fn: object, message: str) -> None:
+    """An integer or detached loss is refused by name instead of failing inside backward."""
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises((TypeError, ValueError), match=message):
+        ft.train_epoch(model, _BATCHES, loss_fn, opt, CPU)

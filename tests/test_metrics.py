@@ -133,3 +133,35 @@ def test_a_custom_metric_is_summed_over_samples_by_evaluate() -> None:
     result = ft.evaluate(model, batches, nn.L1Loss(), "cpu", metrics={"mae": mae})
     assert result.metrics["mae"] == pytest.approx(3.0)
     assert result.loss == pytest.approx(3.0)
+
+
+def test_built_in_metrics_name_the_problem_with_non_tensor_outputs() -> None:
+    """accuracy() on a model that returns a dict says it needs a tensor of class scores."""
+    with pytest.raises(TypeError, match=r"accuracy\(\) needs the outputs as a tensor"):
+        ft.accuracy().state({"logits": torch.randn(2, 3)}, torch.zeros(2, dtype=torch.long))
+
+
+def test_a_metric_collection_gives_one_value_per_member() -> None:
+    """A torchmetrics MetricCollection is flattened into name/member entries."""
+    collection = torchmetrics.MetricCollection(
+        {
+            "acc": torchmetrics.classification.MulticlassAccuracy(num_classes=3),
+            "f1": torchmetrics.classification.MulticlassF1Score(num_classes=3),
+        }
+    )
+    model = nn.Linear(4, 3)
+    batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
+    result = ft.evaluate(model, batches, nn.CrossEntropyLoss(), "cpu", metrics={"cls": collection})
+    assert set(result.metrics) == {"cls/acc", "cls/f1"}
+    assert all(isinstance(v, float) for v in result.metrics.values())
+
+
+def test_large_counts_come_to_the_host_exactly() -> None:
+    """Integer states beyond 2**24 survive beside float32 states (no lossy dtype promotion)."""
+    from fntrain.metrics import finish
+
+    counts = ft.Metric(state=lambda o, t: o, compute=lambda s: float(s[0]))
+    mean = ft.Metric(state=lambda o, t: o, compute=lambda s: float(s[0]))
+    big = torch.tensor([2**24 + 1], dtype=torch.int64)
+    values = finish({"n": counts, "m": mean}, [big, torch.tensor([0.5])])
+    assert values == {"n": float(2**24 + 1), "m": 0.5}
