@@ -8,6 +8,7 @@ immutable records. You write the outer loop.
 from fntrain.checkpoint import load_checkpoint, save_checkpoint
 from fntrain.device import default_device
 from fntrain.errors import CheckpointError, NonFiniteLossError
+from fntrain.loader import TensorLoader
 from fntrain.loop import evaluate, predict, train_epoch
 from fntrain.metrics import Metric, accuracy, top_k_accuracy
 from fntrain.mixup import mixup
@@ -24,6 +25,7 @@ __all__ = [
     "NonFiniteLossError",
     "Predictions",
     "SavedCheckpoint",
+    "TensorLoader",
     "TrainResult",
     "accuracy",
     "default_device",

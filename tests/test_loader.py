@@ -1,0 +1,119 @@
+"""TensorLoader: the same batches as DataLoader over a TensorDataset, gathered whole."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import fntrain as ft
+from tests import strategies as s
+from tests.helpers import assert_bit_identical, mlp, snapshot
+
+FAST = settings(max_examples=25, deadline=None)
+
+
+def _data(samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(samples, 4, generator=gen), torch.randint(0, 3, (samples,), generator=gen)
+
+
+@FAST
+@given(
+    samples=s.sample_counts,
+    batch_size=s.batch_sizes,
+    shuffle=st.booleans(),
+    drop_last=st.booleans(),
+    own_generator=st.booleans(),
+    seed=s.seeds,
+)
+def test_batches_equal_dataloader_batches_epoch_after_epoch(
+    samples: int, batch_size: int, shuffle: bool, drop_last: bool, own_generator: bool, seed: int
+) -> None:
+    """For the same seed, TensorLoader yields DataLoader's batches, for three epochs running."""
+    x, y = _data(samples, seed)
+    epochs = []
+    for make in ("torch", "fntrain"):
+        gen = torch.Generator().manual_seed(seed) if own_generator else None
+        torch.manual_seed(seed)
+        if make == "torch":
+            loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle,
+                                generator=gen, drop_last=drop_last)  # fmt: skip
+        else:
+            loader = ft.TensorLoader(x, y, batch_size=batch_size, shuffle=shuffle,
+                                     generator=gen, drop_last=drop_last)  # fmt: skip
+        runs = [[tuple(b) for b in loader] for _ in range(3)]
+        epochs.append((len(loader), runs, torch.get_rng_state()))
+    (torch_len, torch_runs, torch_rng), (ft_len, ft_runs, ft_rng) = epochs
+    assert torch_len == ft_len == len(torch_runs[0])
+    for a_epoch, b_epoch in zip(torch_runs, ft_runs, strict=True):
+        assert len(a_epoch) == len(b_epoch)
+        for a, b in zip(a_epoch, b_epoch, strict=True):
+            assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
+    assert torch.equal(torch_rng, ft_rng)  # the global RNG advanced alike (dropout follows)
+
+
+def test_training_over_it_is_bit_identical_to_training_over_a_dataloader() -> None:
+    """Two shuffled epochs of train_epoch give the same weights with either loader."""
+    x, y = _data(100, 0)
+    results = []
+    for make in ("torch", "fntrain"):
+        model = mlp(4, 3, 0, dropout=0.3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        torch.manual_seed(1)
+        if make == "torch":
+            loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
+        else:
+            loader = ft.TensorLoader(x, y, batch_size=16, shuffle=True)
+        for _ in range(2):
+            ft.train_epoch(model, loader, nn.CrossEntropyLoss(), opt, "cpu")
+        results.append(snapshot(model))
+    assert_bit_identical(*results)
+
+
+def test_its_state_resumes_the_shuffle_exactly(tmp_path) -> None:
+    """state_dict/load_state_dict through a checkpoint's extra resumes the same order."""
+    x, y = _data(30, 0)
+    loader = ft.TensorLoader(
+        x, y, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(5)
+    )
+    list(loader)
+    ft.save_checkpoint(
+        tmp_path / "c.pt", nn.Linear(4, 3), epoch=1, extra={"loader": loader.state_dict()}
+    )
+    expected = [b[1] for b in loader]
+    fresh = ft.TensorLoader(
+        x, y, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(99)
+    )
+    ckpt = ft.load_checkpoint(tmp_path / "c.pt", nn.Linear(4, 3))
+    fresh.load_state_dict(ckpt.extra["loader"])
+    assert all(torch.equal(a, b[1]) for a, b in zip(expected, fresh, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "message"),
+    [
+        ((), {"batch_size": 2}, "needs at least one tensor"),
+        ((torch.zeros(3), torch.zeros(4)), {"batch_size": 2}, "same length in dim 0"),
+        ((torch.zeros(3), [1, 2, 3]), {"batch_size": 2}, r"'tensors\[1\]' must be a tensor"),
+        ((torch.zeros(3),), {"batch_size": 0}, "'batch_size' must be an int >= 1"),
+        ((torch.zeros(3),), {"batch_size": 2, "generator": 3}, "'generator' must be"),
+    ],
+)
+def test_bad_arguments_are_named(args: tuple, kwargs: dict, message: str) -> None:
+    """Mismatched lengths, non-tensors, bad batch sizes and generators are named."""
+    with pytest.raises((TypeError, ValueError), match=message):
+        ft.TensorLoader(*args, **kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pinned_batches_and_cuda_tensors() -> None:
+    """pin_memory gives pinned CPU batches; CUDA tensors give CUDA batches."""
+    x, y = _data(20, 0)
+    pinned = ft.TensorLoader(x, y, batch_size=8, shuffle=True, pin_memory=True)
+    assert all(t.is_pinned() for batch in pinned for t in batch)
+    on_gpu = ft.TensorLoader(x.cuda(), y.cuda(), batch_size=8, shuffle=True)
+    assert all(t.is_cuda for batch in on_gpu for t in batch)
