@@ -24,3 +24,20 @@ def test_checkpoint_save_benchmark_runs_and_reports_every_contender(tmp_path: Pa
     }
     assert all(row["median_s"] > 0 and row["mb"] > 0 for row in rows)
     assert "| contender" in out.stdout
+
+
+def test_the_side_by_side_runner_runs_every_contender(tmp_path: Path) -> None:
+    """benchmarks/run.py runs fntrain, the hand loops and the floor, and prints the table."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--model", "mlp", "--samples",
+         "256", "--repeats", "1", "--peers", ""],
+        cwd=tmp_path, capture_output=True, text=True, timeout=240, check=True,
+    )  # fmt: skip
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    names = {row["contender"] for row in rows}
+    assert {"hand-written loop", "ft.train_epoch", "ft.train_epoch + TensorLoader",
+            "hand-written eval loop", "ft.evaluate"} <= names  # fmt: skip
+    assert all(row["median_s"] > 0 for row in rows)
+    hand = [row for row in rows if row["contender"] == "hand-written loop"]
+    assert hand[0]["ratio"] == 1.0
+    assert "| model | phase | contender |" in out.stdout

@@ -1,0 +1,385 @@
+"""fntrain beside the hand-written loop and the peers, interleaved in one process.
+
+    pip install -e ".[bench]"
+    python benchmarks/run.py                      # tiny MLP and small CNN, train and eval
+    python benchmarks/run.py --model mlp --repeats 21
+
+Every contender trains (or evaluates) the same model on the same data; the contenders take
+turns, round after round, so that drift of the machine hits all alike. Reported: the
+median seconds per epoch, the ratio to the hand-written tutorial loop, and the peak memory
+(CUDA: peak allocated; CPU: peak growth of the resident set, sampled every millisecond).
+Peers that are not installed are left out. Prints JSON lines, then a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import fntrain as ft
+
+Epoch = Callable[[], None]
+
+
+def tiny_mlp() -> nn.Module:
+    """Return the overhead-bound model: MLP 32-64-10 with BatchNorm and dropout."""
+    return nn.Sequential(
+        nn.Linear(32, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Dropout(0.1), nn.Linear(64, 10)
+    )
+
+
+def small_cnn() -> nn.Module:
+    """Return the compute-bound model: a small CNN for 3x32x32 images."""
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Dropout(0.2), nn.Linear(64 * 8 * 8, 10),
+    )  # fmt: skip
+
+
+MODELS = {"mlp": (tiny_mlp, (32,), 8192), "cnn": (small_cnn, (3, 32, 32), 1024)}
+
+
+class PeakMemory(AbstractContextManager["PeakMemory"]):
+    """Peak memory of a block: CUDA peak allocated, or sampled RSS growth on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak, self._stop = device, 0, threading.Event()
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self, base: int) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, self._rss() - base)
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        elif os.path.exists("/proc/self/statm"):
+            self._thread = threading.Thread(target=self._sample, args=(self._rss(),))
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self._base
+        elif hasattr(self, "_thread"):
+            self._stop.set()
+            self._thread.join()
+
+
+def hand_train(
+    model: nn.Module, opt: torch.optim.Optimizer, loader: Any, dev: torch.device
+) -> Epoch:
+    """The tutorials' training loop, with the per-sample loss average done right."""
+    criterion = nn.CrossEntropyLoss()
+
+    def epoch() -> None:
+        model.train()
+        total, count = 0.0, 0
+        for data, label in loader:
+            data, label = data.to(dev, non_blocking=True), label.to(dev, non_blocking=True)
+            opt.zero_grad()
+            loss = criterion(model(data), label)
+            loss.backward()
+            opt.step()
+            total += loss.item() * data.size(0)
+            count += data.size(0)
+
+    return epoch
+
+
+def floor_train(
+    model: nn.Module, opt: torch.optim.Optimizer, batches: list[Any], dev: torch.device
+) -> Epoch:
+    """The same steps on pre-batched device tensors: no loader, no bookkeeping."""
+    criterion = nn.CrossEntropyLoss()
+    on_device = [(x.to(dev), y.to(dev)) for x, y in batches]
+
+    def epoch() -> None:
+        model.train()
+        for data, label in on_device:
+            opt.zero_grad()
+            criterion(model(data), label).backward()
+            opt.step()
+
+    return epoch
+
+
+def hand_eval(model: nn.Module, loader: Any, dev: torch.device) -> Epoch:
+    """The tutorials' validation loop: loss and accuracy, sample-weighted."""
+    criterion = nn.CrossEntropyLoss()
+
+    def epoch() -> None:
+        model.eval()
+        total, correct, count = 0.0, 0, 0
+        with torch.no_grad():
+            for data, label in loader:
+                data, label = data.to(dev, non_blocking=True), label.to(dev, non_blocking=True)
+                output = model(data)
+                total += criterion(output, label).item() * data.size(0)
+                correct += (output.argmax(1) == label).sum().item()
+                count += data.size(0)
+
+    return epoch
+
+
+def lightning_contenders(model: nn.Module, loader: Any, dev: torch.device) -> dict[str, Epoch]:
+    """Lightning's Trainer.fit and Trainer.validate, timed from epoch start to end."""
+    import lightning as L
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = model
+
+        def training_step(self, batch: Any, index: int) -> torch.Tensor:
+            loss = nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+            self.log("loss", loss, on_step=False, on_epoch=True)
+            return loss
+
+        def validation_step(self, batch: Any, index: int) -> None:
+            out = self.net(batch[0])
+            self.log("val_loss", nn.functional.cross_entropy(out, batch[1]), on_epoch=True)
+            self.log("val_acc", (out.argmax(1) == batch[1]).float().mean(), on_epoch=True)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    module = Module()
+
+    def trainer() -> L.Trainer:
+        return L.Trainer(
+            max_epochs=1, accelerator="gpu" if dev.type == "cuda" else "cpu", devices=1,
+            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, num_sanity_val_steps=0,
+        )  # fmt: skip
+
+    return {
+        "lightning Trainer.fit": lambda: trainer().fit(module, loader),
+        "lightning Trainer.validate": lambda: trainer().validate(module, loader, verbose=False),
+    }
+
+
+def ignite_contenders(model: nn.Module, loader: Any, dev: torch.device) -> dict[str, Epoch]:
+    """Ignite's create_supervised_trainer and create_supervised_evaluator."""
+    from ignite.engine import create_supervised_evaluator, create_supervised_trainer
+    from ignite.metrics import Accuracy, Loss
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    trainer = create_supervised_trainer(model, opt, nn.CrossEntropyLoss(), device=dev)
+    metrics = {"acc": Accuracy(device=dev), "loss": Loss(nn.CrossEntropyLoss(), device=dev)}
+    evaluator = create_supervised_evaluator(model, metrics=metrics, device=dev)
+    return {
+        "ignite trainer": lambda: trainer.run(loader, max_epochs=1),
+        "ignite evaluator": lambda: evaluator.run(loader),
+    }
+
+
+def torchtnt_contenders(model: nn.Module, loader: Any, dev: torch.device) -> dict[str, Epoch]:
+    """torchtnt's train and evaluate with the AutoUnit and a plain EvalUnit."""
+    from torchtnt.framework.auto_unit import AutoUnit
+    from torchtnt.framework.evaluate import evaluate
+    from torchtnt.framework.train import train
+    from torchtnt.framework.unit import EvalUnit
+
+    class Unit(AutoUnit[Any]):
+        def compute_loss(self, state: Any, data: Any) -> tuple[torch.Tensor, Any]:
+            out = self.module(data[0])
+            return nn.functional.cross_entropy(out, data[1]), out
+
+        def configure_optimizers_and_lr_scheduler(self, module: nn.Module) -> tuple[Any, None]:
+            return torch.optim.SGD(module.parameters(), lr=0.01), None
+
+    class Eval(EvalUnit[Any]):
+        def eval_step(self, state: Any, data: Any) -> None:
+            with torch.no_grad():
+                out = model(data[0].to(dev))
+                self.loss = nn.functional.cross_entropy(out, data[1].to(dev)).item()
+                self.correct = (out.argmax(1) == data[1].to(dev)).sum().item()
+
+    unit = Unit(module=model, device=dev)
+    return {
+        "torchtnt train": lambda: train(
+            unit, loader, max_epochs=unit.train_progress.num_epochs_completed + 1
+        ),
+        "torchtnt evaluate": lambda: evaluate(Eval(), loader),
+    }
+
+
+PEERS = {
+    "lightning": lightning_contenders,
+    "ignite": ignite_contenders,
+    "torchtnt": torchtnt_contenders,
+}
+
+
+def _ft_train(
+    model: nn.Module, opt: torch.optim.Optimizer, loader: Any, dev: torch.device
+) -> Epoch:
+    """fntrain's train_epoch."""
+    loss = nn.CrossEntropyLoss()
+    return lambda: ft.train_epoch(model, loader, loss, opt, dev)
+
+
+def _ft_eval(model: nn.Module, loader: Any, dev: torch.device) -> Epoch:
+    """fntrain's evaluate with accuracy."""
+    loss, metrics = nn.CrossEntropyLoss(), {"acc": ft.accuracy()}
+    return lambda: ft.evaluate(model, loader, loss, dev, metrics=metrics)
+
+
+def _phase(label: str) -> str:
+    """Tell a peer contender's phase from its label."""
+    return "eval" if "valid" in label or "eval" in label else "train"
+
+
+def contenders(
+    name: str, samples: int, batch: int, dev: torch.device, peers: list[str]
+) -> dict[str, tuple[str, Epoch]]:
+    """Return contender name -> (phase, one epoch) for one model, each with its own copy."""
+    make, shape, _ = MODELS[name]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(samples, *shape, generator=gen)
+    y = torch.randint(0, 10, (samples,), generator=gen)
+    pin = dev.type == "cuda"
+
+    def fresh() -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = make().to(dev)
+        return model, torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def dataloader() -> DataLoader:
+        return DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True, pin_memory=pin)
+
+    tensors = ft.TensorLoader(x, y, batch_size=batch, shuffle=True, pin_memory=pin)
+    evaluated = fresh()[0]
+    runs: dict[str, tuple[str, Epoch]] = {
+        "floor (pre-batched, no loader)": ("train", floor_train(*fresh(), list(dataloader()), dev)),
+        "hand-written loop": ("train", hand_train(*fresh(), dataloader(), dev)),
+        "ft.train_epoch": ("train", _ft_train(*fresh(), dataloader(), dev)),
+        "ft.train_epoch + TensorLoader": ("train", _ft_train(*fresh(), tensors, dev)),
+        "hand-written eval loop": ("eval", hand_eval(evaluated, dataloader(), dev)),
+        "ft.evaluate": ("eval", _ft_eval(evaluated, dataloader(), dev)),
+        "ft.evaluate + TensorLoader": ("eval", _ft_eval(evaluated, tensors, dev)),
+    }
+    for peer in peers:
+        if importlib.util.find_spec(peer) is not None:
+            for label, epoch in PEERS[peer](fresh()[0], dataloader(), dev).items():
+                runs[label] = (_phase(label), epoch)
+    return runs
+
+
+def measure(
+    runs: dict[str, tuple[str, Epoch]], repeats: int, dev: torch.device
+) -> dict[str, tuple[list[float], int]]:
+    """Run every contender once to warm up, then ``repeats`` interleaved rounds."""
+    for _, epoch in runs.values():
+        epoch()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    peaks: dict[str, int] = dict.fromkeys(runs, 0)
+    for round_ in range(repeats):
+        order = list(runs) if round_ % 2 == 0 else list(runs)[::-1]
+        for name in order:
+            gc.collect()
+            with PeakMemory(dev) as memory:
+                start = time.perf_counter()
+                runs[name][1]()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - start)
+            peaks[name] = max(peaks[name], memory.peak)
+    return {name: (times[name], peaks[name]) for name in runs}
+
+
+def report(
+    model: str,
+    runs: dict[str, tuple[str, Epoch]],
+    results: dict[str, tuple[list[float], int]],
+) -> list[dict[str, Any]]:
+    """Print one JSON line per contender; return the rows."""
+    rows = []
+    for phase, base in (("train", "hand-written loop"), ("eval", "hand-written eval loop")):
+        reference = statistics.median(results[base][0])
+        for name, (times, peak) in results.items():
+            if runs[name][0] != phase:
+                continue
+            median = statistics.median(times)
+            row = {
+                "model": model,
+                "phase": phase,
+                "contender": name,
+                "median_s": median,
+                "ratio": median / reference,
+                "peak_mb": peak / 2**20,
+                "runs": len(times),
+            }
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def table(rows: list[dict[str, Any]], dev: torch.device) -> str:
+    """Return the rows as a Markdown table with the machine it ran on."""
+    lines = [
+        f"Measured on {platform.machine()} with {torch.get_num_threads()} threads, device "
+        f"{dev}, torch {torch.__version__}.",
+        "",
+        "| model | phase | contender | median s/epoch | ratio to hand-written | peak MB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['phase']} | {r['contender']} | {r['median_s']:.4f} | "
+            f"{r['ratio']:.2f}x | {r['peak_mb']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Parse the options, run the rounds, print JSON lines and the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=[*MODELS, "all"], default="all")
+    parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--samples", type=int, default=None, help="override the data size")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--peers", default="lightning,ignite,torchtnt")
+    parser.add_argument("--device", default=str(ft.default_device()))
+    args = parser.parse_args()
+    import logging
+    import warnings
+
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    dev = torch.device(args.device)
+    peers = [p for p in args.peers.split(",") if p]
+    rows = []
+    for name in MODELS if args.model == "all" else [args.model]:
+        samples = args.samples or MODELS[name][2]
+        runs = contenders(name, samples, args.batch_size, dev, peers)
+        rows += report(name, runs, measure(runs, args.repeats, dev))
+    print(table(rows, dev))
+
+
+if __name__ == "__main__":
+    main()
