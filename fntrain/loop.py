@@ -218,13 +218,14 @@ def train_epoch(
                 continue
             if done is not None:
                 tally.add(*done)
-                bar.tick(tally.loss, done[1])
+                bar.tick(done[1], tally.running_loss)
         stepper.step()
     if tally.batches == 0 and skipped == 0:
         raise _no_batches()
+    loss, values = tally.finish()
     return TrainResult(
-        loss=tally.loss,
-        metrics=tally.finish(),
+        loss=loss,
+        metrics=values,
         samples=tally.samples,
         batches=tally.batches,
         steps=stepper.steps,
@@ -285,13 +286,14 @@ def evaluate(
             if not samples:
                 continue
             outputs, loss = _forward(model, loss_fn, inputs, targets, samples, index)
-            tally.add(loss.item(), samples, outputs, targets)
-            bar.tick(tally.loss)
+            tally.add(loss, samples, outputs, targets)
+            bar.tick(samples, tally.running_loss)
     if tally.batches == 0:
         raise _no_batches()
+    loss, values = tally.finish()
     return EvalResult(
-        loss=tally.loss,
-        metrics=tally.finish(),
+        loss=loss,
+        metrics=values,
         samples=tally.samples,
         batches=tally.batches,
         seconds=time.perf_counter() - start,

@@ -1,9 +1,10 @@
-"""Metrics as summable tensor state: built-ins, and torchmetrics objects as they are.
+"""Metrics as summable state: built-ins, and torchmetrics objects as they are.
 
 A :class:`Metric` is two pure functions. ``state(outputs, targets)`` maps one batch to a
-1-D tensor that adds up across batches (and across processes); ``compute(total)`` maps the
-summed state, on the CPU, to the metric's value. Accuracy's state is ``[correct, total]``.
-States stay on the device during the epoch and reach the host once, at its end.
+tuple of parts (tensors or numbers) that add up across batches and across processes;
+``compute(totals)`` maps the summed parts, as CPU tensors, to the metric's value.
+Accuracy's state is ``(correct, total)``. Parts on a GPU stay there during the epoch and
+reach the host once, at its end.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import attrs
 import torch
 
 from fntrain.records import MetricValue
+from fntrain.sums import Part, Sums
 
 
 @attrs.frozen
@@ -22,21 +24,23 @@ class Metric:
     """A metric whose per-batch states add up.
 
     Attributes:
-        state: ``(outputs, targets) -> 1-D tensor`` for one batch, on the outputs' device.
-        compute: ``summed state (CPU tensor) -> value``.
+        state: ``(outputs, targets) -> tuple of parts`` for one batch; a part is a tensor
+            (of any fixed shape) or a number, and each part is summed over batches.
+        compute: ``(summed parts as CPU tensors) -> value``.
 
     Example:
         >>> import torch, fntrain as ft
         >>> mse = ft.Metric(
-        ...     state=lambda out, y: torch.stack(((out - y).pow(2).sum(), y.new_tensor(y.numel()))),
-        ...     compute=lambda s: float(s[0] / s[1]),
+        ...     state=lambda out, y: ((out - y).pow(2).sum(), y.numel()),
+        ...     compute=lambda total: float(total[0] / total[1]),
         ... )
-        >>> mse.compute(mse.state(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 4.0])))
+        >>> parts = mse.state(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 4.0]))
+        >>> mse.compute(tuple(torch.as_tensor(p) for p in parts))
         2.0
     """
 
-    state: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    compute: Callable[[torch.Tensor], float]
+    state: Callable[[Any, Any], tuple[Part, ...]]
+    compute: Callable[[tuple[torch.Tensor, ...]], MetricValue]
 
 
 def _class_targets(outputs: torch.Tensor, targets: torch.Tensor, name: str) -> torch.Tensor:
@@ -63,19 +67,18 @@ def _class_targets(outputs: torch.Tensor, targets: torch.Tensor, name: str) -> t
     return targets
 
 
-def _hits_state(hits: torch.Tensor) -> torch.Tensor:
-    """Return ``[number of hits, number of predictions]`` as an int64 tensor."""
-    total = torch.full((), hits.numel(), dtype=torch.long, device=hits.device)
-    return torch.stack((hits.sum(), total))
+def _hits_state(hits: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Return ``(number of hits, number of predictions)``."""
+    return hits.sum(), hits.numel()
 
 
-def _ratio(total: torch.Tensor) -> float:
+def _ratio(total: tuple[torch.Tensor, ...]) -> float:
     """Return ``total[0] / total[1]``, NaN when there was nothing to count."""
     return float(total[0]) / float(total[1]) if total[1] else float("nan")
 
 
-def _accuracy_state(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Return ``[correct, total]`` for one batch."""
+def _accuracy_state(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Return ``(correct, total)`` for one batch."""
     classes = _class_targets(outputs, targets, "accuracy()")
     return _hits_state(outputs.argmax(dim=1) == classes)
 
@@ -90,8 +93,8 @@ def accuracy() -> Metric:
     Example:
         >>> import torch, fntrain as ft
         >>> acc = ft.accuracy()
-        >>> acc.compute(acc.state(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([1, 1])))
-        0.5
+        >>> acc.state(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([1, 1]))
+        (tensor(1), 2)
     """
     return Metric(state=_accuracy_state, compute=_ratio)
 
@@ -102,13 +105,13 @@ def top_k_accuracy(k: int) -> Metric:
     Example:
         >>> import torch, fntrain as ft
         >>> top2 = ft.top_k_accuracy(2)
-        >>> top2.compute(top2.state(torch.tensor([[0.5, 0.3, 0.2]]), torch.tensor([1])))
-        1.0
+        >>> top2.state(torch.tensor([[0.5, 0.3, 0.2]]), torch.tensor([1]))
+        (tensor(1), 1)
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"'k' must be a positive int, but got {k!r}")
 
-    def state(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def state(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
         classes = _class_targets(outputs, targets, f"top_k_accuracy({k})")
         if outputs.shape[1] < k:
             raise ValueError(
@@ -145,47 +148,24 @@ def check(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
     return dict(metrics)
 
 
-def start(metrics: Mapping[str, Any], device: torch.device) -> list[torch.Tensor | None]:
-    """Reset stateful (torchmetrics) metrics on ``device``; return empty states for all."""
+def start(metrics: Mapping[str, Any], device: torch.device) -> None:
+    """Reset stateful (torchmetrics) metrics and move them to ``device``."""
     for metric in metrics.values():
         if not isinstance(metric, Metric):
             metric.reset()
             if isinstance(metric, torch.nn.Module):
                 metric.to(device)
-    return [None] * len(metrics)
 
 
-def update(
-    metrics: Mapping[str, Any],
-    states: list[torch.Tensor | None],
-    outputs: torch.Tensor,
-    targets: torch.Tensor,
-) -> list[torch.Tensor | None]:
-    """Return the states with one batch added; torchmetrics objects update themselves."""
-    new: list[torch.Tensor | None] = []
-    for metric, total in zip(metrics.values(), states, strict=True):
+def update(metrics: Mapping[str, Any], sums: Sums, outputs: Any, targets: Any) -> None:
+    """Add one batch's metric states to ``sums``; torchmetrics objects update themselves."""
+    for name, metric in metrics.items():
         if isinstance(metric, Metric):
-            batch = metric.state(outputs, targets)
-            new.append(batch if total is None else total + batch)
+            parts = metric.state(outputs, targets)
+            for position, part in enumerate(parts if isinstance(parts, tuple) else (parts,)):
+                sums.add((name, position), part)
         else:
             metric.update(outputs, targets)
-            new.append(None)
-    return new
-
-
-def _gather(states: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
-    """Bring every state to the CPU: one transfer per dtype, so no count loses precision."""
-    by_dtype: dict[torch.dtype, list[tuple[int, torch.Tensor]]] = {}
-    for position, state in enumerate(states):
-        if state is not None:
-            by_dtype.setdefault(state.dtype, []).append((position, state))
-    host: list[torch.Tensor | None] = [None] * len(states)
-    for group in by_dtype.values():
-        flat = torch.cat([state.reshape(-1) for _, state in group]).cpu()
-        pieces = flat.split([state.numel() for _, state in group])
-        for (position, state), piece in zip(group, pieces, strict=True):
-            host[position] = piece.reshape(state.shape)
-    return host
 
 
 def _value(result: Any) -> MetricValue:
@@ -202,12 +182,15 @@ def _flatten(name: str, result: Any) -> dict[str, MetricValue]:
     return {name: _value(result)}
 
 
-def finish(metrics: Mapping[str, Any], states: list[torch.Tensor | None]) -> dict[str, MetricValue]:
-    """Return each metric's value, bringing the summed states to the host once."""
+def finish(
+    metrics: Mapping[str, Any], totals: Mapping[Any, torch.Tensor]
+) -> dict[str, MetricValue]:
+    """Return each metric's value from the summed parts (already on the host)."""
     values: dict[str, MetricValue] = {}
-    for (name, metric), total in zip(metrics.items(), _gather(states), strict=True):
+    for name, metric in metrics.items():
         if isinstance(metric, Metric):
-            values.update(_flatten(name, float("nan") if total is None else metric.compute(total)))
+            parts = tuple(t for (owner, _), t in totals.items() if owner == name)
+            values.update(_flatten(name, metric.compute(parts) if parts else float("nan")))
         else:
             values.update(_flatten(name, metric.compute()))
     return values

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -23,17 +24,22 @@ class Progress:
             total = len(loader) if hasattr(loader, "__len__") else None
             self.bar = tqdm(total=total, desc=desc, unit="batch", disable=None, leave=False)
 
-    def tick(self, loss: float | None = None, samples: int = 0) -> None:
-        """Advance one batch; show loss and samples/s at most every ``refresh_seconds``."""
+    def tick(self, samples: int = 0, running_loss: Callable[[], float] | None = None) -> None:
+        """Advance one batch; show loss and samples/s at most every ``refresh_seconds``.
+
+        ``running_loss`` is called only when the bar refreshes, so reading it (a device
+        sync on a GPU) happens a few times a second, not once per batch.
+        """
         if self.bar is None:
             return
         self.bar.update(1)
         self.samples += samples
         now = time.monotonic()
-        if loss is not None and now - self.shown >= self.refresh_seconds:
+        if running_loss is not None and now - self.shown >= self.refresh_seconds:
             self.shown = now
             rate = self.samples / max(now - self.started, 1e-9)
-            self.bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{rate:.0f}", refresh=False)
+            loss = f"{running_loss():.4f}"
+            self.bar.set_postfix(loss=loss, samples_per_s=f"{rate:.0f}", refresh=False)
 
     def __enter__(self) -> Progress:
         return self

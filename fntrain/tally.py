@@ -1,4 +1,4 @@
-"""The running, sample-weighted loss and metric states of one pass."""
+"""The running, sample-weighted loss and metric sums of one pass."""
 
 from __future__ import annotations
 
@@ -9,32 +9,48 @@ import torch
 
 from fntrain import metrics as metric_lib
 from fntrain.records import MetricValue
+from fntrain.sums import Sums
+
+_LOSS = ("loss", 0)
+
+
+def _wide(loss: torch.Tensor) -> torch.Tensor:
+    """Return the loss in float64 for summing, float32 where the device has no float64."""
+    return loss.float() if loss.device.type == "mps" else loss.double()
 
 
 class Tally:
-    """Sample-weighted loss and summed metric states over one pass (private to one call)."""
+    """Sample-weighted loss and summed metric states over one pass (private to one call).
+
+    On the CPU the loss arrives as a float; on an accelerator as a tensor that stays on
+    the device, so evaluating adds no host sync per batch.
+    """
 
     def __init__(self, metrics: Mapping[str, Any], device: torch.device) -> None:
+        metric_lib.start(metrics, device)
         self.metrics = metrics
-        self.states = metric_lib.start(metrics, device)
-        self.loss_sum = 0.0
+        self.sums = Sums()
         self.samples = 0
         self.batches = 0
 
-    def add(self, loss: float, samples: int, outputs: Any, targets: Any) -> None:
+    def add(self, loss: float | torch.Tensor, samples: int, outputs: Any, targets: Any) -> None:
         """Add one batch: its mean loss, sample count, outputs and targets."""
-        self.loss_sum += loss * samples
+        if isinstance(loss, torch.Tensor):
+            loss = loss.item() if loss.device.type == "cpu" else _wide(loss.detach())
+        self.sums.add(_LOSS, loss * samples)
         self.samples += samples
         self.batches += 1
         if self.metrics:
             with torch.no_grad():
-                self.states = metric_lib.update(self.metrics, self.states, outputs, targets)
+                metric_lib.update(self.metrics, self.sums, outputs, targets)
 
-    @property
-    def loss(self) -> float:
-        """Mean loss per sample so far (NaN before any sample)."""
-        return self.loss_sum / self.samples if self.samples else float("nan")
+    def running_loss(self) -> float:
+        """Mean loss per sample so far (NaN before any sample; syncs on an accelerator)."""
+        total = self.sums.totals.get(_LOSS)
+        return float(total) / self.samples if self.samples else float("nan")
 
-    def finish(self) -> dict[str, MetricValue]:
-        """Return the metric values, bringing their states to the host once."""
-        return metric_lib.finish(self.metrics, self.states)
+    def finish(self) -> tuple[float, dict[str, MetricValue]]:
+        """Return the mean loss and the metric values, brought to the host once."""
+        totals = self.sums.host()
+        loss = float(totals.pop(_LOSS)) / self.samples if self.samples else float("nan")
+        return loss, metric_lib.finish(self.metrics, totals)

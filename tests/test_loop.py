@@ -336,7 +336,7 @@ def test_train_epoch_computes_metric_states_without_autograd() -> None:
 
     def state(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         seen.append(torch.is_grad_enabled())
-        return torch.stack((outputs.sum(), outputs.new_tensor(outputs.numel())))
+        return outputs.sum(), outputs.numel()
 
     metric = ft.Metric(state=state, compute=lambda total: float(total[0] / total[1]))
     model = nn.Linear(3, 2)

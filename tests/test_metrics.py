@@ -15,6 +15,18 @@ torchmetrics = pytest.importorskip("torchmetrics")
 FAST = settings(max_examples=25, deadline=None)
 
 
+def _value(metric: ft.Metric, outputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """Compute a metric on one batch, as fntrain does at the end of an epoch."""
+    return metric.compute(tuple(torch.as_tensor(p) for p in metric.state(outputs, targets)))
+
+
+def _same_state(a: tuple, b: tuple) -> bool:
+    """Tell whether two metric states are equal part by part."""
+    return len(a) == len(b) and all(
+        torch.equal(torch.as_tensor(p), torch.as_tensor(q)) for p, q in zip(a, b, strict=True)
+    )
+
+
 def _scores(samples: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Return random class scores and class-index targets."""
     gen = torch.Generator().manual_seed(seed)
@@ -32,7 +44,7 @@ def test_accuracy_equals_torchmetrics(samples: int, classes: int, seed: int) -> 
     expected = torchmetrics.functional.classification.multiclass_accuracy(
         outputs, targets, num_classes=classes, average="micro"
     )
-    assert metric.compute(metric.state(outputs, targets)) == pytest.approx(expected.item())
+    assert _value(metric, outputs, targets) == pytest.approx(expected.item())
 
 
 @FAST
@@ -44,7 +56,7 @@ def test_top_k_accuracy_equals_torchmetrics(samples: int, classes: int, k: int, 
     expected = torchmetrics.functional.classification.multiclass_accuracy(
         outputs, targets, num_classes=classes, average="micro", top_k=k
     )
-    assert metric.compute(metric.state(outputs, targets)) == pytest.approx(expected.item())
+    assert _value(metric, outputs, targets) == pytest.approx(expected.item())
 
 
 @FAST
@@ -56,10 +68,12 @@ def test_states_add_up_across_any_split(
     outputs, targets = _scores(samples, classes, seed)
     cut = data.draw(st.integers(1, samples - 1))
     for metric in (ft.accuracy(), ft.top_k_accuracy(min(2, classes))):
-        parts = metric.state(outputs[:cut], targets[:cut]) + metric.state(
-            outputs[cut:], targets[cut:]
+        first, second = (
+            metric.state(outputs[:cut], targets[:cut]),
+            metric.state(outputs[cut:], targets[cut:]),
         )
-        assert torch.equal(parts, metric.state(outputs, targets))
+        summed = tuple(a + b for a, b in zip(first, second, strict=True))
+        assert _same_state(summed, metric.state(outputs, targets))
 
 
 @FAST
@@ -71,7 +85,7 @@ def test_accuracy_reads_probability_targets_by_their_most_likely_class(
     outputs, targets = _scores(samples, classes, seed)
     soft = nn.functional.one_hot(targets, classes).float() * 0.8 + 0.2 / classes
     metric = ft.accuracy()
-    assert torch.equal(metric.state(outputs, soft), metric.state(outputs, targets))
+    assert _same_state(metric.state(outputs, soft), metric.state(outputs, targets))
 
 
 def test_accuracy_counts_every_position_of_dense_outputs() -> None:
@@ -81,13 +95,13 @@ def test_accuracy_counts_every_position_of_dense_outputs() -> None:
     targets = torch.ones(2, 4, 4, dtype=torch.long)
     targets[0, 0, 0] = 2
     metric = ft.accuracy()
-    assert metric.compute(metric.state(outputs, targets)) == pytest.approx(31 / 32)
+    assert _value(metric, outputs, targets) == pytest.approx(31 / 32)
 
 
 def test_top_1_accuracy_is_accuracy() -> None:
     """top_k_accuracy(1) gives the same state as accuracy()."""
     outputs, targets = _scores(50, 5, 3)
-    assert torch.equal(
+    assert _same_state(
         ft.top_k_accuracy(1).state(outputs, targets), ft.accuracy().state(outputs, targets)
     )
 
@@ -123,7 +137,7 @@ def test_accuracy_names_mismatched_shapes(
 def test_a_custom_metric_is_summed_over_samples_by_evaluate() -> None:
     """A user's Metric record works in evaluate and is summed over uneven batches."""
     mae = ft.Metric(
-        state=lambda out, y: torch.stack(((out - y).abs().sum(), y.new_tensor(y.numel()))),
+        state=lambda out, y: ((out - y).abs().sum(), y.numel()),
         compute=lambda total: float(total[0] / total[1]),
     )
     inputs = torch.arange(7.0).unsqueeze(1)
@@ -157,11 +171,31 @@ def test_a_metric_collection_gives_one_value_per_member() -> None:
 
 
 def test_large_counts_come_to_the_host_exactly() -> None:
-    """Integer states beyond 2**24 survive beside float32 states (no lossy dtype promotion)."""
-    from fntrain.metrics import finish
+    """Integer sums beyond 2**24 beside float32 sums reach the host exactly, host or device."""
+    from fntrain.sums import Sums
 
-    counts = ft.Metric(state=lambda o, t: o, compute=lambda s: float(s[0]))
-    mean = ft.Metric(state=lambda o, t: o, compute=lambda s: float(s[0]))
-    big = torch.tensor([2**24 + 1], dtype=torch.int64)
-    values = finish({"n": counts, "m": mean}, [big, torch.tensor([0.5])])
-    assert values == {"n": float(2**24 + 1), "m": 0.5}
+    sums = Sums()
+    for _ in range(2):
+        sums.add("scalar", torch.tensor(2**24 + 1))
+        sums.add("vector", torch.tensor([2**24 + 1, 1]))
+        sums.add("mean", torch.tensor([0.25, 0.5]))
+    totals = sums.host()
+    assert totals["scalar"].item() == 2 * (2**24 + 1)
+    assert totals["vector"].tolist() == [2 * (2**24 + 1), 2]
+    assert totals["mean"].tolist() == [0.5, 1.0]
+
+
+def test_a_metric_state_may_be_a_vector_of_counts() -> None:
+    """A part may be a per-class vector: it is summed elementwise over batches."""
+    per_class = ft.Metric(
+        state=lambda out, y: (torch.bincount(y, minlength=3),),
+        compute=lambda total: total[0].float(),
+    )
+    batches = [
+        (torch.randn(4, 2), torch.tensor([0, 1, 1, 2])),
+        (torch.randn(2, 2), torch.tensor([2, 2])),
+    ]
+    result = ft.evaluate(
+        nn.Linear(2, 3), batches, nn.CrossEntropyLoss(), "cpu", metrics={"n": per_class}
+    )
+    assert result.metrics["n"].tolist() == [1.0, 2.0, 3.0]
