@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from types import TracebackType
 
 import torch
 from torch import nn
@@ -13,8 +12,9 @@ class BufferGuard:
     """A copy of the model's persistent buffers, refreshed before each batch (private).
 
     A bad batch can change BatchNorm's running statistics during the forward pass, before
-    its loss or shape is checked; restoring the copy undoes that. One fused copy per batch,
-    only of the buffers the model's ``state_dict`` holds (not non-persistent caches).
+    its loss or shape is checked; restoring the copy undoes that. Used as ``with guard:``
+    around one batch: one fused copy on entry, a restore only if the block raises. Only
+    the buffers the model's ``state_dict`` holds are copied (not non-persistent caches).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -23,14 +23,16 @@ class BufferGuard:
         self.live = [t for t in unique.values() if not isinstance(t, nn.Parameter)]
         self.copy = [buffer.detach().clone() for buffer in self.live]
 
-    @contextmanager
-    def protect(self) -> Iterator[None]:
-        """Save the buffers; put them back if the block raises, then re-raise."""
+    def __enter__(self) -> BufferGuard:
         if self.live:
             torch._foreach_copy_(self.copy, self.live)
-        try:
-            yield
-        except BaseException:
-            if self.live:
-                torch._foreach_copy_(self.live, self.copy)
-            raise
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        if kind is not None and self.live:
+            torch._foreach_copy_(self.live, self.copy)

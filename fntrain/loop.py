@@ -69,7 +69,7 @@ def _train_batch(
     inputs, targets, samples = _prepare(batch, index, device, transform)
     if not samples:
         return None
-    with stepper.options.autocast_context(device):
+    with stepper.autocast:
         outputs, loss = _forward(model, loss_fn, inputs, targets, samples, index)
     if not loss.requires_grad:
         raise ValueError(
@@ -200,7 +200,7 @@ def train_epoch(
     if transform is not None and not callable(transform):
         raise TypeError(f"'transform' must be callable, but got {type(transform).__name__}")
     options = StepOptions(accumulate, autocast, scaler, clip_grad_norm, scheduler)
-    stepper = Stepper(optimizer, options.check(optimizer, resolved))
+    stepper = Stepper(optimizer, options.check(optimizer, resolved), resolved)
     tally = Tally(metric_lib.check(metrics), resolved)
     buffers = BufferGuard(model)
     skipped = 0
@@ -209,7 +209,7 @@ def train_epoch(
         for index, batch in enumerate(loader):
             stepper.begin_batch()
             try:
-                with buffers.protect():
+                with buffers:
                     done = _train_batch(model, loss_fn, batch, index, resolved, transform, stepper)
             except NonFiniteLossError:
                 if on_nonfinite == "raise":

@@ -79,9 +79,12 @@ class StepOptions:
 class Stepper:
     """Accumulates gradients over a window of batches and takes the step (private, per call)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, options: StepOptions) -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, options: StepOptions, device: torch.device
+    ) -> None:
         self.optimizer = optimizer
         self.options = options
+        self.autocast = options.autocast_context(device)
         self.window_batches = 0
         self.window_samples = 0
         self.steps = 0
