@@ -111,6 +111,10 @@ class Checkpoint:
         step: the step stored (None for a bare state_dict).
         metrics: the metrics stored, read-only.
         extra: the user's extra data stored, read-only at the top level.
+        missing_keys: model keys the file did not hold, left as they were (only with
+            ``strict=False``; empty otherwise).
+        unexpected_keys: keys in the file the model does not have, ignored (only with
+            ``strict=False``; empty otherwise).
     """
 
     path: Path
@@ -118,3 +122,5 @@ class Checkpoint:
     step: int | None
     metrics: Mapping[str, Any] = attrs.field(converter=_read_only)
     extra: Mapping[str, Any] = attrs.field(converter=_read_only)
+    missing_keys: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    unexpected_keys: tuple[str, ...] = attrs.field(default=(), converter=tuple)

@@ -44,9 +44,7 @@ class Sums:
 
     def host(self) -> dict[Hashable, torch.Tensor]:
         """Return every sum as a CPU tensor: numbers directly, device sums in one transfer."""
-        out = {
-            k: _exact(t) for k, t in self.totals.items() if not isinstance(t, torch.Tensor)
-        }
+        out = {k: _exact(t) for k, t in self.totals.items() if not isinstance(t, torch.Tensor)}
         on_device: dict[torch.dtype, list[tuple[Hashable, torch.Tensor]]] = {}
         for key, total in self.totals.items():
             if isinstance(total, torch.Tensor):

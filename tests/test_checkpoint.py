@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
 import itertools
 import os
 import random
 import signal
+import stat
 import subprocess
 import sys
 import time
+import typing
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +25,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fntrain as ft
+import fntrain.checkpoint as checkpoint_module
 from tests import strategies as s
 from tests.helpers import assert_bit_identical, make_data, mlp, snapshot
 
@@ -40,16 +47,68 @@ def _worker(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str
     )
 
 
-def _trained(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer, object]:
-    """Return a model, Adam optimizer and scheduler after a few real steps."""
+def _adam(params: typing.Iterable[torch.Tensor]) -> torch.optim.Optimizer:
+    """Return an Adam optimizer over ``params``."""
+    return torch.optim.Adam(params, lr=0.01)
+
+
+def _sgd(params: typing.Iterable[torch.Tensor]) -> torch.optim.Optimizer:
+    """Return an SGD-with-momentum optimizer over ``params``."""
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+
+
+def _trained(
+    seed: int = 0, make_optimizer: Callable[..., torch.optim.Optimizer] = _adam
+) -> tuple[nn.Module, torch.optim.Optimizer, object]:
+    """Return a model, optimizer (Adam by default) and scheduler after a few real steps."""
     model = mlp(5, 3, seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    optimizer = make_optimizer(model.parameters())
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=50)
     data = make_data(32, 5, 3, seed)
     for _ in range(2):
         ft.train_epoch(model, [data[:16], data[16:]], nn.CrossEntropyLoss(), optimizer, "cpu")
         scheduler.step()
     return model, optimizer, scheduler
+
+
+def _rng_states() -> tuple[object, object, torch.Tensor]:
+    """Return the states of Python's, NumPy's and torch's global RNGs."""
+    return random.getstate(), np.random.get_state(), torch.get_rng_state()
+
+
+def _freeze(
+    model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict, dict, tuple[object, object, torch.Tensor]]:
+    """Return copies of the model's tensors, the optimizer's state and every RNG state."""
+    return snapshot(model), copy.deepcopy(optimizer.state_dict()), _rng_states()
+
+
+def _assert_unchanged(
+    frozen: tuple[dict, dict, tuple[object, object, torch.Tensor]],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+) -> None:
+    """Assert model, optimizer and RNGs are bit-identical to what :func:`_freeze` saw."""
+    before, optimizer_before, (python, numpy, torch_rng) = frozen
+    assert_bit_identical(before, snapshot(model))
+    after = optimizer.state_dict()
+    assert after["param_groups"] == optimizer_before["param_groups"]
+    assert after["state"].keys() == optimizer_before["state"].keys()
+    for index, state in optimizer_before["state"].items():
+        assert state.keys() == after["state"][index].keys()
+        for name, value in state.items():
+            assert torch.equal(value, after["state"][index][name]), (index, name)
+    numpy_now = np.random.get_state()
+    assert random.getstate() == python and torch.equal(torch.get_rng_state(), torch_rng)
+    assert numpy_now[0] == numpy[0] and np.array_equal(numpy_now[1], numpy[1])
+    assert numpy_now[2:] == numpy[2:]
+
+
+def _edit(path: Path, edit: Callable[[dict], object]) -> None:
+    """Rewrite the checkpoint at ``path`` after ``edit`` changed its payload in place."""
+    payload = torch.load(path, weights_only=True)
+    edit(payload)
+    torch.save(payload, path)
 
 
 plain_data = st.recursive(
@@ -203,6 +262,8 @@ def test_a_crash_at_any_moment_leaves_a_complete_checkpoint(tmp_path: Path) -> N
         assert loaded.epoch == max(i, 0)
         assert torch.all(model.weight == float(i)) if i >= 0 else True
     assert killed_mid_save >= 1, "no kill landed during a save; the test proved nothing"
+    ft.save_checkpoint(target, model, epoch=0)
+    assert [p.name for p in tmp_path.iterdir()] == ["hammered.pt"]
 
 
 class _Evil:
@@ -273,22 +334,38 @@ def test_ddp_models_save_as_and_load_into_plain_ones(tmp_path: Path) -> None:
         dist.destroy_process_group()
 
 
+def _named(seed: int, first_in: int, last: str) -> nn.Module:
+    """Return Sequential(a=Linear(first_in, 3), <last>=Linear(3, 2)), initialised from seed."""
+    torch.manual_seed(seed)
+    return nn.Sequential(OrderedDict([("a", nn.Linear(first_in, 3)), (last, nn.Linear(3, 2))]))
+
+
+def _step(model: nn.Module, optimizer: torch.optim.Optimizer, features: int) -> None:
+    """Take one optimizer step on random data, so the optimizer has state."""
+    optimizer.zero_grad()
+    model(torch.randn(6, features)).square().mean().backward()
+    optimizer.step()
+
+
 def test_mismatches_are_all_reported_at_once_and_nothing_changes(tmp_path: Path) -> None:
-    """Missing keys, unexpected keys and shape mismatches are listed together; nothing loads."""
-    saved = nn.Sequential(nn.Linear(4, 10), nn.Linear(10, 3))
-    ft.save_checkpoint(tmp_path / "c.pt", saved, epoch=1)
-    model = nn.Sequential(nn.Linear(8, 10), nn.Linear(10, 3), nn.Linear(3, 1))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    before, rng_before = snapshot(model), torch.get_rng_state()
+    """Missing keys, unexpected keys and shape mismatches are listed together; nothing loads.
+
+    Model, trained optimizer and every RNG are bit-identical after the refused load.
+    """
+    saved = _named(0, 4, "b")
+    ft.save_checkpoint(tmp_path / "c.pt", saved, _sgd(saved.parameters()), epoch=1)
+    model = _named(1, 8, "c")
+    optimizer = _sgd(model.parameters())
+    _step(model, optimizer, 8)
+    frozen = _freeze(model, optimizer)
     with pytest.raises(ft.CheckpointError) as caught:
-        ft.load_checkpoint(tmp_path / "c.pt", model)
+        ft.load_checkpoint(tmp_path / "c.pt", model, optimizer)
     message = str(caught.value)
-    assert "missing in the file: '2.weight', '2.bias'" in message
-    assert "key '0.weight' has shape (10, 4) in the file but (10, 8) in the model" in message
+    assert "missing in the file: 'c.weight', 'c.bias'" in message
+    assert "unexpected in the file: 'b.weight', 'b.bias'" in message
+    assert "key 'a.weight' has shape (3, 4) in the file but (3, 8) in the model" in message
     assert "nothing was loaded" in message
-    assert_bit_identical(before, snapshot(model))
-    assert torch.equal(rng_before, torch.get_rng_state())
-    assert optimizer.state_dict()["state"] == {}
+    _assert_unchanged(frozen, model, optimizer)
 
 
 def test_unexpected_keys_are_named_and_strict_false_loads_the_rest(tmp_path: Path) -> None:
@@ -312,8 +389,9 @@ def test_an_optimizer_that_does_not_fit_is_refused_before_the_model_changes(tmp_
     with pytest.raises(ft.CheckpointError, match="param groups of sizes"):
         ft.load_checkpoint(tmp_path / "c.pt", fresh, only_head)
     assert_bit_identical(before, snapshot(fresh))
+    scheduler = torch.optim.lr_scheduler.StepLR(_adam(fresh.parameters()), step_size=1)
     with pytest.raises(ft.CheckpointError, match="'scheduler' was given but the file holds no"):
-        ft.load_checkpoint(tmp_path / "c.pt", fresh, scheduler=object())
+        ft.load_checkpoint(tmp_path / "c.pt", fresh, scheduler=scheduler)
     assert_bit_identical(before, snapshot(fresh))
 
 
@@ -412,9 +490,311 @@ def test_the_file_holds_format_versions_and_every_rng(tmp_path: Path) -> None:
     assert {"python", "numpy", "torch"} <= set(payload["rng"])
 
 
-def test_map_location_puts_loaded_metrics_where_asked(tmp_path: Path) -> None:
-    """Tensors in the file are loaded to map_location; the model keeps its own device."""
+@pytest.mark.parametrize(
+    "map_location",
+    ["cpu", torch.device("cpu"), {"cuda:0": "cpu"}, lambda storage, location: storage, None],
+    ids=["str", "device", "dict", "callable", "none"],
+)
+def test_map_location_is_passed_to_torch_load_with_weights_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, map_location: object
+) -> None:
+    """map_location reaches torch.load unchanged, always together with weights_only=True."""
     ft.save_checkpoint(tmp_path / "c.pt", nn.Linear(2, 2), epoch=0, metrics={"cm": torch.eye(2)})
-    loaded = ft.load_checkpoint(tmp_path / "c.pt", nn.Linear(2, 2), map_location="cpu")
-    assert loaded.metrics["cm"].device.type == "cpu"
-    assert os.path.samefile(loaded.path, tmp_path / "c.pt")
+    calls: list[dict] = []
+    real_load = torch.load
+
+    def recording_load(*args: object, **kwargs: object) -> object:
+        calls.append(kwargs)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.torch, "load", recording_load)
+    loaded = ft.load_checkpoint(tmp_path / "c.pt", nn.Linear(2, 2), map_location=map_location)
+    assert len(calls) == 1
+    assert calls[0]["map_location"] is map_location and calls[0]["weights_only"] is True
+    assert torch.equal(loaded.metrics["cm"], torch.eye(2))
+
+
+@pytest.mark.parametrize(
+    ("map_location", "error"),
+    [("gpu", ValueError), ("cuda:x", ValueError), (3, TypeError), ({"cuda:0": "gpu"}, ValueError)],
+)
+def test_an_invalid_map_location_is_named_before_anything_is_read(
+    tmp_path: Path, map_location: object, error: type[Exception]
+) -> None:
+    """A map_location torch.load cannot use raises an error naming 'map_location'."""
+    ft.save_checkpoint(tmp_path / "c.pt", nn.Linear(2, 2), epoch=0)
+    model = nn.Linear(2, 2)
+    before = snapshot(model)
+    with pytest.raises(error, match="'map_location'"):
+        ft.load_checkpoint(tmp_path / "c.pt", model, map_location=map_location)
+    assert_bit_identical(before, snapshot(model))
+
+
+def test_an_optimizer_of_another_class_is_refused_and_nothing_changes(tmp_path: Path) -> None:
+    """SGD-with-momentum state is refused by class name for an Adam; nothing changes."""
+    model, optimizer, _ = _trained(make_optimizer=_sgd)
+    ft.save_checkpoint(tmp_path / "c.pt", model, optimizer, epoch=2)
+    fresh, adam, _ = _trained(seed=5)
+    frozen = _freeze(fresh, adam)
+    with pytest.raises(ft.CheckpointError, match="'optimizer' is Adam but the file holds SGD"):
+        ft.load_checkpoint(tmp_path / "c.pt", fresh, adam)
+    _assert_unchanged(frozen, fresh, adam)
+
+
+def test_an_empty_scaler_state_is_refused_for_an_enabled_scaler(tmp_path: Path) -> None:
+    """A disabled GradScaler's empty state is refused for an enabled one; nothing changes."""
+    model, optimizer, _ = _trained()
+    disabled = torch.amp.GradScaler("cpu", enabled=False)
+    ft.save_checkpoint(tmp_path / "c.pt", model, optimizer, scaler=disabled, epoch=2)
+    fresh, fresh_optimizer, _ = _trained(seed=5)
+    enabled = torch.amp.GradScaler("cpu", init_scale=8.0)
+    frozen = _freeze(fresh, fresh_optimizer)
+    with pytest.raises(ft.CheckpointError, match=r"'scaler' is enabled but the file's .* empty"):
+        ft.load_checkpoint(tmp_path / "c.pt", fresh, fresh_optimizer, scaler=enabled)
+    _assert_unchanged(frozen, fresh, fresh_optimizer)
+    assert enabled.get_scale() == 8.0
+    ft.load_checkpoint(tmp_path / "c.pt", fresh, fresh_optimizer, scaler=disabled)
+
+
+@pytest.mark.parametrize(
+    ("part", "value", "named"),
+    [
+        ("python", (3, (1, 2), None), "Python"),
+        ("torch", torch.zeros(3), "torch"),
+        ("numpy", ("MT19937", torch.zeros(3, dtype=torch.int64), 0, 0, 0.0), "NumPy"),
+        ("numpy", ("MT19937",), "NumPy"),
+        ("cuda", ["junk"], "CUDA"),
+        ("cuda", [torch.zeros(16)], "CUDA"),
+    ],
+)
+def test_a_malformed_rng_state_is_refused_before_anything_changes(
+    tmp_path: Path, part: str, value: object, named: str
+) -> None:
+    """An RNG state that would fail to restore midway is refused; model and RNGs are as before."""
+    model, optimizer, _ = _trained()
+    ft.save_checkpoint(tmp_path / "c.pt", model, optimizer, epoch=2)
+    _edit(tmp_path / "c.pt", lambda payload: payload["rng"].__setitem__(part, value))
+    fresh, fresh_optimizer, _ = _trained(seed=5)
+    frozen = _freeze(fresh, fresh_optimizer)
+    with pytest.raises(ft.CheckpointError, match=f"the {named} RNG state"):
+        ft.load_checkpoint(tmp_path / "c.pt", fresh, fresh_optimizer)
+    _assert_unchanged(frozen, fresh, fresh_optimizer)
+
+
+def _child_named_module(seed: int) -> nn.Module:
+    """Return a model whose only child is named ``module``, as a DDP wrapper's is."""
+    torch.manual_seed(seed)
+    return nn.Sequential(OrderedDict(module=nn.Linear(2, 2)))
+
+
+def test_a_model_whose_child_is_named_module_loads_its_own_checkpoint(tmp_path: Path) -> None:
+    """Keys that match the model are kept; a prefix is stripped only where that fits better."""
+    source = _child_named_module(0)
+    ft.save_checkpoint(tmp_path / "c.pt", source, epoch=0)
+    torch.save(source.state_dict(), tmp_path / "bare.pth")
+    wrapped = {f"module.{key}": value for key, value in source.state_dict().items()}
+    torch.save(wrapped, tmp_path / "ddp.pth")
+    for name in ("c.pt", "bare.pth", "ddp.pth"):
+        target = _child_named_module(1)
+        ft.load_checkpoint(tmp_path / name, target)
+        assert_bit_identical(snapshot(source, grads=False), snapshot(target, grads=False))
+
+
+class _Warmup:
+    """A warmup schedule for LambdaLR, written as a callable object."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def __call__(self, epoch: int) -> float:
+        return min(1.0, (epoch + 1) / self.steps)
+
+
+class _Delayed:
+    """A schedule object holding another schedule object, which weights_only cannot load."""
+
+    def __init__(self) -> None:
+        self.inner = _Warmup(3)
+
+    def __call__(self, epoch: int) -> float:
+        return self.inner(max(epoch - 1, 0))
+
+
+def test_a_state_that_would_not_load_is_refused_at_save(tmp_path: Path) -> None:
+    """A scheduler state weights_only=True cannot load is refused by location; no file changes."""
+    path, model = tmp_path / "c.pt", nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, _Warmup(3))
+    ft.save_checkpoint(path, model, optimizer, scheduler=warmup, epoch=0)
+    old = path.read_bytes()
+    delayed = torch.optim.lr_scheduler.LambdaLR(optimizer, _Delayed())
+    where = r"'scheduler' state\['lr_lambdas'\]\[0\]\['inner'\]"
+    with pytest.raises(TypeError, match=rf"{where} .* is a tests\.test_checkpoint\._Warmup"):
+        ft.save_checkpoint(path, model, optimizer, scheduler=delayed, epoch=1)
+    assert path.read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
+    fresh_optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    again = torch.optim.lr_scheduler.LambdaLR(fresh_optimizer, _Warmup(9))
+    ft.load_checkpoint(path, model, scheduler=again)
+    assert again.lr_lambdas[0].steps == 3
+
+
+class _Counted(nn.Module):
+    """A linear layer that keeps a plain-data counter as its extra state."""
+
+    def __init__(self, calls: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+        self.calls = calls
+
+    def get_extra_state(self) -> dict[str, int]:
+        return {"calls": self.calls}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        self.calls = state["calls"]
+
+
+def test_modules_with_extra_state_round_trip(tmp_path: Path) -> None:
+    """A module's plain extra state loads back, from save_checkpoint and from torch.save."""
+    torch.manual_seed(0)
+    source = nn.Sequential(_Counted(5), nn.ReLU())
+    ft.save_checkpoint(tmp_path / "c.pt", source, epoch=0)
+    torch.save(source.state_dict(), tmp_path / "bare.pth")
+    for name in ("c.pt", "bare.pth"):
+        target = nn.Sequential(_Counted(0), nn.ReLU())
+        ft.load_checkpoint(tmp_path / name, target)
+        assert target[0].calls == 5
+        weights = snapshot(source[0].linear, grads=False)
+        assert_bit_identical(weights, snapshot(target[0].linear, grads=False))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_a_new_file_gets_the_mode_open_would_give_it(tmp_path: Path, umask: int) -> None:
+    """A new checkpoint's permissions are those open(path, "w") gives under the same umask."""
+    old = os.umask(umask)
+    try:
+        ft.save_checkpoint(tmp_path / "c.pt", nn.Linear(2, 2), epoch=0)
+        with open(tmp_path / "reference", "w"):
+            pass
+    finally:
+        os.umask(old)
+    expected = stat.S_IMODE((tmp_path / "reference").stat().st_mode)
+    assert stat.S_IMODE((tmp_path / "c.pt").stat().st_mode) == expected
+
+
+def test_saving_over_a_file_keeps_its_mode(tmp_path: Path) -> None:
+    """Saving over an existing checkpoint keeps the permissions that file had."""
+    ft.save_checkpoint(tmp_path / "c.pt", nn.Linear(2, 2), epoch=0)
+    os.chmod(tmp_path / "c.pt", 0o640)
+    ft.save_checkpoint(tmp_path / "c.pt", nn.Linear(2, 2), epoch=1)
+    assert stat.S_IMODE((tmp_path / "c.pt").stat().st_mode) == 0o640
+
+
+def test_cuda_rng_states_that_cannot_be_restored_warn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file with CUDA RNG states loaded where CUDA is missing warns: not bit-exact."""
+    ft.save_checkpoint(tmp_path / "c.pt", nn.Linear(2, 2), epoch=0)
+    cuda = [torch.zeros(16, dtype=torch.uint8)]
+    _edit(tmp_path / "c.pt", lambda payload: payload["rng"].__setitem__("cuda", cuda))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.warns(RuntimeWarning, match="CUDA RNG .* not be bit-exact"):
+        ft.load_checkpoint(tmp_path / "c.pt", nn.Linear(2, 2))
+
+
+def test_a_numpy_rng_state_without_numpy_warns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file with a NumPy RNG state loaded where NumPy is missing warns: not bit-exact."""
+    ft.save_checkpoint(tmp_path / "c.pt", nn.Linear(2, 2), epoch=0)
+    monkeypatch.setitem(sys.modules, "numpy", None)
+    with pytest.warns(RuntimeWarning, match="NumPy RNG .* not be bit-exact"):
+        ft.load_checkpoint(tmp_path / "c.pt", nn.Linear(2, 2))
+
+
+def test_strict_false_returns_the_keys_it_skipped(tmp_path: Path) -> None:
+    """strict=False names the missing and unexpected keys it skipped; a full load names none."""
+    ft.save_checkpoint(tmp_path / "c.pt", _named(0, 4, "b"), epoch=1)
+    loaded = ft.load_checkpoint(tmp_path / "c.pt", _named(1, 4, "c"), strict=False)
+    assert loaded.missing_keys == ("c.weight", "c.bias")
+    assert loaded.unexpected_keys == ("b.weight", "b.bias")
+    full = ft.load_checkpoint(tmp_path / "c.pt", _named(1, 4, "b"))
+    assert (full.missing_keys, full.unexpected_keys) == ((), ())
+
+
+@pytest.mark.parametrize("function", ["save", "load"])
+@pytest.mark.parametrize("path", [3, b"c.pt", None])
+def test_a_path_of_the_wrong_type_is_named(function: str, path: object) -> None:
+    """A path that is not a str or os.PathLike raises TypeError naming 'path'."""
+    with pytest.raises(TypeError, match=r"'path' must be a str or os\.PathLike"):
+        if function == "save":
+            ft.save_checkpoint(path, nn.Linear(2, 2), epoch=0)  # type: ignore[arg-type]
+        else:
+            ft.load_checkpoint(path, nn.Linear(2, 2))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("model", "optimizer", "named"),
+    [("net", None, "'model'"), (nn.Linear(2, 2), "sgd", "'optimizer'")],
+)
+def test_load_names_a_model_or_optimizer_of_the_wrong_type(
+    tmp_path: Path, model: object, optimizer: object, named: str
+) -> None:
+    """load_checkpoint names a model or optimizer argument of the wrong type."""
+    ft.save_checkpoint(tmp_path / "c.pt", nn.Linear(2, 2), epoch=0)
+    with pytest.raises(TypeError, match=named):
+        ft.load_checkpoint(tmp_path / "c.pt", model, optimizer)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "model_entry", ["absent", [1, 2], {"weight": "text"}, {1: torch.zeros(1)}], ids=repr
+)
+def test_a_forged_payload_without_a_model_state_is_refused(
+    tmp_path: Path, model_entry: object
+) -> None:
+    """An fntrain payload whose 'model' is missing or not a state_dict raises CheckpointError."""
+    payload = {"format": "fntrain.checkpoint", "version": 1, "epoch": 1, "step": 0}
+    if model_entry != "absent":
+        payload["model"] = model_entry
+    torch.save(payload, tmp_path / "forged.pt")
+    with pytest.raises(ft.CheckpointError, match="'model'"):
+        ft.load_checkpoint(tmp_path / "forged.pt", nn.Linear(2, 2))
+
+
+def test_a_save_removes_old_orphaned_temporary_files_of_its_target_only(tmp_path: Path) -> None:
+    """Old temp files of this target go; other files and a save in progress stay."""
+    hour_ago = time.time() - 3600
+    orphan = tmp_path / ".c.pt.0123456789abcdef.tmp"
+    others = [".other.pt.x.tmp", ".c.pt.x.0123456789abcdef.tmp", ".c.pt.notes", "c.pt.tmp"]
+    for name in [orphan.name, *others]:
+        (tmp_path / name).write_bytes(b"x" * 100)
+        os.utime(tmp_path / name, (hour_ago, hour_ago))
+    in_progress = tmp_path / ".c.pt.fedcba9876543210.tmp"
+    in_progress.write_bytes(b"x")
+    os.utime(in_progress, (time.time() + 60, time.time() + 60))
+    ft.save_checkpoint(tmp_path / "c.pt", nn.Linear(2, 2), epoch=0)
+    left = {p.name for p in tmp_path.iterdir()}
+    assert left == {"c.pt", in_progress.name, *others}
+
+
+def test_an_old_temporary_file_a_live_save_holds_is_kept(tmp_path: Path) -> None:
+    """A temp file another save still holds locked stays, however old it looks."""
+    fcntl = pytest.importorskip("fcntl")
+    held = tmp_path / ".c.pt.0123456789abcdef.tmp"
+    with open(held, "wb") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        os.utime(held, (time.time() - 3600, time.time() - 3600))
+        ft.save_checkpoint(tmp_path / "c.pt", nn.Linear(2, 2), epoch=0)
+        assert held.exists()
+
+
+def test_checkpoint_options_are_keyword_only_and_annotated() -> None:
+    """path, model, optimizer are positional; every other option is keyword-only; all annotated."""
+    for function in (ft.save_checkpoint, ft.load_checkpoint):
+        params = list(inspect.signature(function).parameters.values())
+        positional = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
+        assert positional == ["path", "model", "optimizer"], function.__name__
+        assert all(p.kind is p.KEYWORD_ONLY for p in params[3:]), function.__name__
+        assert all(p.annotation is not inspect.Parameter.empty for p in params)
+        hints = typing.get_type_hints(function)
+        assert set(hints) == {p.name for p in params} | {"return"}
