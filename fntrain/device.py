@@ -62,6 +62,8 @@ def to_device(data: Any, device: torch.device) -> Any:
     otherwise. Anything that is not a tensor is returned as it is.
     """
     if isinstance(data, torch.Tensor):
+        if data.device == device:
+            return data
         return data.to(device, non_blocking=device.type == "cuda")
     if isinstance(data, dict):
         return {key: to_device(value, device) for key, value in data.items()}

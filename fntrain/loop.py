@@ -50,6 +50,8 @@ def _prepare(
     inputs, targets = to_device(inputs, device), to_device(targets, device)
     if transform is not None:
         inputs, targets = pair(transform(inputs, targets), index, "'transform' must return")
+    if isinstance(targets, torch.Tensor) and targets.dim():
+        return inputs, targets, targets.shape[0]
     return inputs, targets, count(targets, index, "targets")
 
 
