@@ -45,7 +45,8 @@ def test_there_are_exactly_two_one_line_setup_commands() -> None:
     demo, tests = _command("demo-command"), _command("test-command")
     assert "\n" not in demo and "\n" not in tests
     assert "examples/digits.py" in demo and "pytest" in tests
-    assert len(_blocks("bash")) == 2
+    setup = README.split("## Set up", 1)[1].split("\n## ", 1)[0]
+    assert setup.count("```bash") == 2
 
 
 def test_ci_runs_the_readme_test_command() -> None:
