@@ -40,9 +40,13 @@ class Tally:
         self.sums.add(_LOSS, loss * samples)
         self.samples += samples
         self.batches += 1
-        if self.metrics:
+        if not self.metrics:
+            return
+        if torch.is_grad_enabled():  # train_epoch: metrics must build no graph
             with torch.no_grad():
                 metric_lib.update(self.metrics, self.sums, outputs, targets)
+        else:  # evaluate is already under no_grad or inference_mode
+            metric_lib.update(self.metrics, self.sums, outputs, targets)
 
     def running_loss(self) -> float:
         """Mean loss per sample so far (NaN before any sample; syncs on an accelerator)."""
