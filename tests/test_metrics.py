@@ -10,6 +10,7 @@ from torch import nn
 
 import fntrain as ft
 from tests import strategies as s
+from tests.helpers import loader, make_data
 
 torchmetrics = pytest.importorskip("torchmetrics")
 FAST = settings(max_examples=25, deadline=None)
@@ -199,3 +200,18 @@ def test_a_metric_state_may_be_a_vector_of_counts() -> None:
         nn.Linear(2, 3), batches, nn.CrossEntropyLoss(), "cpu", metrics={"n": per_class}
     )
     assert result.metrics["n"].tolist() == [1.0, 2.0, 3.0]
+
+
+@settings(max_examples=25, deadline=None)
+@given(batches=st.integers(1, 6), size=st.integers(2, 5))
+def test_a_metric_state_tensor_is_summed_and_left_unchanged(batches: int, size: int) -> None:
+    """A state part is only read: the same tensor returned by every batch sums to batches * it."""
+    part = torch.arange(1.0, size + 1)
+    expected = part.clone()
+    metric = ft.Metric(state=lambda out, y: (part,), compute=lambda total: total[0])
+    data = make_data(batches * 4, 4, 3, 0)
+    result = ft.evaluate(
+        nn.Linear(4, 3), loader(data, 4), nn.CrossEntropyLoss(), "cpu", metrics={"m": metric}
+    )
+    assert torch.equal(part, expected)
+    assert torch.equal(result.metrics["m"], batches * expected)

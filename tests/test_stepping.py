@@ -313,3 +313,46 @@ def test_float16_with_a_scaler_trains_on_cuda() -> None:
     )
     assert math.isfinite(result.loss) and result.steps + result.skipped_steps == 4
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@FAST
+@given(
+    seed=s.seeds,
+    max_norm=st.floats(0.01, 5.0),
+    scale=st.sampled_from([2.0**4, 2.0**10, 2.0**16]),
+)
+def test_clipping_with_a_scaler_clips_the_unscaled_gradients(
+    seed: int, max_norm: float, scale: float
+) -> None:
+    """With a GradScaler, clip_grad_norm clips and reports the unscaled gradient norm."""
+    data = make_data(24, 4, 3, seed)
+    runs = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=scale)):
+        model = _linear_model(seed)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        result = ft.train_epoch(
+            model, loader(data, 8), nn.CrossEntropyLoss(), opt, CPU,
+            scaler=scaler, clip_grad_norm=max_norm,
+        )  # fmt: skip
+        runs.append((result.grad_norm, _params(model)))
+    (plain_norm, plain), (scaled_norm, scaled) = runs
+    assert scaled_norm == pytest.approx(plain_norm, rel=1e-4)
+    for a, b in zip(plain, scaled, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_step_the_scaler_skips_does_not_step_the_scheduler() -> None:
+    """The scheduler advances once per step taken; a step skipped for inf grads is not one."""
+    model = _linear_model(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=3.0e38, backoff_factor=1e-30)
+
+    def big_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return 100 * nn.functional.cross_entropy(outputs, targets)  # overflows once
+
+    batches = loader(make_data(32, 4, 3, 0), 8)
+    result = ft.train_epoch(model, batches, big_loss, opt, CPU, scaler=scaler, scheduler=sched)
+    assert (result.steps, result.skipped_steps) == (3, 1)
+    assert sched.last_epoch == result.steps
+    assert result.lr == pytest.approx(0.1 * 0.5**3)
