@@ -71,8 +71,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=".") as tmp:
         runs = contenders(model, optimizer, Path(tmp))
         times: dict[str, list[float]] = {name: [] for name in runs}
-        for _ in range(args.repeats):
-            for name, run in runs.items():
+        for round_ in range(args.repeats):
+            order = list(runs.items()) if round_ % 2 == 0 else list(runs.items())[::-1]
+            for name, run in order:  # alternate, so no contender always follows a big write
                 start = time.perf_counter()
                 run()
                 times[name].append(time.perf_counter() - start)
