@@ -69,3 +69,13 @@ def test_the_code_is_ruff_clean() -> None:
         command = [sys.executable, "-m", "ruff", *args]
         out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
         assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_every_test_the_readme_cites_exists() -> None:
+    """Each `test_...` name the README links a behaviour to is a test in tests/."""
+    cited = set(re.findall(r"`(test_[a-z0-9_]+)`", README))
+    defined: set[str] = set()
+    for path in (ROOT / "tests").glob("test_*.py"):
+        defined |= set(re.findall(r"^def (test_[a-z0-9_]+)", path.read_text(), flags=re.M))
+    assert cited, "the README cites no test"
+    assert cited <= defined, sorted(cited - defined)
