@@ -597,3 +597,24 @@ def test_a_loss_without_gradient_is_named(loss_fn: object, message: str) -> None
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises((TypeError, ValueError), match=message):
         ft.train_epoch(model, _BATCHES, loss_fn, opt, CPU)
+
+
+@pytest.mark.parametrize("name", ["train_epoch", "evaluate"])
+def test_no_batch_output_outlives_the_pass(name: str) -> None:
+    """Nothing accumulates across batches: every batch's outputs are freed, graph included."""
+    import gc
+    import weakref
+
+    alive: list[weakref.ref] = []
+    model = mlp(4, 3, 0)
+    model.register_forward_hook(lambda module, args, out: alive.append(weakref.ref(out)))
+    data = make_data(64, 4, 3, 0)
+    metrics = {"acc": ft.accuracy(), "top2": ft.top_k_accuracy(2)}
+    if name == "train_epoch":
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        ft.train_epoch(model, loader(data, 8), nn.CrossEntropyLoss(), opt, CPU, metrics=metrics)
+    else:
+        ft.evaluate(model, loader(data, 8), nn.CrossEntropyLoss(), CPU, metrics=metrics)
+    gc.collect()
+    assert len(alive) == 8
+    assert [ref() for ref in alive] == [None] * 8
