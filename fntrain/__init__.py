@@ -7,6 +7,7 @@ immutable records. You write the outer loop.
 
 from fntrain.checkpoint import load_checkpoint, save_checkpoint
 from fntrain.device import default_device
+from fntrain.distributed import ShardSampler
 from fntrain.errors import CheckpointError, NonFiniteLossError
 from fntrain.loader import TensorLoader
 from fntrain.loop import evaluate, predict, train_epoch
@@ -25,6 +26,7 @@ __all__ = [
     "NonFiniteLossError",
     "Predictions",
     "SavedCheckpoint",
+    "ShardSampler",
     "TensorLoader",
     "TrainResult",
     "accuracy",

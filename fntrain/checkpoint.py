@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fntrain import rng
+from fntrain import distributed, rng
 from fntrain.atomic import write_atomically
 from fntrain.errors import CheckpointError
 from fntrain.fit import Into, Scheduler, fit_problems, type_name
@@ -242,7 +242,9 @@ def save_checkpoint(
     )
     for key, value in payload.items():
         _check_plain(value, _LABELS.get(key, repr(key)))
-    write_atomically(target, lambda handle: torch.save(payload, handle))
+    if distributed.is_main():  # under DDP rank 0 writes; the others wait for the file
+        write_atomically(target, lambda handle: torch.save(payload, handle))
+    distributed.barrier()
     return SavedCheckpoint(path=target, size=target.stat().st_size, epoch=epoch, step=step)
 
 

@@ -10,6 +10,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from fntrain import distributed
 from fntrain import metrics as metric_lib
 from fntrain.batches import concat, count, describe, inputs_and_targets, pair
 from fntrain.device import as_device, check_model_on, to_device
@@ -201,6 +202,7 @@ def train_epoch(
         raise ValueError(f"'on_nonfinite' must be 'raise' or 'skip', but got {on_nonfinite!r}")
     if transform is not None and not callable(transform):
         raise TypeError(f"'transform' must be callable, but got {type(transform).__name__}")
+    distributed.warn_if_epoch_not_set(loader)
     options = StepOptions(accumulate, autocast, scaler, clip_grad_norm, scheduler)
     stepper = Stepper(optimizer, options.check(optimizer, resolved), resolved)
     tally = Tally(metric_lib.check(metrics), resolved)
@@ -222,9 +224,9 @@ def train_epoch(
                 tally.add(*done)
                 bar.tick(done[1], tally.running_loss)
         stepper.step()
+    loss, values = tally.finish()  # an all-reduce under DDP: every rank reaches it
     if tally.batches == 0 and skipped == 0:
         raise _no_batches()
-    loss, values = tally.finish()
     return TrainResult(
         loss=loss,
         metrics=values,
@@ -290,9 +292,9 @@ def evaluate(
             outputs, loss = _forward(model, loss_fn, inputs, targets, samples, index)
             tally.add(loss, samples, outputs, targets)
             bar.tick(samples, tally.running_loss)
+    loss, values = tally.finish()  # an all-reduce under DDP: every rank reaches it
     if tally.batches == 0:
         raise _no_batches()
-    loss, values = tally.finish()
     return EvalResult(
         loss=loss,
         metrics=values,

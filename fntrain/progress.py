@@ -7,6 +7,8 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
+from fntrain import distributed
+
 
 class Progress:
     """A per-pass progress bar that does nothing unless ``enabled`` (private, per call)."""
@@ -18,7 +20,7 @@ class Progress:
         self.shown = 0.0
         self.samples = 0
         self.started = time.monotonic()
-        if enabled:
+        if enabled and distributed.is_main():  # one bar, on rank 0
             from tqdm import tqdm
 
             total = len(loader) if hasattr(loader, "__len__") else None

@@ -7,11 +7,14 @@ from typing import Any
 
 import torch
 
+from fntrain import distributed
 from fntrain import metrics as metric_lib
 from fntrain.records import MetricValue
 from fntrain.sums import Sums
 
 _LOSS = ("loss", 0)
+_SAMPLES = ("samples", 0)
+_BATCHES = ("batches", 0)
 
 
 def _wide(loss: torch.Tensor) -> torch.Tensor:
@@ -54,7 +57,19 @@ class Tally:
         return float(total) / self.samples if self.samples else float("nan")
 
     def finish(self) -> tuple[float, dict[str, MetricValue]]:
-        """Return the mean loss and the metric values, brought to the host once."""
+        """Return the mean loss and metric values, over all ranks when distributed.
+
+        The sums come to the host once; under torch.distributed they travel, with the
+        sample and batch counts, in a single all-reduce, so every rank gets the same.
+        """
         totals = self.sums.host()
-        loss = float(totals.pop(_LOSS)) / self.samples if self.samples else float("nan")
+        if distributed.active():
+            totals.setdefault(_LOSS, torch.tensor(0.0, dtype=torch.float64))
+            totals[_SAMPLES] = torch.tensor(self.samples)
+            totals[_BATCHES] = torch.tensor(self.batches)
+            totals = distributed.all_reduce_totals(totals)
+            self.samples = int(totals.pop(_SAMPLES))
+            self.batches = int(totals.pop(_BATCHES))
+        loss_sum = totals.pop(_LOSS, None)
+        loss = float(loss_sum) / self.samples if self.samples else float("nan")
         return loss, metric_lib.finish(self.metrics, totals)

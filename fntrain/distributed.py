@@ -1,0 +1,140 @@
+"""torch.distributed glue: one all-reduce per pass, rank-0 duties, an unpadded sampler."""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+import zlib
+from collections.abc import Hashable, Iterator, Sized
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DistributedSampler, Sampler
+
+
+def active() -> bool:
+    """Tell whether a torch.distributed process group is initialised."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def is_main() -> bool:
+    """Tell whether this process is rank 0 (or the only process)."""
+    return not active() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank, when a process group is initialised."""
+    if active():
+        dist.barrier()
+
+
+def _collective_device() -> torch.device:
+    """Return the device the default process group reduces on (CUDA for NCCL)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _checksum(keys: list[Hashable]) -> float:
+    """Return a checksum of the summed keys, equal on ranks with the same metrics."""
+    return float(zlib.crc32("|".join(map(repr, keys)).encode()))
+
+
+def _check_same_layout(size: int, checksum: float, device: torch.device) -> None:
+    """Raise on every rank, not hang, unless all ranks are about to reduce the same parts.
+
+    One tiny MAX all-reduce of ``[n, c, -n, -c]`` gives each value's maximum and minimum
+    over the ranks; they agree only if every rank has the same parts.
+    """
+    header = torch.tensor([size, checksum, -size, -checksum], dtype=torch.float64)
+    header = header.to(device)
+    dist.all_reduce(header, op=dist.ReduceOp.MAX)
+    most, least = header[:2].cpu(), -header[2:].cpu()
+    if not torch.equal(most, least):
+        raise RuntimeError(
+            "the ranks computed different metric or loss parts: every rank must pass the "
+            "same 'metrics', and every rank's loader must yield at least one batch"
+        )
+
+
+def all_reduce_totals(totals: dict[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+    """Sum every total over all ranks in one all-reduce; return CPU tensors, dtypes kept.
+
+    All totals travel as float64 in one flat tensor (exact for counts below 2**53). A tiny
+    header all-reduce first checks that every rank has the same parts, so a mismatch is an
+    error on every rank rather than a hang.
+    """
+    keys = list(totals)
+    parts = [totals[key].reshape(-1).to(torch.float64) for key in keys]
+    device = _collective_device()
+    _check_same_layout(sum(p.numel() for p in parts), _checksum(keys), device)
+    flat = torch.cat(parts).to(device)
+    dist.all_reduce(flat)
+    pieces = flat.cpu().split([part.numel() for part in parts])
+    return {
+        key: piece.reshape(totals[key].shape).to(totals[key].dtype)
+        for key, piece in zip(keys, pieces, strict=True)
+    }
+
+
+_seen_epochs: weakref.WeakKeyDictionary[DistributedSampler[Any], int] = weakref.WeakKeyDictionary()
+
+
+def warn_if_epoch_not_set(loader: Any) -> None:
+    """Warn when a shuffling DistributedSampler starts an epoch without set_epoch()."""
+    sampler = getattr(loader, "sampler", None)
+    if not isinstance(sampler, DistributedSampler) or not sampler.shuffle:
+        return
+    if _seen_epochs.get(sampler) == sampler.epoch:
+        warnings.warn(
+            f"the loader's DistributedSampler is still at epoch {sampler.epoch}: call "
+            f"sampler.set_epoch(epoch) before each epoch, or every epoch shuffles alike",
+            UserWarning,
+            stacklevel=3,
+        )
+    _seen_epochs[sampler] = sampler.epoch
+
+
+class ShardSampler(Sampler[int]):
+    """Give each rank every ``world_size``-th index, without padding, for exact evaluation.
+
+    ``DistributedSampler`` pads the last shard by repeating samples so that every rank gets
+    the same number, which counts those samples twice in a global evaluation. This sampler
+    does not pad: rank ``r`` gets indices ``r, r + world_size, ...``, so the global loss and
+    metrics of ``evaluate`` equal those of one process over the whole data set. Use it for
+    evaluation and prediction only: in training, DDP needs equal batch counts per rank.
+
+    Args:
+        data_source: the data set (anything with ``len()``).
+        num_replicas: the number of ranks; the process group's world size by default.
+        rank: this rank; the process group's rank by default.
+
+    Example:
+        >>> import fntrain as ft
+        >>> list(ft.ShardSampler(range(5), num_replicas=2, rank=1))
+        [1, 3]
+    """
+
+    def __init__(
+        self, data_source: Sized, num_replicas: int | None = None, rank: int | None = None
+    ) -> None:
+        self.size = len(data_source)
+        self.num_replicas = num_replicas if num_replicas is not None else _world()
+        self.rank = rank if rank is not None else (dist.get_rank() if active() else 0)
+        if not 0 <= self.rank < self.num_replicas:
+            raise ValueError(f"'rank' must be in [0, {self.num_replicas}), but got {self.rank!r}")
+
+    def __iter__(self) -> Iterator[int]:
+        """Yield this rank's indices in data set order."""
+        return iter(range(self.rank, self.size, self.num_replicas))
+
+    def __len__(self) -> int:
+        """Return the number of indices for this rank."""
+        return max(0, math.ceil((self.size - self.rank) / self.num_replicas))
+
+
+def _world() -> int:
+    """Return the world size (1 without a process group)."""
+    return dist.get_world_size() if active() else 1

@@ -1,0 +1,121 @@
+"""The same functions on DistributedDataParallel: 2 gloo ranks under torchrun, on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+import fntrain as ft
+from tests.distributed_worker import small_model
+from tests.helpers import make_data
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+    """Run the worker on 2 ranks once (free port chosen by --standalone); load each result."""
+    out = tmp_path_factory.mktemp("ddp")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", "-m", "tests.distributed_worker", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def test_global_evaluation_equals_one_process_on_all_the_data(ranks: Any) -> None:
+    """With ShardSampler, the global loss and accuracy equal a single process's on all data."""
+    _, results = ranks
+    data = make_data(51, 4, 3, 0)
+    single = ft.evaluate(small_model(), DataLoader(data, batch_size=7), nn.CrossEntropyLoss(),
+                         "cpu", metrics={"acc": ft.accuracy()})  # fmt: skip
+    for result in results:
+        assert result["exact"]["samples"] == 51
+        assert result["exact"]["loss"] == pytest.approx(single.loss, rel=1e-6)
+        assert result["exact"]["metrics"]["acc"] == pytest.approx(single.metrics["acc"])
+
+
+def test_a_padded_distributed_sampler_counts_its_repeated_sample(ranks: Any) -> None:
+    """DistributedSampler pads 51 samples to 52 on 2 ranks; the record shows the 52."""
+    _, results = ranks
+    assert [r["padded"]["samples"] for r in results] == [52, 52]
+
+
+def test_ddp_training_equals_one_process_on_the_combined_batches(ranks: Any) -> None:
+    """After one DDP epoch every rank holds the same weights as one process on 2x batches."""
+    _, results = ranks
+    assert all(torch.equal(results[0]["params"][k], v) for k, v in results[1]["params"].items())
+    data = make_data(48, 4, 3, 1)
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    ft.train_epoch(model, DataLoader(data, batch_size=16), nn.CrossEntropyLoss(), optimizer, "cpu")
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(results[0]["params"][key], value, rtol=1e-5, atol=1e-6)
+    assert results[0]["trained"]["samples"] == 48 and results[0]["trained"]["steps"] == 3
+
+
+def test_every_rank_returns_the_same_record(ranks: Any) -> None:
+    """Loss, metrics, samples, batches and steps agree across ranks (seconds are per rank)."""
+    _, results = ranks
+    for phase in ("exact", "padded", "trained"):
+        first, second = ({k: v for k, v in r[phase].items() if k != "seconds"} for r in results)
+        assert first == second, phase
+
+
+def test_a_checkpoint_written_under_ddp_loads_into_a_plain_model(ranks: Any) -> None:
+    """Rank 0 wrote the checkpoint (no temp files left); it loads into the plain model."""
+    out, results = ranks
+    assert sorted(p.name for p in out.iterdir()) == ["ddp.pt", "rank0.pt", "rank1.pt"]
+    assert results[0]["saved_size"] == results[1]["saved_size"] == (out / "ddp.pt").stat().st_size
+    model = small_model()
+    ft.load_checkpoint(out / "ddp.pt", model)
+    for key, value in model.state_dict().items():
+        assert torch.equal(results[0]["params"][key], value)
+
+
+def test_different_metrics_on_the_ranks_are_an_error_not_a_hang(ranks: Any) -> None:
+    """Ranks passing different metrics all raise a clear error instead of hanging."""
+    _, results = ranks
+    for result in results:
+        assert "every rank must pass the same 'metrics'" in result["mismatch_error"]
+
+
+@pytest.mark.parametrize(("size", "world"), [(0, 2), (1, 3), (10, 3), (51, 2), (7, 7)])
+def test_shards_cover_every_index_once_without_padding(size: int, world: int) -> None:
+    """ShardSampler's shards are disjoint, cover the data set once, and add no padding."""
+    shards = [list(ft.ShardSampler(range(size), num_replicas=world, rank=r)) for r in range(world)]
+    assert sorted(i for shard in shards for i in shard) == list(range(size))
+    assert [
+        len(ft.ShardSampler(range(size), num_replicas=world, rank=r)) for r in range(world)
+    ] == [len(shard) for shard in shards]
+    with pytest.raises(ValueError, match="'rank' must be in"):
+        ft.ShardSampler(range(size), num_replicas=world, rank=world)
+
+
+def test_a_forgotten_set_epoch_is_warned_about() -> None:
+    """A shuffling DistributedSampler that starts a second epoch unchanged gets a warning."""
+    from torch.utils.data import DistributedSampler
+
+    data = make_data(16, 4, 3, 0)
+    sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True)
+    batches = DataLoader(data, batch_size=8, sampler=sampler)
+    model = nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ft.train_epoch(model, batches, nn.CrossEntropyLoss(), optimizer, "cpu")
+    with pytest.warns(UserWarning, match="call sampler.set_epoch"):
+        ft.train_epoch(model, batches, nn.CrossEntropyLoss(), optimizer, "cpu")
+    sampler.set_epoch(5)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ft.train_epoch(model, batches, nn.CrossEntropyLoss(), optimizer, "cpu")
