@@ -72,3 +72,16 @@ def concat(parts: list[Any]) -> Any:
         items = [concat([part[i] for part in parts]) for i in range(len(first))]
         return type(first)(*items) if hasattr(first, "_fields") else type(first)(items)
     return parts
+
+
+def take(data: Any, positions: torch.Tensor) -> Any:
+    """Select ``positions`` along dim 0 of every tensor in a (nested) structure."""
+    if isinstance(data, torch.Tensor):
+        return data.index_select(0, positions)
+    if isinstance(data, dict):
+        return {key: take(value, positions) for key, value in data.items()}
+    if isinstance(data, tuple) and hasattr(data, "_fields"):
+        return type(data)(*(take(value, positions) for value in data))
+    if isinstance(data, tuple | list):
+        return type(data)(take(value, positions) for value in data)
+    return data

@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler, Sampler
 
+from fntrain.batches import concat, take
+
 
 def active() -> bool:
     """Tell whether a torch.distributed process group is initialised."""
@@ -77,6 +79,56 @@ def all_reduce_totals(totals: dict[Hashable, torch.Tensor]) -> dict[Hashable, to
         key: piece.reshape(totals[key].shape).to(totals[key].dtype)
         for key, piece in zip(keys, pieces, strict=True)
     }
+
+
+def sampler_indices(loader: Any) -> list[int]:
+    """Return the data set indices a loader's ShardSampler/DistributedSampler gives this rank."""
+    sampler = getattr(loader, "sampler", None)
+    if not isinstance(sampler, ShardSampler | DistributedSampler):
+        raise ValueError(
+            "under torch.distributed, predict gathers outputs in data set order, so 'loader' "
+            "must be a DataLoader whose sampler is an ft.ShardSampler or a "
+            f"DistributedSampler, but its sampler is a {type(sampler).__name__}; pass "
+            "gather='none' to keep each rank's own outputs"
+        )
+    return list(sampler)
+
+
+def _unique_order(indices: list[int]) -> torch.Tensor:
+    """Return positions that put ``indices`` in ascending order, first occurrences only."""
+    ordered, positions = torch.sort(torch.tensor(indices, dtype=torch.long), stable=True)
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    return positions[first]
+
+
+def gather_in_order(
+    outputs: Any, targets: Any, indices: list[int], samples: int, where: str
+) -> tuple[Any, Any, int]:
+    """Collect every rank's outputs and targets in data set order, without the padding.
+
+    Returns ``(outputs, targets, samples)``; with ``where="main"`` ranks other than 0 get
+    ``(None, None, samples)`` with their own sample count.
+    """
+    if samples != len(indices):
+        raise ValueError(
+            f"the loader yielded {samples} samples but its sampler gave {len(indices)} "
+            f"indices (drop_last=True?); predict needs one output per index"
+        )
+    mine = (outputs, targets, indices)
+    received: list[Any] = [None] * dist.get_world_size()
+    if where == "all":
+        dist.all_gather_object(received, mine)
+    else:
+        dist.gather_object(mine, received if dist.get_rank() == 0 else None, dst=0)
+        if dist.get_rank() != 0:
+            return None, None, samples
+    parts = [part for part in received if part[2]]
+    if not parts:
+        raise ValueError("'loader' yielded no batches on any rank")
+    keep = _unique_order([index for part in parts for index in part[2]])
+    gathered_targets = None if parts[0][1] is None else take(concat([p[1] for p in parts]), keep)
+    return take(concat([p[0] for p in parts]), keep), gathered_targets, int(keep.numel())
 
 
 _seen_epochs: weakref.WeakKeyDictionary[DistributedSampler[Any], int] = weakref.WeakKeyDictionary()

@@ -310,6 +310,7 @@ def predict(
     device: torch.device | str,
     *,
     progress: bool = False,
+    gather: Literal["main", "all", "none"] = "main",
 ) -> Predictions:
     """Return ``model``'s outputs over ``loader``, in loader order, on the CPU.
 
@@ -322,6 +323,10 @@ def predict(
         loader: yields inputs, ``(inputs,)`` or ``(inputs, targets)``.
         device: where the model is and the inputs go.
         progress: show a tqdm progress bar (hidden when output is not a terminal).
+        gather: under torch.distributed, collect every rank's outputs in data set order
+            (padding removed) on rank 0 (``"main"``; the other ranks get None outputs and
+            targets), on every rank (``"all"``), or keep each rank's own (``"none"``).
+            The loader's sampler must be a ``ShardSampler`` or ``DistributedSampler``.
 
     Returns:
         A frozen ``Predictions``; ``targets`` is None when the loader gave none.
@@ -334,6 +339,10 @@ def predict(
         (torch.Size([7, 3]), None)
     """
     resolved = _check_args(model, loader, device)
+    if gather not in ("main", "all", "none"):
+        raise ValueError(f"'gather' must be 'main', 'all' or 'none', but got {gather!r}")
+    gathering = distributed.active() and gather != "none"
+    indices = distributed.sampler_indices(loader) if gathering else []
     cpu = torch.device("cpu")
     outputs: list[Any] = []
     targets: list[Any] = []
@@ -353,10 +362,9 @@ def predict(
             if batch_targets is not None:
                 targets.append(to_device(batch_targets, cpu))
             bar.tick()
+    local = (concat(outputs) if outputs else None, concat(targets) if targets else None)
+    if gathering:  # a collective: every rank reaches it, also with no batches
+        return Predictions(*distributed.gather_in_order(*local, indices, samples, gather))
     if not outputs:
         raise _no_batches()
-    return Predictions(
-        outputs=concat(outputs),
-        targets=concat(targets) if targets else None,
-        samples=samples,
-    )
+    return Predictions(outputs=local[0], targets=local[1], samples=samples)

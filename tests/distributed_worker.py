@@ -46,6 +46,12 @@ def main(out: Path) -> None:
     padded = ft.evaluate(
         model, DataLoader(eval_data, batch_size=7, sampler=padded_sampler), loss_fn, "cpu"
     )
+    on_main = ft.predict(
+        model, DataLoader(eval_data, batch_size=7, sampler=ft.ShardSampler(eval_data)), "cpu"
+    )
+    on_all = ft.predict(
+        model, DataLoader(eval_data, batch_size=7, sampler=padded_sampler), "cpu", gather="all"
+    )
     train_data = make_data(48, 4, 3, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     train_sampler = DistributedSampler(train_data, shuffle=False)
@@ -66,6 +72,8 @@ def main(out: Path) -> None:
         "trained": plain(trained),
         "saved_size": saved.size,
         "mismatch_error": mismatch_error,
+        "predict_main": (on_main.outputs, on_main.targets, on_main.samples),
+        "predict_all": (on_all.outputs, on_all.targets, on_all.samples),
         "params": {k: v.detach().clone() for k, v in model.module.state_dict().items()},
     }
     torch.save(results, out / f"rank{rank}.pt")

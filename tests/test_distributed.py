@@ -119,3 +119,40 @@ def test_a_forgotten_set_epoch_is_warned_about() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ft.train_epoch(model, batches, nn.CrossEntropyLoss(), optimizer, "cpu")
+
+
+def test_predict_gathers_outputs_in_data_set_order_without_padding(ranks: Any) -> None:
+    """predict under DDP returns one process's outputs on all data: rank 0, or every rank."""
+    _, results = ranks
+    data = make_data(51, 4, 3, 0)
+    single = ft.predict(small_model(), DataLoader(data, batch_size=7), "cpu")
+    outputs, targets, samples = results[0]["predict_main"]
+    torch.testing.assert_close(outputs, single.outputs)
+    assert torch.equal(targets, single.targets) and samples == 51
+    assert results[1]["predict_main"][:2] == (None, None)
+    for result in results:  # gather="all" over a padded DistributedSampler
+        outputs, targets, samples = result["predict_all"]
+        torch.testing.assert_close(outputs, single.outputs)
+        assert torch.equal(targets, single.targets) and samples == 51
+
+
+def test_predict_under_a_process_group_needs_a_shard_sampler() -> None:
+    """Under torch.distributed, predict names 'loader' unless its sampler says the order."""
+    import torch.distributed as dist
+
+    data = make_data(10, 4, 3, 0)
+    model = small_model()
+    with pytest.raises(ValueError, match="'gather' must be"):
+        ft.predict(model, DataLoader(data, batch_size=4), "cpu", gather="rank0")  # type: ignore[arg-type]
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="'loader' must be a DataLoader whose sampler"):
+            ft.predict(model, DataLoader(data, batch_size=4), "cpu")
+        sharded = ft.predict(
+            model, DataLoader(data, batch_size=4, sampler=ft.ShardSampler(data)), "cpu"
+        )
+        assert sharded.samples == 10
+        kept = ft.predict(model, DataLoader(data, batch_size=4), "cpu", gather="none")
+        torch.testing.assert_close(kept.outputs, sharded.outputs)
+    finally:
+        dist.destroy_process_group()
