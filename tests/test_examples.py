@@ -57,3 +57,17 @@ def test_digits_full_run_reaches_97_percent_held_out_accuracy(tmp_path: Path) ->
     last = out.stdout.splitlines()[-1]
     assert last.startswith("test accuracy"), last
     assert float(last.split()[2]) >= 0.97, last
+
+
+def test_ddp_example_runs_on_two_ranks_with_torchrun(tmp_path: Path) -> None:
+    """examples/ddp.py --quick trains, evaluates, checkpoints and resumes on 2 gloo ranks."""
+    pytest.importorskip("sklearn")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", str(EXAMPLES / "ddp.py"), "--quick"]  # fmt: skip
+    out = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("2 ranks")
+    assert sum(line.startswith("epoch") for line in lines) == 2  # printed by rank 0 only
+    resumed = lines[-1].split()
+    assert resumed[0] == "resumed" and resumed[6] == resumed[8].rstrip(")")
