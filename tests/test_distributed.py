@@ -156,3 +156,24 @@ def test_predict_under_a_process_group_needs_a_shard_sampler() -> None:
         torch.testing.assert_close(kept.outputs, sharded.outputs)
     finally:
         dist.destroy_process_group()
+
+
+def test_progress_bars_show_on_rank_0_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a terminal, progress=True draws a bar on rank 0 and nothing on the other ranks."""
+    import io
+
+    import fntrain.distributed as fd
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    batches = [(torch.randn(4, 4), torch.randint(0, 3, (4,)))]
+    drawn = {}
+    for main in (True, False):
+        screen = Terminal()
+        monkeypatch.setattr("sys.stderr", screen)
+        monkeypatch.setattr(fd, "is_main", lambda main=main: main)
+        ft.evaluate(small_model(), batches, nn.CrossEntropyLoss(), "cpu", progress=True)
+        drawn[main] = screen.getvalue()
+    assert "eval" in drawn[True] and drawn[False] == ""
