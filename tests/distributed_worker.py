@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
+from torchmetrics.classification import MulticlassF1Score
 
 import fntrain as ft
 from tests.helpers import make_data
@@ -38,9 +39,10 @@ def main(out: Path) -> None:
     model = nn.parallel.DistributedDataParallel(small_model())
     loss_fn, metrics = nn.CrossEntropyLoss(), {"acc": ft.accuracy()}
     eval_data = make_data(51, 4, 3, 0)  # 51 = 2 * 25 + 1: DistributedSampler pads one sample
+    f1 = MulticlassF1Score(num_classes=3, average="macro")  # syncs itself across ranks
     exact = ft.evaluate(
         model, DataLoader(eval_data, batch_size=7, sampler=ft.ShardSampler(eval_data)),
-        loss_fn, "cpu", metrics=metrics,
+        loss_fn, "cpu", metrics={**metrics, "f1": f1},
     )  # fmt: skip
     padded_sampler = DistributedSampler(eval_data, shuffle=False)
     padded = ft.evaluate(

@@ -36,12 +36,16 @@ def test_global_evaluation_equals_one_process_on_all_the_data(ranks: Any) -> Non
     """With ShardSampler, the global loss and accuracy equal a single process's on all data."""
     _, results = ranks
     data = make_data(51, 4, 3, 0)
+    from torchmetrics.classification import MulticlassF1Score
+
+    metrics = {"acc": ft.accuracy(), "f1": MulticlassF1Score(num_classes=3, average="macro")}
     single = ft.evaluate(small_model(), DataLoader(data, batch_size=7), nn.CrossEntropyLoss(),
-                         "cpu", metrics={"acc": ft.accuracy()})  # fmt: skip
+                         "cpu", metrics=metrics)  # fmt: skip
     for result in results:
         assert result["exact"]["samples"] == 51
         assert result["exact"]["loss"] == pytest.approx(single.loss, rel=1e-6)
         assert result["exact"]["metrics"]["acc"] == pytest.approx(single.metrics["acc"])
+        assert result["exact"]["metrics"]["f1"] == pytest.approx(single.metrics["f1"], rel=1e-6)
 
 
 def test_a_padded_distributed_sampler_counts_its_repeated_sample(ranks: Any) -> None:
