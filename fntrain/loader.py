@@ -57,6 +57,7 @@ class TensorLoader:
         self.generator = generator
         self.drop_last = drop_last
         self.pin_memory = pin_memory and torch.cuda.is_available()
+        self.chunk_batches = 32
 
     def __len__(self) -> int:
         """Return the number of batches per epoch."""
@@ -90,19 +91,29 @@ class TensorLoader:
         out = torch.empty((index.numel(), *tensor.shape[1:]), dtype=tensor.dtype, pin_memory=True)
         return torch.index_select(tensor, 0, index, out=out)
 
+    def _chunks(self, order: torch.Tensor | None) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Yield runs of consecutive samples: views in order, or gathered when shuffled.
+
+        Gathering ``chunk_batches`` batches at once and slicing them costs less than one
+        scattered gather per batch, and keeps only that many batches in extra memory.
+        """
+        stop = len(self) * self.batch_size
+        step = self.batch_size * self.chunk_batches
+        for start in range(0, stop, step):
+            end = min(start + step, stop)
+            if order is None:
+                yield tuple(t[start:end] for t in self.tensors)
+            else:
+                yield tuple(self._gather(t, order[start:end]) for t in self.tensors)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         """Yield one tuple of batch tensors at a time."""
-        order = self._order()
         size = self.batch_size
-        for start in range(0, len(self) * size, size):
-            if order is None:
-                batch = tuple(t[start : start + size] for t in self.tensors)
-                if self.pin_memory:
-                    batch = tuple(t if t.is_cuda else t.pin_memory() for t in batch)
-            else:
-                index = order[start : start + size]
-                batch = tuple(self._gather(t, index) for t in self.tensors)
-            yield batch
+        for chunk in self._chunks(self._order()):
+            if self.pin_memory and not chunk[0].is_pinned():
+                chunk = tuple(t if t.is_cuda else t.pin_memory() for t in chunk)
+            for start in range(0, chunk[0].shape[0], size):
+                yield tuple(t[start : start + size] for t in chunk)
 
     def state_dict(self) -> dict[str, Any]:
         """Return the generator's state, for ``save_checkpoint(extra=...)``."""
