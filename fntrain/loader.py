@@ -11,11 +11,12 @@ import torch
 class TensorLoader:
     """Iterate over batches of in-memory tensors, like ``DataLoader(TensorDataset(...))``.
 
-    Each batch is gathered with one indexing operation per tensor instead of being
-    assembled sample by sample, which is what makes ``DataLoader`` over a ``TensorDataset``
-    slow for small models. With ``shuffle=True`` the permutation is drawn exactly as
-    ``DataLoader``'s ``RandomSampler`` draws it, so for the same seed or ``generator`` both
-    loaders yield the same batches and training is bit-identical. Tensors may live on a
+    Batches are not assembled sample by sample, which is what makes ``DataLoader`` over a
+    ``TensorDataset`` slow for small models: 32 batches at a time are gathered with one
+    indexing operation per tensor, and each batch is a slice (a view) of that gather.
+    With ``shuffle=True`` the permutation is drawn exactly as ``DataLoader``'s
+    ``RandomSampler`` draws it, so for the same seed or ``generator`` both loaders yield
+    the same batches and training is bit-identical. Tensors may live on a
     CUDA device (batches are gathered there), or on the CPU with ``pin_memory=True`` for
     asynchronous copies to the GPU.
 
