@@ -11,8 +11,8 @@ test set at the end.
 from __future__ import annotations
 
 import argparse
-import copy
 import time
+from pathlib import Path
 
 import torch
 from sklearn.datasets import load_digits
@@ -49,14 +49,59 @@ def small_cnn(classes: int = 10) -> nn.Module:
     )
 
 
+def plot_curves(history: list[dict[str, float]], path: Path) -> None:
+    """Save train/val loss and accuracy per epoch as a PNG (skipped without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no learning curve")
+        return
+    epochs = [row["epoch"] for row in history]
+    figure, axes = plt.subplots(1, 2, figsize=(8, 3))
+    for axis, name in zip(axes, ("loss", "acc"), strict=True):
+        for split in ("train", "val"):
+            axis.plot(epochs, [row[f"{split}_{name}"] for row in history], label=split)
+        axis.set_xlabel("epoch")
+        axis.set_title("loss" if name == "loss" else "accuracy")
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+
+
+def report(model: nn.Module, loader: DataLoader, device: torch.device) -> None:
+    """Print precision, recall and F1 per class, from torchmetrics objects."""
+    from torchmetrics.classification import (
+        MulticlassF1Score,
+        MulticlassPrecision,
+        MulticlassRecall,
+    )
+
+    per_class = {
+        "precision": MulticlassPrecision(num_classes=10, average=None),
+        "recall": MulticlassRecall(num_classes=10, average=None),
+        "f1": MulticlassF1Score(num_classes=10, average=None),
+    }
+    values = ft.evaluate(model, loader, nn.CrossEntropyLoss(), device, metrics=per_class).metrics
+    print("digit  precision  recall     f1")
+    for digit in range(10):
+        print(f"{digit:5d}  {values['precision'][digit]:9.3f}  {values['recall'][digit]:6.3f}"
+              f"  {values['f1'][digit]:5.3f}")  # fmt: skip
+
+
 def main() -> None:
     """Train, keep the best model by validation accuracy, report test accuracy."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="2 epochs, for smoke tests")
+    parser.add_argument("--out", type=Path, default=Path("runs/digits"), help="output folder")
     args = parser.parse_args()
     epochs = 2 if args.quick else args.epochs
+    args.out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(args.seed)
     device = ft.default_device()
@@ -72,7 +117,7 @@ def main() -> None:
     metrics = {"acc": ft.accuracy()}
 
     print(f"device {device}: {len(train_set)} train, {len(val_set)} val, {len(test_set)} test")
-    best_acc, best_state = float("-inf"), copy.deepcopy(model.state_dict())
+    best_acc, history = float("-inf"), []
     start = time.perf_counter()
     for epoch in range(1, epochs + 1):
         tr = ft.train_epoch(model, train_loader, loss_fn, optimizer, device, metrics=metrics)
@@ -81,10 +126,15 @@ def main() -> None:
             f"epoch {epoch:2d}  train loss {tr.loss:.4f} acc {tr.metrics['acc']:.4f}  "
             f"val loss {ev.loss:.4f} acc {ev.metrics['acc']:.4f}  ({tr.seconds:.1f}s)"
         )
+        history.append({"epoch": epoch, "train_loss": tr.loss, "val_loss": ev.loss,
+                        "train_acc": tr.metrics["acc"], "val_acc": ev.metrics["acc"]})  # fmt: skip
         if ev.metrics["acc"] > best_acc:
-            best_acc, best_state = ev.metrics["acc"], copy.deepcopy(model.state_dict())
+            best_acc = ev.metrics["acc"]
+            ft.save_checkpoint(args.out / "best.pt", model, epoch=epoch, metrics=ev.metrics)
 
-    model.load_state_dict(best_state)
+    plot_curves(history, args.out / "learning_curve.png")
+    ft.load_checkpoint(args.out / "best.pt", model, map_location=device, restore_rng=False)
+    report(model, test_loader, device)
     test = ft.evaluate(model, test_loader, loss_fn, device, metrics=metrics)
     print(
         f"test accuracy {test.metrics['acc']:.4f} on {test.samples} held-out digits "

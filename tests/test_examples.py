@@ -8,7 +8,19 @@ from pathlib import Path
 
 import pytest
 
+import fntrain as ft
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _digits_cnn() -> object:
+    """Return the digits example's model, imported from the example itself."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        from digits import small_cnn
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    return small_cnn()
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("*.py")))
@@ -41,6 +53,11 @@ def test_digits_quick_prints_a_line_per_epoch_and_a_test_accuracy(tmp_path: Path
     assert sum(line.startswith("epoch") for line in lines) == 2
     accuracy = float(lines[-1].split()[2])
     assert 0.5 < accuracy <= 1.0  # two epochs already learn the digits; 20 reach >= 0.97
+    assert "digit  precision  recall     f1" in lines and len(lines) >= 14  # the report
+    written = tmp_path / "runs" / "digits"
+    assert (written / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
+    best = ft.load_checkpoint(written / "best.pt", _digits_cnn(), restore_rng=False)
+    assert 1 <= best.epoch <= 2
 
 
 def test_digits_full_run_reaches_97_percent_held_out_accuracy(tmp_path: Path) -> None:
