@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -74,14 +75,19 @@ def concat(parts: list[Any]) -> Any:
     return parts
 
 
+def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], data: Any) -> Any:
+    """Apply ``fn`` to every tensor in nested tuples, lists, namedtuples and dicts."""
+    if isinstance(data, torch.Tensor):
+        return fn(data)
+    if isinstance(data, dict):
+        return {key: map_tensors(fn, value) for key, value in data.items()}
+    if isinstance(data, tuple) and hasattr(data, "_fields"):
+        return type(data)(*(map_tensors(fn, value) for value in data))
+    if isinstance(data, tuple | list):
+        return type(data)(map_tensors(fn, value) for value in data)
+    return data
+
+
 def take(data: Any, positions: torch.Tensor) -> Any:
     """Select ``positions`` along dim 0 of every tensor in a (nested) structure."""
-    if isinstance(data, torch.Tensor):
-        return data.index_select(0, positions)
-    if isinstance(data, dict):
-        return {key: take(value, positions) for key, value in data.items()}
-    if isinstance(data, tuple) and hasattr(data, "_fields"):
-        return type(data)(*(take(value, positions) for value in data))
-    if isinstance(data, tuple | list):
-        return type(data)(take(value, positions) for value in data)
-    return data
+    return map_tensors(lambda tensor: tensor.index_select(0, positions), data)

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fntrain.batches import map_tensors
+
 
 def default_device() -> torch.device:
     """Return the best available device: CUDA, then Apple's MPS, then the CPU.
@@ -61,14 +63,13 @@ def to_device(data: Any, device: torch.device) -> Any:
     Copies to CUDA are ``non_blocking``: asynchronous from pinned memory, and harmless
     otherwise. Anything that is not a tensor is returned as it is.
     """
-    if isinstance(data, torch.Tensor):
-        if data.device == device:
-            return data
-        return data.to(device, non_blocking=device.type == "cuda")
-    if isinstance(data, dict):
-        return {key: to_device(value, device) for key, value in data.items()}
-    if isinstance(data, tuple) and hasattr(data, "_fields"):
-        return type(data)(*(to_device(value, device) for value in data))
-    if isinstance(data, tuple | list):
-        return type(data)(to_device(value, device) for value in data)
-    return data
+    if isinstance(data, torch.Tensor):  # the common case, without the structural walk
+        return data if data.device == device else _move(data, device)
+    return map_tensors(lambda tensor: _move(tensor, device), data)
+
+
+def _move(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy ``tensor`` to ``device``; to CUDA without blocking the host."""
+    if tensor.device == device:
+        return tensor
+    return tensor.to(device, non_blocking=device.type == "cuda")
