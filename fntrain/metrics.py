@@ -189,7 +189,9 @@ def finish(
     values: dict[str, MetricValue] = {}
     for name, metric in metrics.items():
         if isinstance(metric, Metric):
-            parts = tuple(t for (owner, _), t in totals.items() if owner == name)
+            # by position: host-summed numbers and device-summed tensors arrive apart
+            positions = sorted(position for owner, position in totals if owner == name)
+            parts = tuple(totals[name, position] for position in positions)
             values.update(_flatten(name, metric.compute(parts) if parts else float("nan")))
         else:
             values.update(_flatten(name, metric.compute()))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
@@ -40,6 +40,20 @@ class Sums:
             total.add_(part)
         else:
             self.totals[key] = total + part
+
+    def add_scaled(
+        self,
+        key: Hashable,
+        part: torch.Tensor,
+        weight: int,
+        widen: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
+        """Add ``weight * part`` to a device sum kept in ``widen``'s dtype, in one kernel."""
+        total = self.totals.get(key)
+        if total is None:
+            self.totals[key] = widen(part) * weight
+        else:
+            total.add_(part, alpha=weight)
 
     def host(self) -> dict[Hashable, torch.Tensor]:
         """Return every sum as a CPU tensor: numbers directly, device sums in one transfer."""

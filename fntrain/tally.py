@@ -12,9 +12,10 @@ from fntrain import metrics as metric_lib
 from fntrain.records import MetricValue
 from fntrain.sums import Sums
 
-_LOSS = ("loss", 0)
-_SAMPLES = ("samples", 0)
-_BATCHES = ("batches", 0)
+# Metric parts are keyed (name, position) with a str name; these cannot collide with them.
+_LOSS = (None, "loss")
+_SAMPLES = (None, "samples")
+_BATCHES = (None, "batches")
 
 
 def _wide(loss: torch.Tensor) -> torch.Tensor:
@@ -38,9 +39,12 @@ class Tally:
 
     def add(self, loss: float | torch.Tensor, samples: int, outputs: Any, targets: Any) -> None:
         """Add one batch: its mean loss, sample count, outputs and targets."""
-        if isinstance(loss, torch.Tensor):
-            loss = loss.item() if loss.device.type == "cpu" else _wide(loss.detach())
-        self.sums.add(_LOSS, loss * samples)
+        if isinstance(loss, torch.Tensor) and loss.device.type == "cpu":
+            loss = loss.item()
+        if isinstance(loss, torch.Tensor):  # one kernel: total += samples * loss
+            self.sums.add_scaled(_LOSS, loss.detach(), samples, _wide)
+        else:
+            self.sums.add(_LOSS, loss * samples)
         self.samples += samples
         self.batches += 1
         if not self.metrics:

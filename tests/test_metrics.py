@@ -215,3 +215,65 @@ def test_a_metric_state_tensor_is_summed_and_left_unchanged(batches: int, size: 
     )
     assert torch.equal(part, expected)
     assert torch.equal(result.metrics["m"], batches * expected)
+
+
+@settings(max_examples=20, deadline=None)
+@given(samples=st.integers(1, 60), batch=st.integers(1, 16), seed=st.integers(0, 2**16))
+def test_a_per_class_report_equals_scikit_learn(samples: int, batch: int, seed: int) -> None:
+    """evaluate with average=None torchmetrics gives sklearn's per-class P/R/F1, any batching."""
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    from torchmetrics.classification import (
+        MulticlassF1Score,
+        MulticlassPrecision,
+        MulticlassRecall,
+    )
+
+    gen = torch.Generator().manual_seed(seed)
+    outputs = torch.randn(samples, 4, generator=gen)
+    targets = torch.randint(0, 4, (samples,), generator=gen)
+    per_class = {
+        "precision": MulticlassPrecision(num_classes=4, average=None),
+        "recall": MulticlassRecall(num_classes=4, average=None),
+        "f1": MulticlassF1Score(num_classes=4, average=None),
+    }
+    batches = list(zip(outputs.split(batch), targets.split(batch), strict=True))
+    report = ft.evaluate(nn.Identity(), batches, nn.CrossEntropyLoss(), "cpu", metrics=per_class)
+    expected = sklearn_metrics.precision_recall_fscore_support(
+        targets.numpy(), outputs.argmax(1).numpy(), labels=range(4), zero_division=0
+    )
+    for name, values in zip(("precision", "recall", "f1"), expected[:3], strict=True):
+        assert len(report.metrics[name]) == 4
+        assert report.metrics[name] == pytest.approx(list(values), abs=1e-6), name
+
+
+def test_parts_reach_compute_in_state_order_wherever_they_were_summed() -> None:
+    """A vector part (summed as a tensor) before a count (summed on the host) keeps its place.
+
+    On a GPU every tensor part is summed on the device and every number on the host; the
+    parts must still reach ``compute`` in the order ``state`` returned them.
+    """
+    metric = ft.Metric(
+        state=lambda out, y: (torch.bincount(y, minlength=3), y.numel()),
+        compute=lambda total: total[0].float() / total[1],
+    )
+    batches = [
+        (torch.randn(4, 2), torch.tensor([0, 1, 1, 2])),
+        (torch.randn(2, 2), torch.tensor([2, 2])),
+    ]
+    result = ft.evaluate(
+        nn.Linear(2, 3), batches, nn.CrossEntropyLoss(), "cpu", metrics={"m": metric}
+    )
+    assert result.metrics["m"].tolist() == pytest.approx([1 / 6, 2 / 6, 3 / 6])
+
+
+def test_a_metric_named_loss_is_kept_apart_from_the_loss() -> None:
+    """metrics={'loss': ...} neither changes the reported loss nor takes it as its state."""
+    data = make_data(24, 4, 3, 0)
+    model = nn.Linear(4, 3)
+    plain = ft.evaluate(model, loader(data, 8), nn.CrossEntropyLoss(), "cpu")
+    named = ft.evaluate(
+        model, loader(data, 8), nn.CrossEntropyLoss(), "cpu",
+        metrics={"loss": ft.accuracy(), "acc": ft.accuracy()},
+    )  # fmt: skip
+    assert named.loss == plain.loss
+    assert named.metrics["loss"] == named.metrics["acc"] <= 1.0
