@@ -6,6 +6,10 @@ from __future__ import annotations
 class NonFiniteLossError(FloatingPointError):
     """A batch's loss was NaN or infinite; raised before ``optimizer.step()``.
 
+    On CUDA with a fused optimizer the check runs on the device, so the error comes at the
+    end of the epoch; the steps after the bad batch were skipped inside the optimizer's
+    kernel and the model, buffers, optimizer and scheduler are as after the last good batch.
+
     Attributes:
         batch_index: the index of the offending batch in the loader (0-based).
         loss: the loss value that was not finite.

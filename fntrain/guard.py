@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import TracebackType
 
 import torch
@@ -18,9 +19,7 @@ class BufferGuard:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        state = model.state_dict(keep_vars=True).values()
-        unique = {id(t): t for t in state if isinstance(t, torch.Tensor)}
-        self.live = [t for t in unique.values() if not isinstance(t, nn.Parameter)]
+        self.live = _persistent_buffers(model)
         self.copy = [buffer.detach().clone() for buffer in self.live]
 
     def __enter__(self) -> BufferGuard:
@@ -36,3 +35,54 @@ class BufferGuard:
     ) -> None:
         if kind is not None and self.live:
             torch._foreach_copy_(self.live, self.copy)
+
+
+class DeviceBufferGuard:
+    """A buffer copy that stops following the model once a device flag is set (private).
+
+    For the check that stays on the device: before each batch the copy takes the model's
+    buffers only while ``halted()`` is False, so after a bad batch it keeps the buffers
+    as they were after the last good one, with no host sync. All buffers, whatever their
+    dtype, are copied as the bytes of one flat tensor: three kernels per batch in all.
+    """
+
+    def __init__(self, model: nn.Module, halted: Callable[[], torch.Tensor]) -> None:
+        self.live = _persistent_buffers(model)
+        self.halted = halted
+        self.saved = _as_bytes(self.live) if self.live else None
+
+    def __enter__(self) -> DeviceBufferGuard:
+        if self.saved is not None:
+            torch.where(self.halted(), self.saved, _as_bytes(self.live), out=self.saved)
+        return self
+
+    def restore(self) -> None:
+        """Put the copy back into the model's buffers."""
+        if self.saved is None:
+            return
+        pieces = self.saved.split([t.numel() * t.element_size() for t in self.live])
+        shaped = [
+            piece.view(t.dtype).view(t.shape) for piece, t in zip(pieces, self.live, strict=True)
+        ]
+        torch._foreach_copy_(self.live, shaped)
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        if kind is not None:
+            self.restore()
+
+
+def _persistent_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """Return the buffers the model's state_dict holds, each once."""
+    state = model.state_dict(keep_vars=True).values()
+    unique = {id(t): t for t in state if isinstance(t, torch.Tensor)}
+    return [t for t in unique.values() if not isinstance(t, nn.Parameter)]
+
+
+def _as_bytes(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Return the tensors' contents as one new flat uint8 tensor."""
+    return torch.cat([t.detach().contiguous().view(-1).view(torch.uint8) for t in tensors])

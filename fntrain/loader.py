@@ -88,7 +88,8 @@ class TensorLoader:
     def _gather(self, tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Return ``tensor[index]``, in pinned memory when asked for."""
         if not self.pin_memory or tensor.is_cuda:
-            return tensor.index_select(0, index.to(tensor.device))
+            # non_blocking: a blocking host-to-device copy waits for the GPU to catch up
+            return tensor.index_select(0, index.to(tensor.device, non_blocking=True))
         out = torch.empty((index.numel(), *tensor.shape[1:]), dtype=tensor.dtype, pin_memory=True)
         return torch.index_select(tensor, 0, index, out=out)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
@@ -15,8 +14,8 @@ from fntrain import metrics as metric_lib
 from fntrain.batches import concat, count, describe, inputs_and_targets, pair
 from fntrain.device import as_device, check_model_on, to_device
 from fntrain.errors import NonFiniteLossError
-from fntrain.guard import BufferGuard
 from fntrain.modes import mode
+from fntrain.nonfinite import Check, DeviceCheck, HostCheck
 from fntrain.progress import Progress
 from fntrain.records import EvalResult, Predictions, TrainResult
 from fntrain.stepping import StepOptions, Stepper
@@ -64,10 +63,12 @@ def _train_batch(
     device: torch.device,
     transform: Transform | None,
     stepper: Stepper,
-) -> tuple[float, int, Any, Any] | None:
+    check: Check,
+) -> tuple[float | torch.Tensor, int, Any, Any] | None:
     """Forward, check and backward one batch; return (loss, samples, outputs, targets).
 
-    Returns None for a batch without samples. Raises NonFiniteLossError before backward.
+    Returns None for a batch without samples. The host check raises NonFiniteLossError
+    before backward; the device check leaves the loss on the device.
     """
     inputs, targets, samples = _prepare(batch, index, device, transform)
     if not samples:
@@ -79,9 +80,7 @@ def _train_batch(
             f"'loss_fn' returned a loss that does not require grad for batch {index}; was it "
             f"detached or computed under torch.no_grad(), or are all parameters frozen?"
         )
-    value = loss.item()
-    if not math.isfinite(value):
-        raise NonFiniteLossError(index, value)
+    value = check.batch(loss, index)
     stepper.backward(loss, samples)
     return value, samples, outputs, targets
 
@@ -167,7 +166,11 @@ def train_epoch(
         device: where the model is and the batches go.
         metrics: name to metric (``ft.accuracy()``, a torchmetrics object, ...).
         on_nonfinite: ``"raise"`` a ``NonFiniteLossError`` before the step, or ``"skip"``
-            such batches (counted in ``TrainResult.skipped_batches``).
+            such batches (counted in ``TrainResult.skipped_batches``). The check reads
+            each loss with ``.item()``, a host sync per batch on CUDA, except on CUDA with
+            a fused optimizer (``fused=True``) and ``"raise"``: there the optimizer skips
+            every step from the bad batch on inside its kernel, and the error comes at the
+            end of the epoch with the model put back as after the last good batch.
         progress: show a tqdm progress bar (hidden when output is not a terminal).
         accumulate: add up the gradients of this many batches before each step; the
             step's gradient is that of the sample-weighted mean loss over the window, and
@@ -204,26 +207,38 @@ def train_epoch(
         raise TypeError(f"'transform' must be callable, but got {type(transform).__name__}")
     distributed.warn_if_epoch_not_set(loader)
     options = StepOptions(accumulate, autocast, scaler, clip_grad_norm, scheduler)
-    stepper = Stepper(optimizer, options.check(optimizer, resolved), resolved)
+    options.check(optimizer, resolved)
     tally = Tally(metric_lib.check(metrics), resolved)
-    buffers = BufferGuard(model)
+    check: Check = (
+        DeviceCheck(model, optimizer, scheduler, resolved)
+        if DeviceCheck.usable(optimizer, resolved, on_nonfinite, scaler)
+        else HostCheck(model)
+    )
+    stepper = Stepper(optimizer, options, resolved, check)
     skipped = 0
     start = time.perf_counter()
-    with mode(model, True), Progress(progress, loader, "train") as bar:
-        for index, batch in enumerate(loader):
-            stepper.begin_batch()
-            try:
-                with buffers:
-                    done = _train_batch(model, loss_fn, batch, index, resolved, transform, stepper)
-            except NonFiniteLossError:
-                if on_nonfinite == "raise":
-                    raise
-                skipped += 1
-                continue
-            if done is not None:
-                tally.add(*done)
-                bar.tick(done[1], tally.running_loss)
-        stepper.step()
+    try:
+        with mode(model, True), Progress(progress, loader, "train") as bar:
+            for index, batch in enumerate(loader):
+                stepper.begin_batch(index)
+                try:
+                    with check.buffers:
+                        done = _train_batch(
+                            model, loss_fn, batch, index, resolved, transform, stepper, check
+                        )
+                except NonFiniteLossError:
+                    if on_nonfinite == "raise":
+                        raise
+                    skipped += 1
+                    continue
+                if done is not None:
+                    tally.add(*done)
+                    bar.tick(done[1], tally.running_loss)
+            stepper.step()
+    except BaseException:
+        check.undo()  # the device check: put back what steps after a bad batch changed
+        raise
+    check.finish()  # the device check: one host read, NonFiniteLossError if a batch was bad
     loss, values = tally.finish()  # an all-reduce under DDP: every rank reaches it
     if tally.batches == 0 and skipped == 0:
         raise _no_batches()

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import torch
+
+if TYPE_CHECKING:
+    from fntrain.nonfinite import Check
 
 _AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -80,10 +83,16 @@ class Stepper:
     """Accumulates gradients over a window of batches and takes the step (private, per call)."""
 
     def __init__(
-        self, optimizer: torch.optim.Optimizer, options: StepOptions, device: torch.device
+        self,
+        optimizer: torch.optim.Optimizer,
+        options: StepOptions,
+        device: torch.device,
+        check: Check,
     ) -> None:
         self.optimizer = optimizer
         self.options = options
+        self.check = check
+        self.index = 0
         self.autocast = options.autocast_context(device)
         self.window_batches = 0
         self.window_samples = 0
@@ -91,8 +100,9 @@ class Stepper:
         self.skipped_steps = 0
         self.norms: list[torch.Tensor] = []
 
-    def begin_batch(self) -> None:
-        """Zero the gradients at the start of each window."""
+    def begin_batch(self, index: int) -> None:
+        """Note the batch index; zero the gradients at the start of each window."""
+        self.index = index
         if self.window_batches == 0:
             self.optimizer.zero_grad()
 
@@ -126,7 +136,11 @@ class Stepper:
                 scaler.unscale_(self.optimizer)
             norm = torch.nn.utils.clip_grad_norm_(self._params(), options.clip_grad_norm)
             self.norms.append(norm.detach())
-        taken = self._optimizer_step(scaler)
+        self.check.before_step(self.index)
+        try:
+            taken = self._optimizer_step(scaler)
+        finally:
+            self.check.after_step()
         self.steps += taken
         self.skipped_steps += not taken
         if taken and options.scheduler is not None:
