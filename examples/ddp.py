@@ -28,8 +28,13 @@ from digits import digits_splits, small_cnn
 
 
 def start() -> torch.device:
-    """Join the process group torchrun describes, or make a one-process group."""
-    cuda = torch.cuda.is_available()
+    """Join the process group torchrun describes, or make a one-process group.
+
+    Each rank takes its own GPU (NCCL) when the machine has one per local rank; with fewer
+    GPUs than ranks every rank trains on the CPU over gloo, so all ranks agree.
+    """
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    cuda = torch.cuda.is_available() and torch.cuda.device_count() >= ranks_here
     if "RANK" in os.environ:
         dist.init_process_group("nccl" if cuda else "gloo")
     else:

@@ -88,3 +88,25 @@ def test_ddp_example_runs_on_two_ranks_with_torchrun(tmp_path: Path) -> None:
     assert sum(line.startswith("epoch") for line in lines) == 2  # printed by rank 0 only
     resumed = lines[-1].split()
     assert resumed[0] == "resumed" and resumed[6] == resumed[8].rstrip(")")
+
+
+def test_tensorboard_logging_writes_events_and_csv_per_epoch(tmp_path: Path) -> None:
+    """The logging example writes every record's numbers to TensorBoard and to a CSV."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    subprocess.run(
+        [sys.executable, str(EXAMPLES / "tensorboard_logging.py"), "--quick"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=240, check=True,
+    )  # fmt: skip
+    written = tmp_path / "runs" / "tensorboard"
+    rows = (written / "metrics.csv").read_text().splitlines()
+    assert rows[0].split(",")[:3] == ["epoch", "train/loss", "train/seconds"]
+    assert "val/acc" in rows[0] and "train/lr" in rows[0] and len(rows) == 3
+    events = EventAccumulator(str(written))
+    events.Reload()
+    for tag in ("train/loss", "train/acc", "train/lr", "val/loss", "val/acc"):
+        assert [e.step for e in events.Scalars(tag)] == [1, 2], tag
+    last_acc = float(rows[2].split(",")[rows[0].split(",").index("val/acc")])
+    assert events.Scalars("val/acc")[-1].value == pytest.approx(last_acc, rel=1e-6)
