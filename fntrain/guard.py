@@ -61,10 +61,9 @@ class DeviceBufferGuard:
         if self.saved is None:
             return
         pieces = self.saved.split([t.numel() * t.element_size() for t in self.live])
-        shaped = [
-            piece.view(t.dtype).view(t.shape) for piece, t in zip(pieces, self.live, strict=True)
-        ]
-        torch._foreach_copy_(self.live, shaped)
+        for piece, buffer in zip(pieces, self.live, strict=True):
+            # clone: a slice may start at an offset its dtype cannot be viewed from
+            buffer.copy_(piece.clone().view(buffer.dtype).view(buffer.shape))
 
     def __exit__(
         self,

@@ -15,7 +15,7 @@ from fntrain.batches import concat, count, describe, inputs_and_targets, pair
 from fntrain.device import as_device, check_model_on, to_device
 from fntrain.errors import NonFiniteLossError
 from fntrain.modes import mode
-from fntrain.nonfinite import Check, DeviceCheck, HostCheck
+from fntrain.nonfinite import Check, DeferredCheck, HostCheck
 from fntrain.progress import Progress
 from fntrain.records import EvalResult, Predictions, TrainResult
 from fntrain.stepping import StepOptions, Stepper
@@ -93,6 +93,27 @@ def _forward(
     return outputs, _mean_loss(loss_fn(outputs, targets), samples, index)
 
 
+def _undo_deferred(check: Check, error: BaseException) -> None:
+    """Put back what deferred steps changed; say so on the escaping ``error``."""
+    try:
+        bad = check.undo()
+    except Exception as failure:  # keep the user's error; this one is secondary
+        _note(error, f"fntrain could not put the model back after this error: {failure!r}")
+        return
+    if bad is not None:
+        _note(
+            error,
+            f"batch {bad[0]} had a non-finite loss ({bad[1]}) before this error; the model "
+            f"was put back as after the last finite batch",
+        )
+
+
+def _note(error: BaseException, text: str) -> None:
+    """Add ``text`` to the error's traceback (Python >= 3.11; dropped before)."""
+    if hasattr(error, "add_note"):
+        error.add_note(text)
+
+
 def _check_args(model: Any, loader: Any, device: torch.device | str) -> torch.device:
     """Check the arguments every function shares; return the resolved device."""
     if not isinstance(model, nn.Module):
@@ -140,7 +161,7 @@ def train_epoch(
     device: torch.device | str,
     *,
     metrics: Mapping[str, Any] | None = None,
-    on_nonfinite: Literal["raise", "skip"] = "raise",
+    on_nonfinite: Literal["raise", "skip", "defer"] = "raise",
     progress: bool = False,
     accumulate: int = 1,
     autocast: torch.dtype | None = None,
@@ -165,12 +186,12 @@ def train_epoch(
         optimizer: the optimizer over the model's parameters.
         device: where the model is and the batches go.
         metrics: name to metric (``ft.accuracy()``, a torchmetrics object, ...).
-        on_nonfinite: ``"raise"`` a ``NonFiniteLossError`` before the step, or ``"skip"``
-            such batches (counted in ``TrainResult.skipped_batches``). The check reads
-            each loss with ``.item()``, a host sync per batch on CUDA, except on CUDA with
-            a fused optimizer (``fused=True``) and ``"raise"``: there the optimizer skips
-            every step from the bad batch on inside its kernel, and the error comes at the
-            end of the epoch with the model put back as after the last good batch.
+        on_nonfinite: ``"raise"`` a ``NonFiniteLossError`` before the step, ``"skip"``
+            such batches (counted in ``TrainResult.skipped_batches``), or ``"defer"`` the
+            check to the device: no ``.item()`` (a host sync on CUDA) per batch. It needs
+            a fused optimizer (``fused=True``), which skips every step from the bad batch
+            on inside its kernel; the error comes a few batches later, with the model,
+            buffers, optimizer and scheduler put back as after the last good batch.
         progress: show a tqdm progress bar (hidden when output is not a terminal).
         accumulate: add up the gradients of this many batches before each step; the
             step's gradient is that of the sample-weighted mean loss over the window, and
@@ -201,19 +222,20 @@ def train_epoch(
     resolved = _check_args(model, loader, device)
     _check_loss_fn(loss_fn)
     _check_optimizer(optimizer)
-    if on_nonfinite not in ("raise", "skip"):
-        raise ValueError(f"'on_nonfinite' must be 'raise' or 'skip', but got {on_nonfinite!r}")
+    if on_nonfinite not in ("raise", "skip", "defer"):
+        raise ValueError(
+            f"'on_nonfinite' must be 'raise', 'skip' or 'defer', but got {on_nonfinite!r}"
+        )
     if transform is not None and not callable(transform):
         raise TypeError(f"'transform' must be callable, but got {type(transform).__name__}")
     distributed.warn_if_epoch_not_set(loader)
     options = StepOptions(accumulate, autocast, scaler, clip_grad_norm, scheduler)
     options.check(optimizer, resolved)
     tally = Tally(metric_lib.check(metrics), resolved)
-    check: Check = (
-        DeviceCheck(model, optimizer, scheduler, resolved)
-        if DeviceCheck.usable(optimizer, resolved, on_nonfinite, scaler)
-        else HostCheck(model)
-    )
+    check: Check = HostCheck(model)
+    if on_nonfinite == "defer":
+        DeferredCheck.check_usable(optimizer, scaler)
+        check = DeferredCheck(model, optimizer, scheduler, resolved)
     stepper = Stepper(optimizer, options, resolved, check)
     skipped = 0
     start = time.perf_counter()
@@ -234,11 +256,14 @@ def train_epoch(
                 if done is not None:
                     tally.add(*done)
                     bar.tick(done[1], tally.running_loss)
-            stepper.step()
-    except BaseException:
-        check.undo()  # the device check: put back what steps after a bad batch changed
+                if check.stopped:  # the deferred check saw a bad batch
+                    break
+            else:
+                stepper.step()
+    except BaseException as error:
+        _undo_deferred(check, error)
         raise
-    check.finish()  # the device check: one host read, NonFiniteLossError if a batch was bad
+    check.finish()  # deferred: one host read, NonFiniteLossError if a batch was bad
     loss, values = tally.finish()  # an all-reduce under DDP: every rank reaches it
     if tally.batches == 0 and skipped == 0:
         raise _no_batches()
