@@ -39,9 +39,11 @@ def datasets(data: Path | None, fake_size: int) -> tuple[Dataset, Dataset]:
     if data is not None:
         return (CIFAR10(str(data), train=True, transform=train_tf),
                 CIFAR10(str(data), train=False, transform=test_tf))  # fmt: skip
+    # FakeData draws image i from the seed i + random_offset: disjoint seeds, disjoint sets
     shape = (3, 32, 32)
     return (FakeData(fake_size, shape, 10, transform=train_tf, random_offset=0),
-            FakeData(fake_size // 4, shape, 10, transform=test_tf, random_offset=1))  # fmt: skip
+            FakeData(fake_size // 4, shape, 10, transform=test_tf,
+                     random_offset=fake_size))  # fmt: skip
 
 
 def cifar_resnet18() -> nn.Module:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import fntrain as ft
 
@@ -110,3 +111,25 @@ def test_tensorboard_logging_writes_events_and_csv_per_epoch(tmp_path: Path) -> 
         assert [e.step for e in events.Scalars(tag)] == [1, 2], tag
     last_acc = float(rows[2].split(",")[rows[0].split(",").index("val/acc")])
     assert events.Scalars("val/acc")[-1].value == pytest.approx(last_acc, rel=1e-6)
+
+
+def test_cifar_fake_test_images_are_not_training_images() -> None:
+    """FakeData seeds image i with i + random_offset: the two sets must not share seeds.
+
+    With offsets 0 and 1 the test set was the training set shifted by one image, and
+    "test accuracy" measured memorisation (23% after a full run on random labels).
+    """
+    pytest.importorskip("torchvision")
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        from cifar_resnet import datasets
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    from torchvision.transforms.functional import pil_to_tensor
+
+    train, test = datasets(None, fake_size=16)
+    train.transform = test.transform = None  # compare the images before augmentation
+    train_images = [pil_to_tensor(train[i][0]) for i in range(len(train))]
+    for j in range(len(test)):
+        image = pil_to_tensor(test[j][0])
+        assert not any(torch.equal(image, seen) for seen in train_images), j
