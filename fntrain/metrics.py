@@ -45,6 +45,14 @@ class Metric:
 
 def _class_targets(outputs: torch.Tensor, targets: torch.Tensor, name: str) -> torch.Tensor:
     """Return class-index targets; soft (probability) targets become their argmax."""
+    if (  # the common case first: (N, C) scores and (N,) class indices
+        isinstance(outputs, torch.Tensor)
+        and isinstance(targets, torch.Tensor)
+        and outputs.dim() == 2
+        and targets.dim() == 1
+        and targets.shape[0] == outputs.shape[0]
+    ):
+        return targets
     if not isinstance(outputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
         raise TypeError(
             f"{name} needs the outputs as a tensor of class scores and the targets as a "

@@ -31,8 +31,7 @@ class Sums:
     def add(self, key: Hashable, part: Part) -> None:
         """Add ``part`` to the running sum under ``key``."""
         if isinstance(part, torch.Tensor):
-            on_host = part.device.type == "cpu" and part.numel() == 1
-            part = part.item() if on_host else part.detach()
+            part = part.item() if part.is_cpu and part.numel() == 1 else part.detach()
         total = self.totals.get(key)
         if total is None:
             self.totals[key] = part.clone() if isinstance(part, torch.Tensor) else part

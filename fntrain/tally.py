@@ -39,7 +39,7 @@ class Tally:
 
     def add(self, loss: float | torch.Tensor, samples: int, outputs: Any, targets: Any) -> None:
         """Add one batch: its mean loss, sample count, outputs and targets."""
-        if isinstance(loss, torch.Tensor) and loss.device.type == "cpu":
+        if isinstance(loss, torch.Tensor) and loss.is_cpu:  # is_cpu: no device object
             loss = loss.item()
         if isinstance(loss, torch.Tensor):  # one kernel: total += samples * loss
             self.sums.add_scaled(_LOSS, loss.detach(), samples, _wide)
