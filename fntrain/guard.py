@@ -9,7 +9,24 @@ import torch
 from torch import nn
 
 
-class BufferGuard:
+class _RestoreOnError:
+    """Base of the guards: ``with guard:`` calls ``restore()`` when the block raises."""
+
+    def restore(self) -> None:
+        """Put the copy back into the model's buffers."""
+        raise NotImplementedError
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        if kind is not None:
+            self.restore()
+
+
+class BufferGuard(_RestoreOnError):
     """A copy of the model's persistent buffers, refreshed before each batch (private).
 
     A bad batch can change BatchNorm's running statistics during the forward pass, before
@@ -27,17 +44,13 @@ class BufferGuard:
             torch._foreach_copy_(self.copy, self.live)
         return self
 
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        trace: TracebackType | None,
-    ) -> None:
-        if kind is not None and self.live:
+    def restore(self) -> None:
+        """Put the copy back into the model's buffers."""
+        if self.live:
             torch._foreach_copy_(self.live, self.copy)
 
 
-class DeviceBufferGuard:
+class DeviceBufferGuard(_RestoreOnError):
     """A buffer copy that stops following the model once a device flag is set (private).
 
     For the check that stays on the device: before each batch the copy takes the model's
@@ -64,15 +77,6 @@ class DeviceBufferGuard:
         for piece, buffer in zip(pieces, self.live, strict=True):
             # clone: a slice may start at an offset its dtype cannot be viewed from
             buffer.copy_(piece.clone().view(buffer.dtype).view(buffer.shape))
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        trace: TracebackType | None,
-    ) -> None:
-        if kind is not None:
-            self.restore()
 
 
 def _persistent_buffers(model: nn.Module) -> list[torch.Tensor]:
