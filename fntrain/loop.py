@@ -68,7 +68,7 @@ def _train_batch(
     """Forward, check and backward one batch; return (loss, samples, outputs, targets).
 
     Returns None for a batch without samples. The host check raises NonFiniteLossError
-    before backward; the device check leaves the loss on the device.
+    before backward; the deferred check leaves the loss on the device.
     """
     inputs, targets, samples = _prepare(batch, index, device, transform)
     if not samples:
@@ -232,10 +232,13 @@ def train_epoch(
     options = StepOptions(accumulate, autocast, scaler, clip_grad_norm, scheduler)
     options.check(optimizer, resolved)
     tally = Tally(metric_lib.check(metrics), resolved)
-    check: Check = HostCheck(model)
     if on_nonfinite == "defer":
         DeferredCheck.check_usable(optimizer, scaler)
-        check = DeferredCheck(model, optimizer, scheduler, resolved)
+    check: Check = (
+        DeferredCheck(model, optimizer, scheduler, resolved)
+        if on_nonfinite == "defer"
+        else HostCheck(model)
+    )
     stepper = Stepper(optimizer, options, resolved, check)
     skipped = 0
     start = time.perf_counter()

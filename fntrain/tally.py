@@ -39,12 +39,12 @@ class Tally:
 
     def add(self, loss: float | torch.Tensor, samples: int, outputs: Any, targets: Any) -> None:
         """Add one batch: its mean loss, sample count, outputs and targets."""
-        if isinstance(loss, torch.Tensor) and loss.is_cpu:  # is_cpu: no device object
-            loss = loss.item()
-        if isinstance(loss, torch.Tensor):  # one kernel: total += samples * loss
-            self.sums.add_scaled(_LOSS, loss.detach(), samples, _wide)
-        else:
+        if not isinstance(loss, torch.Tensor):
             self.sums.add(_LOSS, loss * samples)
+        elif loss.is_cpu:  # is_cpu: no device object; .item() costs less than a tensor add
+            self.sums.add(_LOSS, loss.item() * samples)
+        else:  # one kernel: total += samples * loss, on the device
+            self.sums.add_scaled(_LOSS, loss.detach(), samples, _wide)
         self.samples += samples
         self.batches += 1
         if not self.metrics:
