@@ -15,14 +15,21 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 import fntrain as ft
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import hand_train  # the tutorial loop the other benchmark times
+
+GPU = torch.device("cuda")
 
 
 def tiny() -> nn.Module:
@@ -52,24 +59,6 @@ WORKLOADS = {  # model, sample shape, samples, batch size
 }
 
 
-def hand(model: nn.Module, opt: Any, loader: Any, read_each: bool) -> Callable[[], None]:
-    """The tutorial loop; ``read_each``: ``loss.item()`` per batch, else summed on the GPU."""
-    criterion = nn.CrossEntropyLoss()
-
-    def epoch() -> None:
-        model.train()
-        total: Any = 0.0 if read_each else torch.zeros((), device="cuda")
-        for data, label in loader:
-            opt.zero_grad()
-            loss = criterion(model(data), label)
-            loss.backward()
-            opt.step()
-            total += loss.item() if read_each else loss.detach()
-        float(total)
-
-    return epoch
-
-
 def contenders(name: str) -> dict[str, Callable[[], None]]:
     make, shape, samples, batch = WORKLOADS[name]
     gen = torch.Generator().manual_seed(0)
@@ -85,12 +74,14 @@ def contenders(name: str) -> dict[str, Callable[[], None]]:
     def fntrain(fused: bool, check: str) -> Callable[[], None]:
         model, opt, loader = setup(fused)
         loss = nn.CrossEntropyLoss()
-        return lambda: ft.train_epoch(model, loader, loss, opt, "cuda", on_nonfinite=check)
+        return lambda: ft.train_epoch(model, loader, loss, opt, GPU, on_nonfinite=check)
 
     return {
-        "hand, foreach SGD, .item() per batch": hand(*setup(False), read_each=True),
-        "hand, fused SGD, .item() per batch": hand(*setup(True), read_each=True),
-        "hand, fused SGD, loss summed on the GPU": hand(*setup(True), read_each=False),
+        "hand, foreach SGD, .item() per batch": hand_train(*setup(False), GPU),
+        "hand, fused SGD, .item() per batch": hand_train(*setup(True), GPU),
+        "hand, fused SGD, loss summed on the GPU": hand_train(
+            *setup(True), GPU, sum_on_device=True
+        ),
         "ft.train_epoch, foreach SGD": fntrain(False, "raise"),
         "ft.train_epoch, fused SGD": fntrain(True, "raise"),
         'ft.train_epoch, fused SGD, on_nonfinite="defer"': fntrain(True, "defer"),
