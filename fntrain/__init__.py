@@ -6,17 +6,23 @@ immutable records. You write the outer loop.
 """
 
 from fntrain.checkpoint import load_checkpoint, save_checkpoint
-from fntrain.device import default_device
+from fntrain.data import TensorLoader, default_device
 from fntrain.distributed import ShardSampler
-from fntrain.errors import CheckpointError, NonFiniteLossError
-from fntrain.loader import TensorLoader
 from fntrain.loop import evaluate, predict, train_epoch
 from fntrain.metrics import Metric, accuracy, top_k_accuracy
-from fntrain.mixup import mixup
-from fntrain.optim import param_groups
-from fntrain.records import Checkpoint, EvalResult, Predictions, SavedCheckpoint, TrainResult
+from fntrain.recipes import mixup, param_groups
+from fntrain.records import (
+    Checkpoint,
+    CheckpointError,
+    EvalResult,
+    NonFiniteLossError,
+    Predictions,
+    SavedCheckpoint,
+    Step,
+    TrainResult,
+)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Checkpoint",
@@ -27,6 +33,7 @@ __all__ = [
     "Predictions",
     "SavedCheckpoint",
     "ShardSampler",
+    "Step",
     "TensorLoader",
     "TrainResult",
     "accuracy",

@@ -1,52 +1,120 @@
-"""save_checkpoint and load_checkpoint: atomic, code-free, complete, checked before loading."""
+"""save_checkpoint and load_checkpoint: atomic, code-free, complete, all-or-nothing to load."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import os
+import re
+import secrets
+import stat
+import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from fntrain import distributed, rng
-from fntrain.atomic import write_atomically
-from fntrain.errors import CheckpointError
-from fntrain.fit import Into, Scheduler, fit_problems, type_name
-from fntrain.records import Checkpoint, SavedCheckpoint
+from fntrain.records import Checkpoint, CheckpointError, SavedCheckpoint
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; orphans are judged by age alone
+    fcntl = None  # type: ignore[assignment]
 
 FORMAT = "fntrain.checkpoint"
 VERSION = 1
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-_EXTRA_STATE = "_extra_state"
-_PLAIN = (bool, int, float, str, type(None))
-_ATOMS = (torch.dtype, torch.device, torch.Tensor, nn.Parameter)
-_SEQUENCES = (list, tuple, torch.Size)
-_MAPPINGS = (dict, OrderedDict)
-_LABELS = {
-    "model": "'model' state",
-    "optimizer": "'optimizer' state",
-    "scheduler": "'scheduler' state",
-    "scaler": "'scaler' state",
-    "metrics": "'metrics'",
-    "extra": "'extra'",
-    "rng": "the RNG state",
-}
+_PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device, torch.Tensor, nn.Parameter)
+_LABELS = {"metrics": "'metrics'", "extra": "'extra'", "rng": "the RNG state"}
+_STATES = ("optimizer", "scheduler", "scaler")
 
 PathLike = str | os.PathLike[str]
 MapLocation = str | torch.device | dict[str, str] | Callable[..., Any] | None
+Scheduler = LRScheduler | ReduceLROnPlateau
+
+
+def type_name(value: Any) -> str:
+    """Return the qualified name of ``value``'s type, for error messages."""
+    kind = type(value)
+    return (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
+
+
+# --- writing a file atomically ------------------------------------------------------------
+
+
+def _temp_names(target: Path) -> re.Pattern[str]:
+    """Match the names of the temporary files that saves of ``target`` create."""
+    return re.compile(rf"\.{re.escape(target.name)}\.[0-9a-f]{{16}}\.tmp")
+
+
+def _remove_orphans(target: Path, started: float) -> None:
+    """Delete temp files that killed saves of ``target`` left: older than ``started``, unlocked."""
+    names = _temp_names(target)
+    with contextlib.suppress(OSError):
+        orphans = [e.path for e in os.scandir(target.parent) if names.fullmatch(e.name)]
+        for orphan in orphans:
+            with contextlib.suppress(OSError), open(orphan, "rb") as probe:
+                if os.stat(probe.fileno()).st_mtime >= started:
+                    continue
+                if fcntl is not None:  # fails while the writing process is alive
+                    fcntl.flock(probe.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+                os.unlink(orphan)
+
+
+def write_atomically(target: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Run ``write`` on a temporary file beside ``target``, fsync it, rename it over ``target``.
+
+    A crash at any moment leaves either the old ``target`` or the new one. The temporary
+    file is removed if ``write`` fails, and holds a lock while it is written so that no
+    other save takes it for an orphan; a new file gets the mode ``open()`` gives, an
+    existing one keeps its own.
+    """
+    started = time.time()
+    temp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    try:
+        with os.fdopen(os.open(temp, flags, 0o666), "wb") as handle:  # the umask applies
+            if fcntl is not None:
+                with contextlib.suppress(OSError):
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # released when the writer dies
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(temp, stat.S_IMODE(os.stat(target).st_mode))
+            if os.name != "nt":  # renamed while locked
+                os.replace(temp, target)
+        if os.name == "nt":  # Windows cannot rename an open file
+            os.replace(temp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        folder = os.open(target.parent, os.O_RDONLY)
+        os.fsync(folder)
+        os.close(folder)
+    _remove_orphans(target, started)
+
+
+# --- checking arguments ---------------------------------------------------------------------
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
     """Return the plain model inside DDP/DataParallel and ``torch.compile`` wrappers."""
-    parallel = (nn.parallel.DistributedDataParallel, nn.DataParallel)
     while True:
-        if isinstance(model, parallel):
+        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
             model = model.module
         elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
             model = model._orig_mod
@@ -54,39 +122,17 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def _variants(state: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """Yield ``state``, then ``state`` with each further shared wrapper prefix stripped."""
-    while True:
-        yield state
-        prefix = next(
-            (p for p in _WRAPPER_PREFIXES if state and all(k.startswith(p) for k in state)), None
-        )
-        if prefix is None:
-            return
-        state = {key[len(prefix) :]: value for key, value in state.items()}
-
-
-def _match_keys(state: Mapping[str, Any], model_keys: Iterable[str]) -> dict[str, Any]:
-    """Return ``state`` with the ``module.``/``_orig_mod.`` prefixes that best fit the model.
-
-    The keys are kept as they are unless stripping shared wrapper prefixes gives more keys
-    in common with the model, so a child that is really named ``module`` stays.
-    """
-    wanted = set(model_keys)
-    return max(_variants(dict(state)), key=lambda variant: len(wanted.intersection(variant)))
-
-
 def _check_plain(value: Any, where: str) -> None:
     """Raise TypeError unless ``value`` is data that ``torch.load(weights_only=True)`` loads."""
-    if type(value) in _PLAIN or type(value) in _ATOMS:
+    if type(value) in _PLAIN:
         return
-    if type(value) in _SEQUENCES:
+    if type(value) in (list, tuple, torch.Size):
         for index, item in enumerate(value):
             _check_plain(item, f"{where}[{index}]")
         return
-    if type(value) in _MAPPINGS:
+    if type(value) in (dict, OrderedDict):
         for key, item in value.items():
-            if type(key) not in _PLAIN:
+            if type(key) not in (bool, int, float, str, type(None)):
                 raise TypeError(f"{where} must have str or number keys, but has the key {key!r}")
             _check_plain(item, f"{where}[{key!r}]")
         return
@@ -112,23 +158,19 @@ def _mapping(name: str, value: Any) -> dict[str, Any]:
 
 def _check_objects(model: Any, optimizer: Any, scheduler: Any, scaler: Any) -> None:
     """Raise TypeError naming the first argument that is not the kind of object expected."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"'model' must be a torch.nn.Module, but got {type_name(model)}")
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(
-            f"'optimizer' must be a torch.optim.Optimizer or None, but got {type_name(optimizer)}"
-        )
-    if scheduler is not None and not all(
-        callable(getattr(scheduler, method, None)) for method in ("state_dict", "load_state_dict")
-    ):
-        raise TypeError(
-            f"'scheduler' must be an LR scheduler (with state_dict and load_state_dict) or "
-            f"None, but got {type_name(scheduler)}"
-        )
-    if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
-        raise TypeError(
-            f"'scaler' must be a torch.amp.GradScaler or None, but got {type_name(scaler)}"
-        )
+    methods = ("state_dict", "load_state_dict")
+    checks = [
+        ("model", model, isinstance(model, nn.Module), "a torch.nn.Module"),
+        ("optimizer", optimizer, isinstance(optimizer, torch.optim.Optimizer | None),
+         "a torch.optim.Optimizer or None"),
+        ("scheduler", scheduler, scheduler is None or all(callable(getattr(scheduler, m, None))
+         for m in methods), "an LR scheduler (with state_dict and load_state_dict) or None"),
+        ("scaler", scaler, isinstance(scaler, torch.amp.GradScaler | None),
+         "a torch.amp.GradScaler or None"),
+    ]  # fmt: skip
+    for name, value, fits, kind in checks:
+        if not fits:
+            raise TypeError(f"'{name}' must be {kind}, but got {type_name(value)}")
 
 
 def _as_path(path: Any) -> Path:
@@ -139,47 +181,19 @@ def _as_path(path: Any) -> Path:
     raise TypeError(f"'path' must be a str or os.PathLike of str, but got {type_name(path)}")
 
 
-def _target(path: Any) -> Path:
-    """Return ``path`` as a Path after checking it can be written as a file."""
-    target = _as_path(path)
+def _check_is_file(target: Path, must_exist: bool) -> None:
+    """Raise unless ``target`` is a file (or, for saving, a free name in an existing folder)."""
     if target.is_dir():
         raise CheckpointError(f"'path' {str(target)!r} is a folder, not a checkpoint file")
+    if must_exist and not target.exists():
+        raise FileNotFoundError(errno.ENOENT, f"no checkpoint at 'path' {str(target)!r}")
     if not target.parent.is_dir():
         raise FileNotFoundError(
             errno.ENOENT, f"the folder of 'path' does not exist: {str(target.parent)!r}"
         )
-    return target
 
 
-def _state_of(obj: Any) -> Any:
-    """Return ``obj.state_dict()``, or None for no object."""
-    return None if obj is None else obj.state_dict()
-
-
-def _class_of(obj: Any) -> str | None:
-    """Return the class name of ``obj``, or None for no object."""
-    return None if obj is None else type(obj).__qualname__
-
-
-def _payload(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    scheduler: Scheduler | None,
-    scaler: torch.amp.GradScaler | None,
-) -> dict[str, Any]:
-    """Gather the format, model, optimizer, scheduler, scaler and RNG states to save."""
-    return {
-        "format": FORMAT,
-        "version": VERSION,
-        "torch_version": str(torch.__version__),
-        "model": _unwrap(model).state_dict(),
-        "optimizer": _state_of(optimizer),
-        "optimizer_class": _class_of(optimizer),
-        "scheduler": _state_of(scheduler),
-        "scheduler_class": _class_of(scheduler),
-        "scaler": _state_of(scaler),
-        "rng": rng.capture(),
-    }
+# --- saving ---------------------------------------------------------------------------------
 
 
 def save_checkpoint(
@@ -232,61 +246,62 @@ def save_checkpoint(
         >>> ft.save_checkpoint(path, model, epoch=3, metrics={"acc": 0.9}).epoch
         3
     """
-    target = _target(path)
+    target = _as_path(path)
+    _check_is_file(target, must_exist=False)
     _check_objects(model, optimizer, scheduler, scaler)
     _check_count("epoch", epoch)
     _check_count("step", step)
-    payload = _payload(model, optimizer, scheduler, scaler)
+    payload = {"format": FORMAT, "version": VERSION, "torch_version": str(torch.__version__)}
+    payload["model"] = _unwrap(model).state_dict()
+    for name, obj in zip(_STATES, (optimizer, scheduler, scaler), strict=True):
+        payload[name] = None if obj is None else obj.state_dict()
+        payload[f"{name}_class"] = None if obj is None else type(obj).__qualname__
     payload.update(
-        epoch=epoch, step=step, metrics=_mapping("metrics", metrics), extra=_mapping("extra", extra)
+        rng=rng.capture(),
+        epoch=epoch,
+        step=step,
+        metrics=_mapping("metrics", metrics),
+        extra=_mapping("extra", extra),
     )
     for key, value in payload.items():
-        _check_plain(value, _LABELS.get(key, repr(key)))
+        _check_plain(value, _LABELS.get(key, f"'{key}' state"))
     if distributed.is_main():  # under DDP rank 0 writes; the others wait for the file
         write_atomically(target, lambda handle: torch.save(payload, handle))
     distributed.barrier()
     return SavedCheckpoint(path=target, size=target.stat().st_size, epoch=epoch, step=step)
 
 
-def _check_device(value: Any, where: str) -> None:
-    """Raise ValueError unless ``value`` names a device that exists here."""
+# --- loading --------------------------------------------------------------------------------
+
+
+def _check_map_location(value: Any, where: str = "'map_location'") -> None:
+    """Raise unless ``value`` is a map_location torch.load takes, naming a device that exists."""
+    if value is None or callable(value):
+        return
+    if isinstance(value, dict):
+        for key, device in value.items():
+            _check_map_location(device, f"'map_location'[{key!r}]")
+        return
+    if not isinstance(value, str | torch.device):
+        raise TypeError(
+            f"{where} must be a str, torch.device, dict, callable or None, but got "
+            f"{type_name(value)}"
+        )
     try:
         device = torch.device(value)
     except (RuntimeError, TypeError):
         raise ValueError(
-            f"{where} must name a device such as 'cpu' or 'cuda:0', but got {value!r}"
+            f"{where} must name a device such as 'cpu' or 'cuda:0', not {value!r}"
         ) from None
     available = getattr(getattr(torch, device.type, None), "is_available", None)
     if callable(available) and not available():
         raise ValueError(f"{where} is {value!r}, but {device.type} is not available here")
 
 
-def _check_map_location(value: Any) -> None:
-    """Raise unless ``value`` is a map_location torch.load takes: None, device, dict, callable."""
-    if value is None or callable(value):
-        return
-    if isinstance(value, dict):
-        for key, device in value.items():
-            if not isinstance(device, str):
-                raise TypeError(
-                    f"'map_location'[{key!r}] must be a str, but got {type_name(device)}"
-                )
-            _check_device(device, f"'map_location'[{key!r}]")
-        return
-    if not isinstance(value, str | torch.device):
-        raise TypeError(
-            f"'map_location' must be a str, torch.device, dict, callable or None, but got "
-            f"{type_name(value)}"
-        )
-    _check_device(value, "'map_location'")
-
-
-def _check_readable(target: Path) -> None:
-    """Raise unless ``target`` is an existing file."""
-    if not target.exists():
-        raise FileNotFoundError(errno.ENOENT, f"no checkpoint at 'path' {str(target)!r}")
-    if target.is_dir():
-        raise CheckpointError(f"'path' {str(target)!r} is a folder, not a checkpoint file")
+def _first_line(error: BaseException) -> str:
+    """Return the first line of an error's message (its repr when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else repr(error)
 
 
 def _read(target: Path, map_location: MapLocation) -> Any:
@@ -294,7 +309,7 @@ def _read(target: Path, map_location: MapLocation) -> Any:
     try:
         return torch.load(target, map_location=map_location, weights_only=True)
     except Exception as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        reason = _first_line(error)
         if "weights only load failed" in str(error).lower():
             raise CheckpointError(
                 f"refused to load {str(target)!r}: it holds objects other than tensors and "
@@ -306,11 +321,6 @@ def _read(target: Path, map_location: MapLocation) -> Any:
         ) from None
 
 
-def _is_extra_state(key: str) -> bool:
-    """Tell whether a state_dict key holds a module's ``get_extra_state()`` value."""
-    return key.rsplit(".", 1)[-1] == _EXTRA_STATE
-
-
 def _state_dict_problem(value: Any) -> str | None:
     """Say how ``value`` is not a model state_dict (str keys to tensors or extra state)."""
     if not isinstance(value, dict):
@@ -318,28 +328,8 @@ def _state_dict_problem(value: Any) -> str | None:
     for key, item in value.items():
         if not isinstance(key, str):
             return f"it has the key {key!r}, not a str"
-        if not isinstance(item, torch.Tensor) and not _is_extra_state(key):
+        if not isinstance(item, torch.Tensor) and not key.endswith("_extra_state"):
             return f"its key {key!r} holds a {type_name(item)}, not a tensor"
-    return None
-
-
-def _is_state_dict(payload: Any) -> bool:
-    """Tell whether ``payload`` is a bare ``model.state_dict()``."""
-    return isinstance(payload, dict) and bool(payload) and _state_dict_problem(payload) is None
-
-
-def _payload_problem(payload: dict[str, Any]) -> str | None:
-    """Name the first entry of an fntrain payload that is not what save_checkpoint writes."""
-    if "model" not in payload:
-        return "it has no 'model' entry"
-    problem = _state_dict_problem(payload["model"])
-    if problem is not None:
-        return f"its 'model' entry is not a model state_dict: {problem}"
-    expected = {"epoch": int, "step": int, "metrics": dict, "extra": dict}
-    for name, kind in expected.items():
-        value = payload.get(name)
-        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
-            return f"its {name!r} entry must be a {kind.__name__}, but is a {type_name(value)}"
     return None
 
 
@@ -351,11 +341,23 @@ def _normalise(payload: Any, target: Path) -> dict[str, Any]:
                 f"{str(target)!r} is an fntrain checkpoint of version "
                 f"{payload.get('version')!r}, but this fntrain reads version {VERSION}"
             )
-        problem = _payload_problem(payload)
-        if problem is not None:
-            raise CheckpointError(f"{str(target)!r} is a malformed fntrain checkpoint: {problem}")
+        problem = _state_dict_problem(payload.get("model"))
+        if "model" not in payload or problem is not None:
+            problem = "it has no 'model' entry" if "model" not in payload else problem
+            raise CheckpointError(
+                f"{str(target)!r} is a malformed fntrain checkpoint: its 'model' entry is "
+                f"not a model state_dict: {problem}"
+            )
+        kinds = {"epoch": int, "step": int, "metrics": dict, "extra": dict}
+        for name, kind in kinds.items():
+            value = payload.get(name)
+            if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+                raise CheckpointError(
+                    f"{str(target)!r} is a malformed fntrain checkpoint: its {name!r} entry "
+                    f"must be a {kind.__name__}, but is a {type_name(value)}"
+                )
         return payload
-    if _is_state_dict(payload):
+    if isinstance(payload, dict) and payload and _state_dict_problem(payload) is None:
         return {"model": payload}
     kind = f"a dict with keys {list(payload)[:8]}" if isinstance(payload, dict) else None
     raise CheckpointError(
@@ -364,16 +366,122 @@ def _normalise(payload: Any, target: Path) -> dict[str, Any]:
     )
 
 
+def _variants(state: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Yield ``state``, then ``state`` with each further shared wrapper prefix stripped."""
+    while True:
+        yield state
+        prefix = next(
+            (p for p in _WRAPPER_PREFIXES if state and all(k.startswith(p) for k in state)), None
+        )
+        if prefix is None:
+            return
+        state = {key[len(prefix) :]: value for key, value in state.items()}
+
+
+def _model_problems(
+    saved: Mapping[str, Any], current: Mapping[str, Any], strict: bool
+) -> list[str]:
+    """List every difference between the file's and the model's keys and tensor shapes."""
+    problems = []
+    missing = [key for key in current if key not in saved]
+    unexpected = [key for key in saved if key not in current]
+    if strict and missing:
+        problems.append(f"missing in the file: {', '.join(map(repr, missing))}")
+    if strict and unexpected:
+        problems.append(f"unexpected in the file: {', '.join(map(repr, unexpected))}")
+    for key, value in saved.items():
+        other = current.get(key)
+        tensors = isinstance(value, torch.Tensor) and isinstance(other, torch.Tensor)
+        if tensors and tuple(value.shape) != tuple(other.shape):
+            problems.append(
+                f"key {key!r} has shape {tuple(value.shape)} in the file but "
+                f"{tuple(other.shape)} in the model"
+            )
+    return problems
+
+
+def _optimizer_problems(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> list[str]:
+    """List how the file's optimizer state does not fit ``optimizer`` (torch checks the rest)."""
+    groups, current = saved.get("param_groups"), optimizer.param_groups
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        return ["the optimizer state in the file has not the form of Optimizer.state_dict()"]
+    sizes = [len(g.get("params", ())) for g in groups]
+    if sizes != [len(g["params"]) for g in current]:
+        return [
+            f"the optimizer in the file has param groups of sizes {sizes} but 'optimizer' "
+            f"has {[len(g['params']) for g in current]}"
+        ]
+    params = dict(
+        zip(
+            (i for g in groups for i in g["params"]),
+            (p for g in current for p in g["params"]),
+            strict=True,
+        )
+    )
+    state = saved.get("state") if isinstance(saved.get("state"), dict) else {}
+    return [
+        f"optimizer state {name!r} of parameter {index} has shape {tuple(value.shape)} in "
+        f"the file but the parameter has {tuple(params[index].shape)}"
+        for index, entry in state.items()
+        if isinstance(entry, dict) and index in params
+        for name, value in entry.items()
+        if isinstance(value, torch.Tensor) and value.dim() and value.shape != params[index].shape
+    ]
+
+
+def _state_problems(payload: dict[str, Any], given: dict[str, Any]) -> list[str]:
+    """List why the file's optimizer, scheduler and scaler states cannot go into those given."""
+    problems: list[str] = []
+    for name, obj in given.items():
+        saved, saved_class = payload.get(name), payload.get(f"{name}_class")
+        if saved is None:
+            problems.append(f"'{name}' was given but the file holds no {name} state")
+        elif saved_class is not None and saved_class != type(obj).__qualname__:
+            problems.append(
+                f"'{name}' is {type(obj).__qualname__} but the file holds {saved_class} state"
+            )
+        elif not isinstance(saved, dict):
+            problems.append(f"the {name} state in the file is a {type_name(saved)}, not a dict")
+        elif name == "optimizer":
+            problems += _optimizer_problems(saved, obj)
+        elif name == "scaler" and obj.is_enabled() and not saved:
+            problems.append(
+                "'scaler' is enabled but the file's GradScaler state is empty (it was saved "
+                "from a disabled GradScaler)"
+            )
+    return problems
+
+
 def _apply(
-    payload: dict[str, Any], model_state: Mapping[str, Any], into: Into
+    payload: dict[str, Any],
+    model: nn.Module,
+    model_state: dict[str, Any],
+    given: dict[str, Any],
+    strict: bool,
+    restore_rng: bool,
 ) -> tuple[Any, list[str]]:
-    """Load every checked state in place; return the model's skipped keys and RNG notes."""
-    keys = into.model.load_state_dict(model_state, strict=into.strict)
-    for name in ("optimizer", "scheduler", "scaler"):
-        given = getattr(into, name)
-        if given is not None:
-            given.load_state_dict(payload[name])
-    notes = rng.restore(payload["rng"]) if into.restore_rng and "rng" in payload else []
+    """Load every state in place, the model last; on any failure put everything back.
+
+    The RNG, optimizer, scheduler and scaler states are small or replaced wholesale by
+    ``load_state_dict``, so what they were is kept by reference and restored on failure;
+    the model's keys and shapes were checked before, so its load does not fail midway.
+    """
+    undo: list[Callable[[], object]] = []
+    notes: list[str] = []
+    try:
+        if restore_rng and "rng" in payload:
+            before = rng.capture()
+            undo.append(lambda: rng.restore(before))
+            notes = rng.restore(payload["rng"])
+        for name, obj in given.items():
+            kept = copy.deepcopy(obj.state_dict()) if name != "optimizer" else obj.state_dict()
+            undo.append(lambda obj=obj, kept=kept: obj.load_state_dict(kept))
+            obj.load_state_dict(payload[name])
+        keys = model.load_state_dict(model_state, strict=strict)
+    except Exception as error:
+        for step in reversed(undo):
+            step()
+        raise CheckpointError(f"nothing was loaded: {_first_line(error)}") from error
     return keys, notes
 
 
@@ -391,12 +499,13 @@ def load_checkpoint(
     """Restore a checkpoint into ``model`` (and optimizer, scheduler, scaler) in place.
 
     The file is read with ``torch.load(..., weights_only=True)``, so a pickle that would
-    run code is refused. Everything is checked before anything changes: missing and
-    unexpected keys and shape mismatches are reported together, an optimizer or scheduler
-    of another class is refused, and on any error the model, optimizer, scheduler, scaler
-    and RNG states are untouched. A bare ``model.state_dict()`` saved with ``torch.save``
-    loads too (its epoch is None), and ``module.``/``_orig_mod.`` prefixes from DDP or
-    ``torch.compile`` are handled on both sides.
+    run code is refused. Nothing changes unless everything loads: missing and unexpected
+    keys and shape mismatches are reported together before anything is touched, an
+    optimizer or scheduler of another class is refused, and if any state fails to load,
+    the model, optimizer, scheduler, scaler and RNG states are put back as they were.
+    A bare ``model.state_dict()`` saved with ``torch.save`` loads too (its epoch is None),
+    and ``module.``/``_orig_mod.`` prefixes from DDP or ``torch.compile`` are handled on
+    both sides.
 
     Args:
         path: the checkpoint file.
@@ -433,18 +542,27 @@ def load_checkpoint(
     target = _as_path(path)
     _check_objects(model, optimizer, scheduler, scaler)
     _check_map_location(map_location)
-    _check_readable(target)
+    _check_is_file(target, must_exist=True)
     payload = _normalise(_read(target, map_location), target)
-    into = Into(_unwrap(model), optimizer, scheduler, scaler, strict, restore_rng)
-    current = into.model.state_dict()
-    model_state = _match_keys(payload["model"], current.keys())
-    problems = fit_problems(payload, model_state, current, into)
+    plain = _unwrap(model)
+    current = plain.state_dict()
+    wanted = set(current)  # the variant with the most keys in common with the model
+    model_state = max(_variants(dict(payload["model"])), key=lambda v: len(wanted.intersection(v)))
+    given = {
+        n: o for n, o in zip(_STATES, (optimizer, scheduler, scaler), strict=True) if o is not None
+    }
+    problems = _model_problems(model_state, current, strict) + _state_problems(payload, given)
     if problems:
         listed = "\n  ".join(problems)
         raise CheckpointError(
             f"{str(target)!r} does not fit what was given; nothing was loaded:\n  {listed}"
         )
-    keys, notes = _apply(payload, model_state, into)
+    try:
+        keys, notes = _apply(payload, plain, model_state, given, strict, restore_rng)
+    except CheckpointError as error:
+        raise CheckpointError(
+            f"{str(target)!r} does not fit what was given; {error}"
+        ) from error.__cause__
     for note in notes:
         warnings.warn(note, RuntimeWarning, stacklevel=2)
     return Checkpoint(

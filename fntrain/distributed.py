@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
-import weakref
 import zlib
 from collections.abc import Hashable, Iterator, Sized
 from typing import Any
@@ -13,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler, Sampler
 
-from fntrain.batches import concat, take
+from fntrain.data import concat, take
 
 
 def active() -> bool:
@@ -129,24 +127,6 @@ def gather_in_order(
     keep = _unique_order([index for part in parts for index in part[2]])
     gathered_targets = None if parts[0][1] is None else take(concat([p[1] for p in parts]), keep)
     return take(concat([p[0] for p in parts]), keep), gathered_targets, int(keep.numel())
-
-
-_seen_epochs: weakref.WeakKeyDictionary[DistributedSampler[Any], int] = weakref.WeakKeyDictionary()
-
-
-def warn_if_epoch_not_set(loader: Any) -> None:
-    """Warn when a shuffling DistributedSampler starts an epoch without set_epoch()."""
-    sampler = getattr(loader, "sampler", None)
-    if not isinstance(sampler, DistributedSampler) or not sampler.shuffle:
-        return
-    if _seen_epochs.get(sampler) == sampler.epoch:
-        warnings.warn(
-            f"the loader's DistributedSampler is still at epoch {sampler.epoch}: call "
-            f"sampler.set_epoch(epoch) before each epoch, or every epoch shuffles alike",
-            UserWarning,
-            stacklevel=3,
-        )
-    _seen_epochs[sampler] = sampler.epoch
 
 
 class ShardSampler(Sampler[int]):

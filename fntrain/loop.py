@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
@@ -11,18 +12,46 @@ from torch import nn
 
 from fntrain import distributed
 from fntrain import metrics as metric_lib
-from fntrain.batches import concat, count, describe, inputs_and_targets, pair
-from fntrain.device import as_device, check_model_on, to_device
-from fntrain.errors import NonFiniteLossError
-from fntrain.modes import mode
-from fntrain.nonfinite import Check, DeferredCheck, HostCheck
+from fntrain.data import (
+    as_device,
+    check_model_on,
+    concat,
+    count,
+    describe,
+    inputs_and_targets,
+    pair,
+    to_device,
+)
 from fntrain.progress import Progress
-from fntrain.records import EvalResult, Predictions, TrainResult
+from fntrain.records import EvalResult, NonFiniteLossError, Predictions, Step, TrainResult
+from fntrain.restore import BufferGuard, mode
 from fntrain.stepping import StepOptions, Stepper
-from fntrain.tally import Tally
+from fntrain.sums import Tally
 
 LossFn = Callable[[Any, Any], torch.Tensor]
-Transform = Callable[[Any, Any], tuple[Any, Any]]
+Forward = Callable[[nn.Module, Any], tuple[Any, Any]]
+OnStep = Callable[[Step], object]
+
+
+def _run(
+    model: nn.Module, forward: Forward | None, batch: Any, index: int, device: torch.device
+) -> tuple[Any, Any, int]:
+    """Move a batch to ``device`` and run the model on it; return outputs, targets, samples.
+
+    Without ``forward`` the batch is ``(inputs, targets)`` and the model is called as
+    ``model(inputs)``; a batch whose targets hold no samples is not run at all.
+    """
+    if forward is None:
+        inputs, targets = pair(batch, index)
+        targets = to_device(targets, device)
+        if isinstance(targets, torch.Tensor) and targets.dim() and not targets.shape[0]:
+            return None, targets, 0
+        outputs = model(to_device(inputs, device))
+    else:
+        outputs, targets = pair(
+            forward(model, to_device(batch, device)), index, "'forward' must return"
+        )
+    return outputs, targets, count(outputs, targets, index)
 
 
 def _mean_loss(loss: Any, samples: int, index: int) -> torch.Tensor:
@@ -42,78 +71,6 @@ def _mean_loss(loss: Any, samples: int, index: int) -> torch.Tensor:
     )
 
 
-def _prepare(
-    batch: Any, index: int, device: torch.device, transform: Transform | None = None
-) -> tuple[Any, Any, int]:
-    """Split a batch, move it to ``device`` and transform it; return inputs, targets, count."""
-    inputs, targets = pair(batch, index)
-    inputs, targets = to_device(inputs, device), to_device(targets, device)
-    if transform is not None:
-        inputs, targets = pair(transform(inputs, targets), index, "'transform' must return")
-    if isinstance(targets, torch.Tensor) and targets.dim():
-        return inputs, targets, targets.shape[0]
-    return inputs, targets, count(targets, index, "targets")
-
-
-def _train_batch(
-    model: nn.Module,
-    loss_fn: LossFn,
-    batch: Any,
-    index: int,
-    device: torch.device,
-    transform: Transform | None,
-    stepper: Stepper,
-    check: Check,
-) -> tuple[float | torch.Tensor, int, Any, Any] | None:
-    """Forward, check and backward one batch; return (loss, samples, outputs, targets).
-
-    Returns None for a batch without samples. The host check raises NonFiniteLossError
-    before backward; the deferred check leaves the loss on the device.
-    """
-    inputs, targets, samples = _prepare(batch, index, device, transform)
-    if not samples:
-        return None
-    with stepper.autocast:
-        outputs, loss = _forward(model, loss_fn, inputs, targets, samples, index)
-    if not loss.requires_grad:
-        raise ValueError(
-            f"'loss_fn' returned a loss that does not require grad for batch {index}; was it "
-            f"detached or computed under torch.no_grad(), or are all parameters frozen?"
-        )
-    value = check.batch(loss, index)
-    stepper.backward(loss, samples)
-    return value, samples, outputs, targets
-
-
-def _forward(
-    model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any, samples: int, index: int
-) -> tuple[Any, torch.Tensor]:
-    """Run the model on a batch; return its outputs and mean loss."""
-    outputs = model(inputs)
-    return outputs, _mean_loss(loss_fn(outputs, targets), samples, index)
-
-
-def _undo_deferred(check: Check, error: BaseException) -> None:
-    """Put back what deferred steps changed; say so on the escaping ``error``."""
-    try:
-        bad = check.undo()
-    except Exception as failure:  # keep the user's error; this one is secondary
-        _note(error, f"fntrain could not put the model back after this error: {failure!r}")
-        return
-    if bad is not None:
-        _note(
-            error,
-            f"batch {bad[0]} had a non-finite loss ({bad[1]}) before this error; the model "
-            f"was put back as after the last finite batch",
-        )
-
-
-def _note(error: BaseException, text: str) -> None:
-    """Add ``text`` to the error's traceback (Python >= 3.11; dropped before)."""
-    if hasattr(error, "add_note"):
-        error.add_note(text)
-
-
 def _check_args(model: Any, loader: Any, device: torch.device | str) -> torch.device:
     """Check the arguments every function shares; return the resolved device."""
     if not isinstance(model, nn.Module):
@@ -128,13 +85,10 @@ def _check_args(model: Any, loader: Any, device: torch.device | str) -> torch.de
     return resolved
 
 
-def _check_loss_fn(loss_fn: Any) -> None:
-    """Check ``loss_fn`` is callable."""
-    if not callable(loss_fn):
-        raise TypeError(
-            f"'loss_fn' must be callable as loss_fn(outputs, targets), "
-            f"but got {type(loss_fn).__name__}"
-        )
+def _check_callable(name: str, value: Any, shape: str, optional: bool = True) -> None:
+    """Raise TypeError naming ``name`` unless ``value`` is callable (or None if optional)."""
+    if not callable(value) and not (optional and value is None):
+        raise TypeError(f"'{name}' must be callable as {shape}, but got {type(value).__name__}")
 
 
 def _check_optimizer(optimizer: Any) -> None:
@@ -161,37 +115,44 @@ def train_epoch(
     device: torch.device | str,
     *,
     metrics: Mapping[str, Any] | None = None,
-    on_nonfinite: Literal["raise", "skip", "defer"] = "raise",
+    forward: Forward | None = None,
+    on_step: OnStep | None = None,
+    on_nonfinite: Literal["raise", "skip"] = "raise",
     progress: bool = False,
     accumulate: int = 1,
     autocast: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
     clip_grad_norm: float | None = None,
     scheduler: Any = None,
-    transform: Transform | None = None,
 ) -> TrainResult:
     """Train ``model`` for one pass over ``loader``; return the epoch's loss and metrics.
 
     Per batch, exactly as the hand-written loop: ``optimizer.zero_grad()``, forward,
     loss, ``backward()``, ``optimizer.step()``, in train mode. Every submodule's own
     train/eval flag is restored afterwards. The loss and metrics are averaged over
-    samples, so an uneven last batch counts by its size.
+    samples, so an uneven last batch counts by its size. Each loss is read on the host
+    once (``.item()``), before its backward pass; that is the one host sync per batch.
 
     Args:
         model: the model, already on ``device``.
         loader: yields ``(inputs, targets)``; inputs may be a tensor, a tuple/list or a
-            dict of tensors, moved to ``device`` and passed as ``model(inputs)``.
+            mapping of tensors, moved to ``device`` and passed as ``model(inputs)``.
+            With ``forward``, any batch structure.
         loss_fn: ``loss_fn(outputs, targets)`` returning the batch's mean loss (a scalar)
             or per-sample losses (shape ``(batch,)``, from ``reduction="none"``).
         optimizer: the optimizer over the model's parameters.
         device: where the model is and the batches go.
         metrics: name to metric (``ft.accuracy()``, a torchmetrics object, ...).
-        on_nonfinite: ``"raise"`` a ``NonFiniteLossError`` before the step, ``"skip"``
-            such batches (counted in ``TrainResult.skipped_batches``), or ``"defer"`` the
-            check to the device: no ``.item()`` (a host sync on CUDA) per batch. It needs
-            a fused optimizer (``fused=True``), which skips every step from the bad batch
-            on inside its kernel; the error comes a few batches later, with the model,
-            buffers, optimizer and scheduler put back as after the last good batch.
+        forward: ``forward(model, batch) -> (outputs, targets)``, called with the whole
+            batch already on ``device``, for every other call shape: keyword models
+            (``model(**batch)``), several inputs, mixup, a teacher's outputs as targets.
+            Samples are counted from the targets, or from the outputs when the targets
+            hold no tensor with a batch dimension.
+        on_step: ``on_step(step)``, called after every optimizer step (and scheduler
+            step) with a frozen ``ft.Step``: log every N steps, update an EMA. An
+            exception from it ends the epoch with that step fully applied.
+        on_nonfinite: ``"raise"`` a ``NonFiniteLossError`` before the step, or ``"skip"``
+            such batches (counted in ``TrainResult.skipped_batches``).
         progress: show a tqdm progress bar (hidden when output is not a terminal).
         accumulate: add up the gradients of this many batches before each step; the
             step's gradient is that of the sample-weighted mean loss over the window, and
@@ -202,10 +163,9 @@ def train_epoch(
             gradients are counted in ``TrainResult.skipped_steps``.
         clip_grad_norm: clip the total gradient norm to this before each step (after
             unscaling); the largest norm before clipping is ``TrainResult.grad_norm``.
+            The norm is read on the host once per step.
         scheduler: an LR scheduler stepped after every optimizer step (warmup,
             OneCycleLR, cosine per step). Step per-epoch schedulers yourself.
-        transform: ``transform(inputs, targets) -> (inputs, targets)`` applied to every
-            batch on the device before the forward pass, e.g. ``ft.mixup``.
 
     Returns:
         A frozen ``TrainResult``.
@@ -220,58 +180,54 @@ def train_epoch(
         (32, 4)
     """
     resolved = _check_args(model, loader, device)
-    _check_loss_fn(loss_fn)
+    _check_callable("loss_fn", loss_fn, "loss_fn(outputs, targets)", optional=False)
     _check_optimizer(optimizer)
-    if on_nonfinite not in ("raise", "skip", "defer"):
-        raise ValueError(
-            f"'on_nonfinite' must be 'raise', 'skip' or 'defer', but got {on_nonfinite!r}"
-        )
-    if transform is not None and not callable(transform):
-        raise TypeError(f"'transform' must be callable, but got {type(transform).__name__}")
-    distributed.warn_if_epoch_not_set(loader)
+    _check_callable("forward", forward, "forward(model, batch) -> (outputs, targets)")
+    _check_callable("on_step", on_step, "on_step(step)")
+    if on_nonfinite not in ("raise", "skip"):
+        raise ValueError(f"'on_nonfinite' must be 'raise' or 'skip', but got {on_nonfinite!r}")
     options = StepOptions(accumulate, autocast, scaler, clip_grad_norm, scheduler)
-    options.check(optimizer, resolved)
+    stepper = Stepper(optimizer, options.check(optimizer, resolved), resolved)
     tally = Tally(metric_lib.check(metrics), resolved)
-    if on_nonfinite == "defer":
-        DeferredCheck.check_usable(optimizer, scaler)
-    check: Check = (
-        DeferredCheck(model, optimizer, scheduler, resolved)
-        if on_nonfinite == "defer"
-        else HostCheck(model)
-    )
-    stepper = Stepper(optimizer, options, resolved, check)
+    buffers = BufferGuard(model)
     skipped = 0
     start = time.perf_counter()
-    try:
-        with mode(model, True), Progress(progress, loader, "train") as bar:
-            for index, batch in enumerate(loader):
-                stepper.begin_batch(index)
-                try:
-                    with check.buffers:
-                        done = _train_batch(
-                            model, loss_fn, batch, index, resolved, transform, stepper, check
-                        )
-                except NonFiniteLossError:
+    with mode(model, True), Progress(progress, loader, "train") as bar:
+        index = -1
+        for index, batch in enumerate(loader):
+            stepper.begin_batch()
+            with buffers:  # an error in this batch puts BatchNorm statistics back
+                with stepper.autocast:
+                    outputs, targets, samples = _run(model, forward, batch, index, resolved)
+                    loss = (
+                        _mean_loss(loss_fn(outputs, targets), samples, index) if samples else None
+                    )
+                if loss is None:
+                    continue
+                _check_requires_grad(loss, index)
+                value = loss.item()  # the one host sync per batch
+                if not math.isfinite(value):
                     if on_nonfinite == "raise":
-                        raise
+                        raise NonFiniteLossError(index, value)
+                    buffers.restore()
                     skipped += 1
                     continue
-                if done is not None:
-                    tally.add(*done)
-                    bar.tick(done[1], tally.running_loss)
-                if check.stopped:  # the deferred check saw a bad batch
-                    break
-            else:
-                stepper.step()
-    except BaseException as error:
-        _undo_deferred(check, error)
-        raise
-    check.finish()  # deferred: one host read, NonFiniteLossError if a batch was bad
-    loss, values = tally.finish()  # an all-reduce under DDP: every rank reaches it
+                parts = metric_lib.parts(tally.metrics, outputs, targets)
+                stepper.backward(loss, value, samples)
+                step = stepper.step(index) if stepper.full else None
+            del outputs, loss  # free this batch's graph before the next one is built
+            tally.add(value, samples, parts)
+            bar.tick(samples, tally.running_loss)
+            if step is not None and on_step is not None:
+                on_step(step)
+        last = stepper.step(index)  # a partial window at the end
+        if last is not None and on_step is not None:
+            on_step(last)
+    loss_mean, values = tally.finish()  # an all-reduce under DDP: every rank reaches it
     if tally.batches == 0 and skipped == 0:
         raise _no_batches()
     return TrainResult(
-        loss=loss,
+        loss=loss_mean,
         metrics=values,
         samples=tally.samples,
         batches=tally.batches,
@@ -284,6 +240,15 @@ def train_epoch(
     )
 
 
+def _check_requires_grad(loss: torch.Tensor, index: int) -> None:
+    """Raise if the loss cannot be back-propagated."""
+    if not loss.requires_grad:
+        raise ValueError(
+            f"'loss_fn' returned a loss that does not require grad for batch {index}; was it "
+            f"detached or computed under torch.no_grad(), or are all parameters frozen?"
+        )
+
+
 def evaluate(
     model: nn.Module,
     loader: Iterable[Any],
@@ -291,6 +256,7 @@ def evaluate(
     device: torch.device | str,
     *,
     metrics: Mapping[str, Any] | None = None,
+    forward: Forward | None = None,
     inference_mode: bool = False,
     progress: bool = False,
 ) -> EvalResult:
@@ -299,7 +265,8 @@ def evaluate(
     Runs in eval mode under ``torch.no_grad()`` (or ``torch.inference_mode()`` with
     ``inference_mode=True``): parameters, buffers such as BatchNorm statistics, and
     ``.grad`` are left bit-identical, and every submodule's own train/eval flag is
-    restored afterwards. A non-finite loss is reported, not raised.
+    restored afterwards. A non-finite loss is reported, not raised. On an accelerator
+    the sums stay on the device until the end: no host sync per batch.
 
     Args:
         model: the model, already on ``device``.
@@ -307,6 +274,7 @@ def evaluate(
         loss_fn: ``loss_fn(outputs, targets)``, a scalar mean or per-sample losses.
         device: where the model is and the batches go.
         metrics: name to metric (``ft.accuracy()``, a torchmetrics object, ...).
+        forward: ``forward(model, batch) -> (outputs, targets)``, as for ``train_epoch``.
         inference_mode: use ``torch.inference_mode()`` instead of ``torch.no_grad()``.
         progress: show a tqdm progress bar (hidden when output is not a terminal).
 
@@ -323,23 +291,24 @@ def evaluate(
         (24, True)
     """
     resolved = _check_args(model, loader, device)
-    _check_loss_fn(loss_fn)
+    _check_callable("loss_fn", loss_fn, "loss_fn(outputs, targets)", optional=False)
+    _check_callable("forward", forward, "forward(model, batch) -> (outputs, targets)")
     tally = Tally(metric_lib.check(metrics), resolved)
     no_grad = torch.inference_mode() if inference_mode else torch.no_grad()
     start = time.perf_counter()
     with mode(model, False), no_grad, Progress(progress, loader, "eval") as bar:
         for index, batch in enumerate(loader):
-            inputs, targets, samples = _prepare(batch, index, resolved)
+            outputs, targets, samples = _run(model, forward, batch, index, resolved)
             if not samples:
                 continue
-            outputs, loss = _forward(model, loss_fn, inputs, targets, samples, index)
-            tally.add(loss, samples, outputs, targets)
+            loss = _mean_loss(loss_fn(outputs, targets), samples, index)
+            tally.add(loss, samples, metric_lib.parts(tally.metrics, outputs, targets))
             bar.tick(samples, tally.running_loss)
-    loss, values = tally.finish()  # an all-reduce under DDP: every rank reaches it
+    loss_mean, values = tally.finish()  # an all-reduce under DDP: every rank reaches it
     if tally.batches == 0:
         raise _no_batches()
     return EvalResult(
-        loss=loss,
+        loss=loss_mean,
         metrics=values,
         samples=tally.samples,
         batches=tally.batches,
@@ -347,24 +316,37 @@ def evaluate(
     )
 
 
+def _predict_batch(
+    model: nn.Module, forward: Forward | None, batch: Any, index: int, device: torch.device
+) -> tuple[Any, Any]:
+    """Return one prediction batch's outputs and targets (None when it has none)."""
+    if forward is None:
+        inputs, targets = inputs_and_targets(batch, index)
+        return model(to_device(inputs, device)), targets
+    return pair(forward(model, to_device(batch, device)), index, "'forward' must return")
+
+
 def predict(
     model: nn.Module,
     loader: Iterable[Any],
     device: torch.device | str,
     *,
+    forward: Forward | None = None,
     progress: bool = False,
     gather: Literal["main", "all", "none"] = "main",
 ) -> Predictions:
     """Return ``model``'s outputs over ``loader``, in loader order, on the CPU.
 
     Runs in eval mode under ``torch.no_grad()`` and changes nothing in the model. The
-    loader may yield bare inputs (a tensor or dict), ``(inputs,)`` or
+    loader may yield bare inputs (a tensor or mapping), ``(inputs,)`` or
     ``(inputs, targets)``; a tuple or list of two is always read as inputs and targets.
 
     Args:
         model: the model, already on ``device``.
         loader: yields inputs, ``(inputs,)`` or ``(inputs, targets)``.
         device: where the model is and the inputs go.
+        forward: ``forward(model, batch) -> (outputs, targets or None)``, called with the
+            whole batch on ``device``, for any other batch or call shape.
         progress: show a tqdm progress bar (hidden when output is not a terminal).
         gather: under torch.distributed, collect every rank's outputs in data set order
             (padding removed) on rank 0 (``"main"``; the other ranks get None outputs and
@@ -382,6 +364,7 @@ def predict(
         (torch.Size([7, 3]), None)
     """
     resolved = _check_args(model, loader, device)
+    _check_callable("forward", forward, "forward(model, batch) -> (outputs, targets)")
     if gather not in ("main", "all", "none"):
         raise ValueError(f"'gather' must be 'main', 'all' or 'none', but got {gather!r}")
     gathering = distributed.active() and gather != "none"
@@ -392,15 +375,14 @@ def predict(
     samples = 0
     with mode(model, False), torch.no_grad(), Progress(progress, loader, "predict") as bar:
         for index, batch in enumerate(loader):
-            inputs, batch_targets = inputs_and_targets(batch, index)
+            batch_outputs, batch_targets = _predict_batch(model, forward, batch, index, resolved)
             if index and (batch_targets is None) != (not targets):
                 raise TypeError(
                     f"'loader' must yield targets in every batch or in none, but batch "
                     f"{index} {'has none' if batch_targets is None else 'has targets'} "
                     f"and batch 0 {'has targets' if targets else 'has none'}"
                 )
-            batch_outputs = model(to_device(inputs, resolved))
-            samples += count(batch_outputs, index, "outputs")
+            samples += count(batch_outputs, None, index)
             outputs.append(to_device(batch_outputs, cpu))
             if batch_targets is not None:
                 targets.append(to_device(batch_targets, cpu))

@@ -9,14 +9,16 @@ reach the host once, at its end.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import attrs
 import torch
 
 from fntrain.records import MetricValue
-from fntrain.sums import Part, Sums
+
+Part = torch.Tensor | int | float
 
 
 @attrs.frozen
@@ -165,15 +167,33 @@ def start(metrics: Mapping[str, Any], device: torch.device) -> None:
                 metric.to(device)
 
 
-def update(metrics: Mapping[str, Any], sums: Sums, outputs: Any, targets: Any) -> None:
-    """Add one batch's metric states to ``sums``; torchmetrics objects update themselves."""
-    for name, metric in metrics.items():
-        if isinstance(metric, Metric):
-            parts = metric.state(outputs, targets)
-            for position, part in enumerate(parts if isinstance(parts, tuple) else (parts,)):
-                sums.add((name, position), part)
-        else:
-            metric.update(outputs, targets)
+@contextmanager
+def _named(name: str) -> Iterator[None]:
+    """Add the metric's name to an error that escapes from it (Python >= 3.11)."""
+    try:
+        yield
+    except Exception as error:
+        if hasattr(error, "add_note"):
+            error.add_note(f"raised by metrics[{name!r}]")
+        raise
+
+
+def parts(metrics: Mapping[str, Any], outputs: Any, targets: Any) -> dict[Hashable, Part]:
+    """Return one batch's metric parts keyed ``(name, position)``; torchmetrics update themselves.
+
+    Runs without autograd, so no metric builds a graph, even in ``train_epoch``.
+    """
+    found: dict[Hashable, Part] = {}
+    with torch.no_grad():
+        for name, metric in metrics.items():
+            with _named(name):
+                if not isinstance(metric, Metric):
+                    metric.update(outputs, targets)
+                    continue
+                state = metric.state(outputs, targets)
+                for position, part in enumerate(state if isinstance(state, tuple) else (state,)):
+                    found[name, position] = part
+    return found
 
 
 def _value(result: Any) -> MetricValue:

@@ -1,4 +1,4 @@
-"""Immutable records returned by fntrain's functions."""
+"""The immutable records fntrain returns and the exceptions it raises."""
 
 from __future__ import annotations
 
@@ -46,6 +46,30 @@ class TrainResult:
     lr: float
     skipped_batches: int = 0
     skipped_steps: int = 0
+    grad_norm: float | None = None
+
+
+@attrs.frozen
+class Step:
+    """One optimizer step of ``train_epoch``, as given to its ``on_step`` function.
+
+    Attributes:
+        index: the step's index within the epoch, from 0 (steps a GradScaler skipped
+            are not counted).
+        batch_index: the loader index of the step's last batch, from 0.
+        loss: the sample-weighted mean loss over the step's batches (several with
+            ``accumulate``), already on the host.
+        samples: the number of samples in the step's batches.
+        lr: the learning rate of the first param group that the step used.
+        grad_norm: the total gradient norm before clipping (only with
+            ``clip_grad_norm``; None otherwise).
+    """
+
+    index: int
+    batch_index: int
+    loss: float
+    samples: int
+    lr: float
     grad_norm: float | None = None
 
 
@@ -124,3 +148,31 @@ class Checkpoint:
     extra: Mapping[str, Any] = attrs.field(converter=_read_only)
     missing_keys: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     unexpected_keys: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A batch's loss (or gradient norm) was NaN or infinite; no step was taken with it.
+
+    Raised before that batch's ``optimizer.step()``, with the model's buffers put back,
+    so the model is as after the last finite batch.
+
+    Attributes:
+        batch_index: the index of the offending batch in the loader (0-based).
+        loss: the value that was not finite.
+    """
+
+    def __init__(self, batch_index: int, loss: float) -> None:
+        self.batch_index = batch_index
+        self.loss = loss
+        super().__init__(
+            f"the loss of batch {batch_index} is {loss}; the optimizer did not step and the "
+            f"buffers were restored, so the model is as after the last finite batch. Pass "
+            f"on_nonfinite='skip' to skip such batches instead"
+        )
+
+    def __reduce__(self) -> tuple[type, tuple[int, float]]:
+        return type(self), (self.batch_index, self.loss)
+
+
+class CheckpointError(Exception):
+    """A file is not a loadable fntrain checkpoint, or does not fit what it is loaded into."""

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import AbstractContextManager, nullcontext
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 import torch
 
-if TYPE_CHECKING:
-    from fntrain.nonfinite import Check
-
-_AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
-
-
-def _positive_int(name: str, value: Any) -> None:
-    """Raise unless ``value`` is an int >= 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"'{name}' must be an int >= 1, but got {value!r}")
+from fntrain.records import Step
 
 
 @attrs.frozen
@@ -40,74 +32,65 @@ class StepOptions:
 
     def check(self, optimizer: torch.optim.Optimizer, device: torch.device) -> StepOptions:
         """Raise a ValueError/TypeError naming the first bad option; return self."""
-        _positive_int("accumulate", self.accumulate)
-        if self.autocast is not None and self.autocast not in _AUTOCAST_DTYPES:
+        accumulate, autocast, scaler, clip, scheduler = attrs.astuple(self, recurse=False)
+        if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+            raise ValueError(f"'accumulate' must be an int >= 1, but got {accumulate!r}")
+        if autocast not in (None, torch.bfloat16, torch.float16):
             raise ValueError(
-                f"'autocast' must be None, torch.bfloat16 or torch.float16, "
-                f"but got {self.autocast!r}"
+                f"'autocast' must be None, torch.bfloat16 or torch.float16, but got {autocast!r}"
             )
-        if self.autocast is torch.float16 and device.type == "cuda" and self.scaler is None:
+        if autocast is torch.float16 and device.type == "cuda" and scaler is None:
             raise ValueError(
                 "'autocast' is torch.float16 on CUDA but 'scaler' is None; float16 gradients "
                 "underflow without loss scaling: pass scaler=torch.amp.GradScaler('cuda')"
             )
-        if self.scaler is not None and not all(
-            hasattr(self.scaler, name) for name in ("scale", "step", "update", "unscale_")
+        if scaler is not None and not all(
+            hasattr(scaler, name) for name in ("scale", "step", "update", "unscale_")
         ):
             raise TypeError(
-                f"'scaler' must be a torch.amp.GradScaler, but got {type(self.scaler).__name__}"
+                f"'scaler' must be a torch.amp.GradScaler, but got {type(scaler).__name__}"
             )
-        clip = self.clip_grad_norm
         if clip is not None and (isinstance(clip, bool) or not isinstance(clip, int | float)):
             raise TypeError(f"'clip_grad_norm' must be a positive number, but got {clip!r}")
         if clip is not None and not clip > 0:
             raise ValueError(f"'clip_grad_norm' must be a positive number, but got {clip!r}")
-        if self.scheduler is not None:
-            if not callable(getattr(self.scheduler, "step", None)):
-                raise TypeError(
-                    f"'scheduler' must be an LR scheduler with .step(), "
-                    f"but got {type(self.scheduler).__name__}"
-                )
-            if getattr(self.scheduler, "optimizer", optimizer) is not optimizer:
-                raise ValueError("'scheduler' schedules another optimizer than 'optimizer'")
+        if scheduler is not None and not callable(getattr(scheduler, "step", None)):
+            kind = type(scheduler).__name__
+            raise TypeError(f"'scheduler' must be an LR scheduler with .step(), but got {kind}")
+        if getattr(scheduler, "optimizer", optimizer) is not optimizer:
+            raise ValueError("'scheduler' schedules another optimizer than 'optimizer'")
         return self
-
-    def autocast_context(self, device: torch.device) -> AbstractContextManager[Any]:
-        """Return the autocast context for forward and loss (a no-op without autocast)."""
-        if self.autocast is None:
-            return nullcontext()
-        return torch.autocast(device_type=device.type, dtype=self.autocast)
 
 
 class Stepper:
-    """Accumulates gradients over a window of batches and takes the step (private, per call)."""
+    """Adds up a window of batches and takes its optimizer step (private to one call)."""
 
     def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        options: StepOptions,
-        device: torch.device,
-        check: Check,
+        self, optimizer: torch.optim.Optimizer, options: StepOptions, device: torch.device
     ) -> None:
         self.optimizer = optimizer
         self.options = options
-        self.check = check
-        self.index = 0
-        self.autocast = options.autocast_context(device)
+        self.autocast: AbstractContextManager[Any] = (
+            nullcontext()
+            if options.autocast is None
+            else torch.autocast(device_type=device.type, dtype=options.autocast)
+        )
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.window_batches = 0
         self.window_samples = 0
+        self.window_loss = 0.0  # sum of samples * mean loss over the window's batches
         self.steps = 0
         self.skipped_steps = 0
-        self.norms: list[torch.Tensor] = []
+        self.largest_norm: float | None = None
+        self.norms_seen = 0
 
-    def begin_batch(self, index: int) -> None:
-        """Note the batch index; zero the gradients at the start of each window."""
-        self.index = index
+    def begin_batch(self) -> None:
+        """Zero the gradients at the start of each window."""
         if self.window_batches == 0:
             self.optimizer.zero_grad()
 
-    def backward(self, loss: torch.Tensor, samples: int) -> None:
-        """Back-propagate one batch's mean loss; step when the window is full."""
+    def backward(self, loss: torch.Tensor, value: float, samples: int) -> None:
+        """Back-propagate one batch's mean ``loss`` (``value`` on the host) into the window."""
         if self.options.accumulate > 1:
             loss = loss * samples  # the window's grads are divided by its samples at the step
         if self.options.scaler is not None:
@@ -115,37 +98,54 @@ class Stepper:
         loss.backward()
         self.window_batches += 1
         self.window_samples += samples
-        if self.window_batches == self.options.accumulate:
-            self.step()
+        self.window_loss += value * samples
 
-    def _params(self) -> list[torch.Tensor]:
-        """Return the optimizer's parameters."""
-        return [p for group in self.optimizer.param_groups for p in group["params"]]
+    @property
+    def full(self) -> bool:
+        """Tell whether the window holds ``accumulate`` batches."""
+        return self.window_batches == self.options.accumulate
 
-    def step(self) -> None:
-        """Take the optimizer step for the current window (no-op for an empty window)."""
+    def step(self, batch_index: int) -> Step | None:
+        """Step the optimizer (and scheduler) on the window; return the Step, None if skipped.
+
+        An empty window takes no step. A step the GradScaler skips for inf/NaN gradients
+        is counted in ``skipped_steps`` and does not step the scheduler.
+        """
         if self.window_batches == 0:
-            return
+            return None
         options, scaler = self.options, self.options.scaler
         if options.accumulate > 1:
-            grads = [p.grad for p in self._params() if p.grad is not None]
+            grads = [p.grad for p in self.params if p.grad is not None]
             if grads:
                 torch._foreach_div_(grads, float(self.window_samples))
+        norm = None
         if options.clip_grad_norm is not None:
             if scaler is not None:
                 scaler.unscale_(self.optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(self._params(), options.clip_grad_norm)
-            self.norms.append(norm.detach())
-        self.check.before_step(self.index)
-        try:
-            taken = self._optimizer_step(scaler)
-        finally:
-            self.check.after_step()
-        self.steps += taken
-        self.skipped_steps += not taken
-        if taken and options.scheduler is not None:
-            options.scheduler.step()
+            norm = float(torch.nn.utils.clip_grad_norm_(self.params, options.clip_grad_norm))
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        taken = self._optimizer_step(scaler)
+        record = Step(
+            index=self.steps,
+            batch_index=batch_index,
+            loss=self.window_loss / self.window_samples,
+            samples=self.window_samples,
+            lr=lr,
+            grad_norm=norm,
+        )
         self.window_batches = self.window_samples = 0
+        self.window_loss = 0.0
+        if norm is not None:
+            self.norms_seen += 1
+            if math.isfinite(norm):
+                self.largest_norm = max(norm, self.largest_norm or 0.0)
+        if not taken:
+            self.skipped_steps += 1
+            return None
+        self.steps += 1
+        if options.scheduler is not None:
+            options.scheduler.step()
+        return record
 
     def _optimizer_step(self, scaler: Any) -> bool:
         """Step the optimizer (through the scaler); return False if the scaler skipped it."""
@@ -162,8 +162,6 @@ class Stepper:
         """Return the largest finite gradient norm seen before clipping, if clipping."""
         if self.options.clip_grad_norm is None:
             return None
-        if not self.norms:
-            return float("nan")
-        norms = torch.stack(self.norms).float().cpu()
-        finite = norms[torch.isfinite(norms)]
-        return float(finite.max()) if finite.numel() else float("inf")
+        if self.largest_norm is None:
+            return float("inf") if self.norms_seen else float("nan")
+        return self.largest_norm

@@ -1,34 +1,43 @@
-"""Running sums of per-batch parts: on the host when that is free, on the device otherwise."""
+"""The running sums of one pass: sample-weighted loss, sample and batch counts, metric parts."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 import torch
 
-Part = torch.Tensor | int | float
+from fntrain import distributed
+from fntrain import metrics as metric_lib
+from fntrain.metrics import Part
+from fntrain.records import MetricValue
+
+_LOSS = (None, "loss")  # metric parts are keyed (name, position) with a str name: no clash
+_SAMPLES = (None, "samples")
+_BATCHES = (None, "batches")
 
 
 def _exact(number: int | float) -> torch.Tensor:
     """Return a host sum as a tensor without losing precision (int64 or float64)."""
-    dtype = torch.float64 if isinstance(number, float) else torch.int64
-    return torch.tensor(number, dtype=dtype)
+    return torch.tensor(number, dtype=torch.float64 if isinstance(number, float) else torch.int64)
 
 
-class Sums:
-    """Adds up named parts batch after batch (private to one pass).
+class Tally:
+    """Sums over one pass, private to one call: on the host where that is free, else on the device.
 
     A Python number, or a one-element CPU tensor (whose ``.item()`` costs less than a
     tensor add), is summed on the host. Any other tensor is summed where it lives, so
-    values on a GPU stay there until :meth:`host` brings everything over in one transfer
-    per dtype.
+    values on a GPU stay there until :meth:`finish` brings everything over at once.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: Mapping[str, Any], device: torch.device) -> None:
+        metric_lib.start(metrics, device)
+        self.metrics = metrics
         self.totals: dict[Hashable, Any] = {}
+        self.samples = 0
+        self.batches = 0
 
-    def add(self, key: Hashable, part: Part) -> None:
+    def _add(self, key: Hashable, part: Part) -> None:
         """Add ``part`` to the running sum under ``key``."""
         if isinstance(part, torch.Tensor):
             part = part.item() if part.is_cpu and part.numel() == 1 else part.detach()
@@ -40,22 +49,29 @@ class Sums:
         else:
             self.totals[key] = total + part
 
-    def add_scaled(
-        self,
-        key: Hashable,
-        part: torch.Tensor,
-        weight: int,
-        widen: Callable[[torch.Tensor], torch.Tensor],
-    ) -> None:
-        """Add ``weight * part`` to a device sum kept in ``widen``'s dtype, in one kernel."""
-        total = self.totals.get(key)
-        if total is None:
-            self.totals[key] = widen(part) * weight
-        else:
-            total.add_(part, alpha=weight)
+    def add(self, loss: float | torch.Tensor, samples: int, parts: dict[Hashable, Part]) -> None:
+        """Add one batch: its mean loss (a float, or a device scalar), samples, metric parts."""
+        if not isinstance(loss, torch.Tensor):
+            self._add(_LOSS, loss * samples)
+        elif loss.is_cpu:
+            self._add(_LOSS, loss.item() * samples)
+        elif _LOSS in self.totals:  # one kernel: total += samples * loss, on the device
+            self.totals[_LOSS].add_(loss.detach(), alpha=samples)
+        else:  # float64 where the device has it (not MPS)
+            wide = torch.float32 if loss.device.type == "mps" else torch.float64
+            self.totals[_LOSS] = loss.detach().to(wide) * samples
+        self.samples += samples
+        self.batches += 1
+        for key, part in parts.items():
+            self._add(key, part)
 
-    def host(self) -> dict[Hashable, torch.Tensor]:
-        """Return every sum as a CPU tensor: numbers directly, device sums in one transfer."""
+    def running_loss(self) -> float:
+        """Mean loss per sample so far (NaN before any sample; syncs on an accelerator)."""
+        total = self.totals.get(_LOSS)
+        return float(total) / self.samples if self.samples else float("nan")
+
+    def _host(self) -> dict[Hashable, torch.Tensor]:
+        """Return every sum as a CPU tensor: numbers directly, device sums one transfer a dtype."""
         out = {k: _exact(t) for k, t in self.totals.items() if not isinstance(t, torch.Tensor)}
         on_device: dict[torch.dtype, list[tuple[Hashable, torch.Tensor]]] = {}
         for key, total in self.totals.items():
@@ -67,3 +83,21 @@ class Sums:
             for (key, total), piece in zip(group, pieces, strict=True):
                 out[key] = piece.reshape(total.shape)
         return out
+
+    def finish(self) -> tuple[float, dict[str, MetricValue]]:
+        """Return the mean loss and metric values, over all ranks when distributed.
+
+        The sums come to the host once; under torch.distributed they travel, with the
+        sample and batch counts, in a single all-reduce, so every rank gets the same.
+        """
+        totals = self._host()
+        if distributed.active():
+            totals.setdefault(_LOSS, torch.tensor(0.0, dtype=torch.float64))
+            totals[_SAMPLES] = torch.tensor(self.samples)
+            totals[_BATCHES] = torch.tensor(self.batches)
+            totals = distributed.all_reduce_totals(totals)
+            self.samples = int(totals.pop(_SAMPLES))
+            self.batches = int(totals.pop(_BATCHES))
+        loss_sum = totals.pop(_LOSS, None)
+        loss = float(loss_sum) / self.samples if self.samples else float("nan")
+        return loss, metric_lib.finish(self.metrics, totals)

@@ -1,0 +1,312 @@
+"""Batches: where they go, what they hold, how many samples they count; TensorLoader."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def default_device() -> torch.device:
+    """Return the best available device: CUDA, then Apple's MPS, then the CPU.
+
+    Example:
+        >>> import fntrain as ft
+        >>> ft.default_device().type in {"cuda", "mps", "cpu"}
+        True
+    """
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def as_device(device: torch.device | str) -> torch.device:
+    """Return ``device`` as a ``torch.device``; a bare ``"cuda"`` gets the current index."""
+    if not isinstance(device, torch.device | str):
+        raise TypeError(
+            f"'device' must be a torch.device or a str such as 'cpu' or 'cuda:0', "
+            f"but got {type(device).__name__}"
+        )
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"'device' must name a device, but got {device!r}: {error}") from None
+    if resolved.type == "cuda" and resolved.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return resolved
+
+
+def _same(a: torch.device, b: torch.device) -> bool:
+    """Tell whether two devices are the same, an unset index matching any."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def check_model_on(model: nn.Module, device: torch.device) -> None:
+    """Raise if a parameter or buffer of ``model`` is not on ``device``."""
+    for kind, tensors in (("parameters", model.parameters()), ("buffers", model.buffers())):
+        for tensor in tensors:
+            if not _same(tensor.device, device):
+                raise ValueError(
+                    f"'device' is {device} but the model's {kind} are on {tensor.device}; "
+                    f"move the model first with model.to({str(device)!r})"
+                )
+
+
+def to_device(data: Any, device: torch.device) -> Any:
+    """Move tensors in ``data`` (nested tuples, lists, mappings) to ``device``.
+
+    Copies to CUDA are ``non_blocking``: asynchronous from pinned memory, and harmless
+    otherwise. Anything that is not a tensor (a list of lengths, say) stays as it is.
+    """
+    if isinstance(data, torch.Tensor):  # the common case, without the structural walk
+        return data if data.device == device else _move(data, device)
+    return map_tensors(lambda tensor: _move(tensor, device), data)
+
+
+def _move(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy ``tensor`` to ``device``; to CUDA without blocking the host."""
+    if tensor.device == device:
+        return tensor
+    return tensor.to(device, non_blocking=device.type == "cuda")
+
+
+def describe(obj: object) -> str:
+    """Describe a batch for an error message: its type and shape, keys or length."""
+    if isinstance(obj, torch.Tensor):
+        return f"a {obj.dtype} Tensor of shape {tuple(obj.shape)}"
+    if isinstance(obj, Mapping):
+        return f"a {type(obj).__name__} with keys {list(obj)}"
+    if isinstance(obj, tuple | list):
+        return f"a {type(obj).__name__} of {len(obj)} items"
+    return f"a {type(obj).__name__}"
+
+
+_FORWARD_HINT = "; for other batch shapes pass forward=lambda model, batch: (outputs, targets)"
+
+
+def pair(batch: Any, index: int, who: str = "'loader' must yield") -> tuple[Any, Any]:
+    """Split a training/evaluation batch into ``(inputs, targets)``."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:  # a tuple: faster than a union
+        return batch[0], batch[1]
+    hint = _FORWARD_HINT if who.startswith("'loader'") else ""
+    raise TypeError(f"{who} (inputs, targets) pairs, but batch {index} is {describe(batch)}{hint}")
+
+
+def inputs_and_targets(batch: Any, index: int) -> tuple[Any, Any]:
+    """Split a prediction batch: bare inputs, ``(inputs,)`` or ``(inputs, targets)``."""
+    if isinstance(batch, torch.Tensor | Mapping):
+        return batch, None
+    if isinstance(batch, tuple | list) and len(batch) in (1, 2):
+        return batch[0], (batch[1] if len(batch) == 2 else None)
+    raise TypeError(
+        f"'loader' must yield inputs (a tensor or mapping), (inputs,) or (inputs, targets), "
+        f"but batch {index} is {describe(batch)}{_FORWARD_HINT}"
+    )
+
+
+def batch_size(data: Any) -> int | None:
+    """Return the length of the first tensor with a batch dimension in ``data``, if any."""
+    if isinstance(data, torch.Tensor):
+        return data.shape[0] if data.dim() else None
+    if isinstance(data, Mapping):
+        data = data.values()
+    elif not isinstance(data, tuple | list):
+        return None
+    for item in data:
+        found = batch_size(item)
+        if found is not None:
+            return found
+    return None
+
+
+def count(outputs: Any, targets: Any, index: int) -> int:
+    """Return a batch's number of samples: from the targets, else from the outputs."""
+    if isinstance(targets, torch.Tensor) and targets.dim():  # the common case first
+        return targets.shape[0]
+    found = batch_size(targets)
+    found = found if found is not None else batch_size(outputs)
+    if found is None:
+        raise TypeError(
+            f"cannot count the samples of batch {index}: its targets are {describe(targets)} "
+            f"and its outputs {describe(outputs)}, and neither is a tensor with a batch "
+            f"dimension; return targets (or outputs) with one from 'forward'"
+        )
+    return found
+
+
+def concat(parts: list[Any]) -> Any:
+    """Concatenate per-batch structures (tensors, tuples, lists, mappings) along dim 0."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts) if first.dim() else torch.stack(parts)
+    if isinstance(first, Mapping):
+        return _rebuild(first, {key: concat([part[key] for part in parts]) for key in first})
+    if isinstance(first, tuple | list):
+        items = [concat([part[i] for part in parts]) for i in range(len(first))]
+        return type(first)(*items) if hasattr(first, "_fields") else type(first)(items)
+    return parts
+
+
+def _rebuild(like: Mapping[Any, Any], items: dict[Any, Any]) -> Mapping[Any, Any]:
+    """Return ``items`` in a mapping of ``like``'s type where it can be copied (else a dict).
+
+    A shallow copy whose values are then replaced keeps ``UserDict`` subclasses (a
+    HuggingFace ``BatchEncoding``) and ``OrderedDict`` subclasses (a ``ModelOutput``).
+    """
+    if type(like) is dict:
+        return items
+    try:
+        rebuilt = copy.copy(like)
+        for key, value in items.items():
+            rebuilt[key] = value  # type: ignore[index]
+    except Exception:  # a read-only or uncopyable mapping: a plain dict holds the same
+        return items
+    return rebuilt
+
+
+def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], data: Any) -> Any:
+    """Apply ``fn`` to every tensor in nested tuples, lists, namedtuples and mappings."""
+    if isinstance(data, torch.Tensor):
+        return fn(data)
+    if isinstance(data, Mapping):
+        return _rebuild(data, {key: map_tensors(fn, value) for key, value in data.items()})
+    if isinstance(data, tuple) and hasattr(data, "_fields"):
+        return type(data)(*(map_tensors(fn, value) for value in data))
+    if isinstance(data, tuple | list):
+        return type(data)(map_tensors(fn, value) for value in data)
+    return data
+
+
+def take(data: Any, positions: torch.Tensor) -> Any:
+    """Select ``positions`` along dim 0 of every tensor in a (nested) structure."""
+    return map_tensors(lambda tensor: tensor.index_select(0, positions), data)
+
+
+class TensorLoader:
+    """Iterate over batches of in-memory tensors, like ``DataLoader(TensorDataset(...))``.
+
+    Batches are not assembled sample by sample, which is what makes ``DataLoader`` over a
+    ``TensorDataset`` slow for small models: 32 batches at a time are gathered with one
+    indexing operation per tensor, and each batch is a slice (a view) of that gather.
+    With ``shuffle=True`` the permutation is drawn exactly as ``DataLoader``'s
+    ``RandomSampler`` draws it, so for the same seed or ``generator`` both loaders yield
+    the same batches and training is bit-identical. Tensors may live on a
+    CUDA device (batches are gathered there), or on the CPU with ``pin_memory=True`` for
+    asynchronous copies to the GPU.
+
+    Args:
+        *tensors: tensors with the same length in dim 0 (e.g. inputs and targets).
+        batch_size: samples per batch.
+        shuffle: draw a new permutation every epoch.
+        generator: the ``torch.Generator`` for the permutation; the global RNG if None.
+        drop_last: drop the last batch if it is smaller than ``batch_size``.
+        pin_memory: yield CPU batches in pinned (page-locked) memory.
+
+    Example:
+        >>> import torch, fntrain as ft
+        >>> x, y = torch.arange(10.0).unsqueeze(1), torch.arange(10)
+        >>> loader = ft.TensorLoader(x, y, batch_size=4)
+        >>> len(loader), [batch[1].tolist() for batch in loader]
+        (3, [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]])
+    """
+
+    def __init__(
+        self,
+        *tensors: torch.Tensor,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        drop_last: bool = False,
+        pin_memory: bool = False,
+    ) -> None:
+        _check_tensors(tensors)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"'batch_size' must be an int >= 1, but got {batch_size!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"'generator' must be a torch.Generator or None, but got {type(generator).__name__}"
+            )
+        self.tensors = tensors
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.generator = generator
+        self.drop_last = drop_last
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self.chunk_batches = 32
+
+    def __len__(self) -> int:
+        """Return the number of batches per epoch."""
+        samples = self.tensors[0].shape[0]
+        if self.drop_last:
+            return samples // self.batch_size
+        return -(-samples // self.batch_size)
+
+    def _order(self) -> torch.Tensor | None:
+        """Return this epoch's permutation (None: in order), drawing RNG as DataLoader does.
+
+        A DataLoader iterator first draws a worker base seed from its generator (or the
+        global RNG); RandomSampler then draws its permutation and, at exhaustion, one more.
+        Drawing the same numbers keeps seeded runs identical whichever loader is used.
+        """
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        if not self.shuffle:
+            return None
+        samples = self.tensors[0].shape[0]
+        if self.generator is None:
+            seed = int(torch.empty((), dtype=torch.int64).random_().item())
+            return torch.randperm(samples, generator=torch.Generator().manual_seed(seed))
+        order = torch.randperm(samples, generator=self.generator)
+        torch.randperm(samples, generator=self.generator)
+        return order
+
+    def _gather(self, tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Return ``tensor[index]``, in pinned memory when asked for."""
+        if not self.pin_memory or tensor.is_cuda:
+            # non_blocking: a blocking host-to-device copy waits for the GPU to catch up
+            return tensor.index_select(0, index.to(tensor.device, non_blocking=True))
+        out = torch.empty((index.numel(), *tensor.shape[1:]), dtype=tensor.dtype, pin_memory=True)
+        return torch.index_select(tensor, 0, index, out=out)
+
+    def _chunks(self, order: torch.Tensor | None) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Yield runs of consecutive samples: views in order, or gathered when shuffled.
+
+        Gathering ``chunk_batches`` batches at once and slicing them costs less than one
+        scattered gather per batch, and keeps only that many batches in extra memory.
+        """
+        stop = len(self) * self.batch_size
+        step = self.batch_size * self.chunk_batches
+        for start in range(0, stop, step):
+            end = min(start + step, stop)
+            if order is None:
+                yield tuple(t[start:end] for t in self.tensors)
+            else:
+                yield tuple(self._gather(t, order[start:end]) for t in self.tensors)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Yield one tuple of batch tensors at a time."""
+        size = self.batch_size
+        for chunk in self._chunks(self._order()):
+            if self.pin_memory and not chunk[0].is_pinned():
+                chunk = tuple(t if t.is_cuda else t.pin_memory() for t in chunk)
+            for start in range(0, chunk[0].shape[0], size):
+                yield tuple(t[start : start + size] for t in chunk)
+
+
+def _check_tensors(tensors: tuple[Any, ...]) -> None:
+    """Raise unless ``tensors`` are one or more tensors of equal length in dim 0."""
+    if not tensors:
+        raise ValueError("TensorLoader needs at least one tensor, but got none")
+    for position, tensor in enumerate(tensors):
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() == 0:
+            raise TypeError(
+                f"'tensors[{position}]' must be a tensor with a batch dimension, "
+                f"but got {type(tensor).__name__}"
+            )
+    lengths = [t.shape[0] for t in tensors]
+    if len(set(lengths)) != 1:
+        raise ValueError(f"'tensors' must have the same length in dim 0, but have {lengths}")
