@@ -65,30 +65,6 @@ def test_evaluate_makes_no_host_sync_per_batch() -> None:
     assert passes(8) == passes(4)
 
 
-@pytest.mark.parametrize("kind", ["sgd", "adamw"])
-def test_deferred_checking_makes_no_host_sync_per_batch(kind: str) -> None:
-    """on_nonfinite='defer': the check, loss, metrics and clipping stay on the GPU."""
-    model, loss = _model(), nn.CrossEntropyLoss()
-    if kind == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(
-            model.parameters(), lr=0.1, momentum=0.9, fused=True
-        )
-    else:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 10))
-
-    def passes(n: int) -> int:
-        data = _batches(n)
-        return _syncs(
-            lambda: ft.train_epoch(
-                model, data, loss, opt, _device(), metrics={"acc": ft.accuracy()},
-                clip_grad_norm=1.0, scheduler=sched, accumulate=2, on_nonfinite="defer",
-            )
-        )  # fmt: skip
-
-    assert passes(8) == passes(4)
-
-
 @pytest.mark.parametrize("fused", [False, True])
 def test_the_default_check_syncs_once_per_batch(fused: bool) -> None:
     """on_nonfinite='raise' reads the loss before each step: one sync per batch, no more."""
@@ -117,7 +93,7 @@ def test_a_shuffled_tensor_loader_on_the_gpu_makes_no_host_sync() -> None:
 def test_a_nan_batch_on_the_gpu_leaves_the_model_as_after_the_last_good_batch(
     fused: bool,
 ) -> None:
-    """Deferred check (fused) or host check (foreach): same error, same weights and buffers."""
+    """Fused or foreach AdamW: the error names the batch; weights and buffers are as before it."""
     good = _batches(5, seed=1)
     bad = (torch.full_like(good[2][0], float("nan")), good[2][1])
     reference, model = _model(), _model()
@@ -129,7 +105,6 @@ def test_a_nan_batch_on_the_gpu_leaves_the_model_as_after_the_last_good_batch(
     with pytest.raises(ft.NonFiniteLossError, match="batch 2") as caught:
         ft.train_epoch(
             model, [*good[:2], bad, *good[3:]], nn.CrossEntropyLoss(), opt, _device(),
-            on_nonfinite="defer" if fused else "raise",
         )  # fmt: skip
     assert caught.value.batch_index == 2 and math.isnan(caught.value.loss)
     for a, b in zip(reference.state_dict().values(), model.state_dict().values(), strict=True):
@@ -137,27 +112,8 @@ def test_a_nan_batch_on_the_gpu_leaves_the_model_as_after_the_last_good_batch(
     assert ref_opt.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
 
 
-def test_deferred_checking_stops_soon_after_a_bad_batch() -> None:
-    """The flag reaches the host without blocking: the epoch stops long before its end."""
-    data = _batches(60, seed=5)
-    data[3] = (torch.full_like(data[3][0], float("nan")), data[3][1])
-    taken: list[int] = []
-
-    def counting() -> Any:
-        for index, batch in enumerate(data):
-            taken.append(index)
-            yield batch
-
-    model = _model()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
-    with pytest.raises(ft.NonFiniteLossError, match="batch 3"):
-        ft.train_epoch(model, counting(), nn.CrossEntropyLoss(), opt, _device(),
-                       on_nonfinite="defer")  # fmt: skip
-    assert 4 <= len(taken) < 60
-
-
 def test_train_epoch_on_the_gpu_is_bit_identical_to_the_hand_written_loop() -> None:
-    """The tutorial identity holds on CUDA too, with the deferred check."""
+    """The tutorial identity holds on CUDA too, with a fused optimizer."""
     data = _batches(6, seed=2)
     reference, model = _model(), _model()
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, fused=True)
@@ -165,8 +121,7 @@ def test_train_epoch_on_the_gpu_is_bit_identical_to_the_hand_written_loop() -> N
     torch.manual_seed(3)
     expected = hand_train_epoch(reference, data, nn.CrossEntropyLoss(), ref_opt, _device())
     torch.manual_seed(3)
-    result = ft.train_epoch(model, data, nn.CrossEntropyLoss(), opt, _device(),
-                            on_nonfinite="defer")  # fmt: skip
+    result = ft.train_epoch(model, data, nn.CrossEntropyLoss(), opt, _device())
     assert result.loss == pytest.approx(expected, rel=1e-6)
     for a, b in zip(reference.state_dict().values(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b)

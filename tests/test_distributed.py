@@ -105,26 +105,6 @@ def test_shards_cover_every_index_once_without_padding(size: int, world: int) ->
         ft.ShardSampler(range(size), num_replicas=world, rank=world)
 
 
-def test_a_forgotten_set_epoch_is_warned_about() -> None:
-    """A shuffling DistributedSampler that starts a second epoch unchanged gets a warning."""
-    from torch.utils.data import DistributedSampler
-
-    data = make_data(16, 4, 3, 0)
-    sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True)
-    batches = DataLoader(data, batch_size=8, sampler=sampler)
-    model = nn.Linear(4, 3)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    ft.train_epoch(model, batches, nn.CrossEntropyLoss(), optimizer, "cpu")
-    with pytest.warns(UserWarning, match="call sampler.set_epoch"):
-        ft.train_epoch(model, batches, nn.CrossEntropyLoss(), optimizer, "cpu")
-    sampler.set_epoch(5)
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        ft.train_epoch(model, batches, nn.CrossEntropyLoss(), optimizer, "cpu")
-
-
 def test_predict_gathers_outputs_in_data_set_order_without_padding(ranks: Any) -> None:
     """predict under DDP returns one process's outputs on all data: rank 0, or every rank."""
     _, results = ranks

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict, UserDict
 
 import attrs
 import pytest
@@ -618,3 +619,265 @@ def test_no_batch_output_outlives_the_pass(name: str) -> None:
     gc.collect()
     assert len(alive) == 8
     assert [ref() for ref in alive] == [None] * 8
+
+
+# --- forward=: any batch and call shape ------------------------------------------------------
+
+
+class _Encoding(UserDict):
+    """A batch shaped like HuggingFace's BatchEncoding: a UserDict, not a dict."""
+
+
+class _Output(OrderedDict):
+    """A model output shaped like HuggingFace's ModelOutput: a dict with attribute access."""
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        return self[name]
+
+
+class _KeywordClassifier(nn.Module):
+    """A HuggingFace-shaped classifier: keyword inputs, a dict output with logits and loss."""
+
+    def __init__(self, vocab: int = 20, classes: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, 8)
+        self.head = nn.Linear(8, classes)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+    ) -> _Output:
+        mask = attention_mask.unsqueeze(-1).float()
+        pooled = (self.embed(input_ids) * mask).sum(1) / mask.sum(1).clamp(min=1)
+        logits = self.head(pooled)
+        out = _Output(logits=logits)
+        if labels is not None:
+            out = _Output(loss=nn.functional.cross_entropy(logits, labels), logits=logits)
+        return out
+
+
+def _encodings(batches: int, seed: int) -> list[_Encoding]:
+    """Return token batches shaped like a tokenizer's output, with labels."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(batches):
+        size = int(torch.randint(1, 7, (), generator=gen))
+        ids = torch.randint(0, 20, (size, 5), generator=gen)
+        mask = (torch.rand(size, 5, generator=gen) > 0.2).long()
+        labels = torch.randint(0, 3, (size,), generator=gen)
+        out.append(_Encoding(input_ids=ids, attention_mask=mask, labels=labels))
+    return out
+
+
+@FAST
+@given(seed=s.seeds, own_loss=st.booleans())
+def test_a_keyword_model_trains_bit_identically_to_its_hand_written_loop(
+    seed: int, own_loss: bool
+) -> None:
+    """forward= runs a HuggingFace-shaped model on dict-like batches, with its own loss or not."""
+    batches = _encodings(4, seed)
+    torch.manual_seed(seed)
+    model, reference = _KeywordClassifier(), _KeywordClassifier()
+    reference.load_state_dict(model.state_dict())
+    opt, ref_opt = (torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (model, reference))
+    if own_loss:
+        forward = lambda m, b: (m(**b), b["labels"])  # noqa: E731
+        loss_fn = lambda out, labels: out.loss  # noqa: E731
+    else:
+        forward = lambda m, b: (  # noqa: E731
+            m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+            b["labels"],
+        )
+        loss_fn = nn.CrossEntropyLoss()
+    result = ft.train_epoch(model, batches, loss_fn, opt, CPU, forward=forward)
+    total = 0.0
+    for batch in batches:
+        ref_opt.zero_grad()
+        out = reference(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        out.loss.backward()
+        ref_opt.step()
+        total += out.loss.item() * len(batch["labels"])
+    assert_bit_identical(snapshot(reference), snapshot(model))
+    assert result.samples == sum(len(b["labels"]) for b in batches)
+    assert result.loss == pytest.approx(total / result.samples, rel=1e-6)
+
+
+def test_dict_like_batches_and_outputs_are_moved_and_keep_their_type() -> None:
+    """A UserDict batch reaches forward as the same type; predict concatenates dict outputs."""
+    seen: list[type] = []
+
+    def forward(model: nn.Module, batch: _Encoding) -> tuple[_Output, None]:
+        seen.append(type(batch))
+        return model(batch["input_ids"], batch["attention_mask"]), None
+
+    batches = _encodings(3, 0)
+    preds = ft.predict(_KeywordClassifier(), batches, CPU, forward=forward)
+    assert seen == [_Encoding] * 3 and preds.targets is None
+    assert isinstance(preds.outputs, _Output)
+    assert preds.outputs.logits.shape == (sum(len(b["labels"]) for b in batches), 3)
+    assert preds.samples == preds.outputs.logits.shape[0]
+
+
+def test_samples_are_counted_from_the_outputs_when_targets_hold_no_tensor() -> None:
+    """With targets None, the outputs' batch dimension counts (a scalar loss in them is skipped)."""
+    batches = _encodings(3, 1)
+    forward = lambda m, b: (m(**b), None)  # noqa: E731
+    loss_fn = lambda out, _: out.loss  # noqa: E731
+    result = ft.evaluate(_KeywordClassifier(), batches, loss_fn, CPU, forward=forward)
+    assert result.samples == sum(len(b["labels"]) for b in batches)
+
+
+def test_a_batch_whose_samples_cannot_be_counted_says_how_to_fix_it() -> None:
+    """Neither targets nor outputs with a batch dimension: the error names 'forward'."""
+    model = nn.Linear(3, 1)
+    forward = lambda m, b: (m(b).sum(), "labels")  # noqa: E731
+    loss_fn = lambda out, _: out  # noqa: E731
+    with pytest.raises(TypeError, match=r"cannot count the samples of batch 0.*'forward'"):
+        ft.evaluate(model, [torch.randn(4, 3)], loss_fn, CPU, forward=forward)
+
+
+def test_a_dict_batch_without_forward_points_to_forward() -> None:
+    """The default batch shape is (inputs, targets); a dict batch is refused with the way out."""
+    model = _KeywordClassifier()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match=r"batch 0 is a _Encoding with keys .* pass forward="):
+        ft.train_epoch(model, _encodings(1, 0), nn.CrossEntropyLoss(), opt, CPU)
+
+
+def test_forward_that_does_not_return_a_pair_is_named() -> None:
+    """forward must return (outputs, targets); anything else names it and the batch."""
+    model = nn.Linear(3, 2)
+    with pytest.raises(TypeError, match=r"'forward' must return \(inputs, targets\) pairs"):
+        ft.evaluate(
+            model, [(torch.randn(2, 3), torch.zeros(2, dtype=torch.long))],
+            nn.CrossEntropyLoss(), CPU, forward=lambda m, b: m(b[0]),
+        )  # fmt: skip
+
+
+def test_lengths_that_are_not_tensors_stay_on_the_host_for_a_packed_gru() -> None:
+    """Non-tensor parts of a batch (lengths as a list) reach forward as they are."""
+    torch.manual_seed(0)
+    gru, head = nn.GRU(4, 6, batch_first=True), nn.Linear(6, 2)
+    model = nn.ModuleDict({"gru": gru, "head": head})
+
+    def forward(m: nn.Module, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        padded, lengths, labels = batch
+        assert isinstance(lengths, list)
+        packed = nn.utils.rnn.pack_padded_sequence(
+            padded, lengths, batch_first=True, enforce_sorted=False
+        )
+        _, hidden = m["gru"](packed)
+        return m["head"](hidden[-1]), labels
+
+    batches = [(torch.randn(3, 5, 4), [5, 2, 3], torch.tensor([0, 1, 1]))]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    result = ft.train_epoch(model, batches, nn.CrossEntropyLoss(), opt, CPU, forward=forward)
+    assert result.samples == 3 and result.steps == 1
+
+
+# --- on_step=: every optimizer step, as a frozen record ---------------------------------------
+
+
+@FAST
+@given(
+    seed=s.seeds,
+    samples=s.sample_counts,
+    batch_size=s.batch_sizes,
+    accumulate=st.integers(1, 3),
+    clip=st.booleans(),
+)
+def test_on_step_gets_each_steps_loss_samples_lr_and_norm(
+    seed: int, samples: int, batch_size: int, accumulate: int, clip: bool
+) -> None:
+    """One Step per optimizer step; its losses, weighted by samples, add up to the epoch's."""
+    data = make_data(samples, 4, 3, seed)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))  # batches of 1 train too
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (step + 1))
+    steps: list[ft.Step] = []
+    result = ft.train_epoch(
+        model, loader(data, batch_size), nn.CrossEntropyLoss(), opt, CPU,
+        on_step=steps.append, accumulate=accumulate, scheduler=sched,
+        clip_grad_norm=1.0 if clip else None,
+    )  # fmt: skip
+    batches = math.ceil(samples / batch_size)
+    assert [step.index for step in steps] == list(range(result.steps))
+    assert result.steps == math.ceil(batches / accumulate)
+    assert [step.batch_index for step in steps][-1] == batches - 1
+    assert sum(step.samples for step in steps) == samples
+    weighted = sum(step.loss * step.samples for step in steps) / samples
+    assert weighted == pytest.approx(result.loss, rel=1e-9)
+    assert [step.lr for step in steps] == pytest.approx([0.05 / (i + 1) for i in range(len(steps))])
+    norms = [step.grad_norm for step in steps]
+    assert all(n is not None and n >= 0 for n in norms) if clip else norms == [None] * len(steps)
+    if clip:
+        assert result.grad_norm == max(norms)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        steps[0].loss = 0.0  # type: ignore[misc]
+
+
+class _Stop(Exception):
+    """Raised by an on_step function to end the epoch early."""
+
+
+def test_an_exception_from_on_step_stops_with_that_step_applied_and_modes_restored() -> None:
+    """Stopping after step k leaves the model as the hand-written loop leaves it after k batches."""
+    data = make_data(48, 4, 3, 0)
+    batches = list(loader(data, 8))
+    model, reference = mlp(4, 3, 0, dropout=0.0), mlp(4, 3, 0, dropout=0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    reference.train()
+    for inputs, targets in batches[:3]:
+        ref_opt.zero_grad()
+        nn.functional.cross_entropy(reference(inputs), targets).backward()
+        ref_opt.step()
+
+    def stop_after_three(step: ft.Step) -> None:
+        if step.index == 2:
+            raise _Stop
+
+    model.train()
+    model[1].eval()  # the user's own flags come back after the epoch
+    with pytest.raises(_Stop):
+        ft.train_epoch(model, batches, nn.CrossEntropyLoss(), opt, CPU, on_step=stop_after_three)
+    assert_bit_identical(snapshot(reference, grads=False), snapshot(model, grads=False))
+    assert model.training and model[0].training and not model[1].training
+
+
+def test_an_ema_updated_on_every_step_equals_the_hand_written_one() -> None:
+    """on_step=lambda step: ema.update_parameters(model) is the tutorials' EMA, step for step."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    data = make_data(40, 4, 3, 1)
+    model, reference = mlp(4, 3, 1, dropout=0.0), mlp(4, 3, 1, dropout=0.0)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    ref_ema = AveragedModel(reference, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    ft.train_epoch(
+        model, loader(data, 8), nn.CrossEntropyLoss(), opt, CPU,
+        on_step=lambda step: ema.update_parameters(model),
+    )  # fmt: skip
+    reference.train()
+    for inputs, targets in loader(data, 8):
+        ref_opt.zero_grad()
+        nn.functional.cross_entropy(reference(inputs), targets).backward()
+        ref_opt.step()
+        ref_ema.update_parameters(reference)
+    assert_bit_identical(snapshot(ref_ema, grads=False), snapshot(ema, grads=False))
+
+
+def test_a_bounded_loader_trains_exactly_that_many_steps() -> None:
+    """itertools.islice(loader, n) is step-based training: n steps, then the record."""
+    import itertools
+
+    data = make_data(80, 4, 3, 2)
+    model = mlp(4, 3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    bounded = itertools.islice(loader(data, 8), 3)
+    result = ft.train_epoch(model, bounded, nn.CrossEntropyLoss(), opt, CPU)
+    assert (result.steps, result.batches, result.samples) == (3, 3, 24)

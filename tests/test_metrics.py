@@ -173,14 +173,14 @@ def test_a_metric_collection_gives_one_value_per_member() -> None:
 
 def test_large_counts_come_to_the_host_exactly() -> None:
     """Integer sums beyond 2**24 beside float32 sums reach the host exactly, host or device."""
-    from fntrain.sums import Sums
+    from fntrain.sums import Tally
 
-    sums = Sums()
+    sums = Tally({}, torch.device("cpu"))
     for _ in range(2):
-        sums.add("scalar", torch.tensor(2**24 + 1))
-        sums.add("vector", torch.tensor([2**24 + 1, 1]))
-        sums.add("mean", torch.tensor([0.25, 0.5]))
-    totals = sums.host()
+        sums._add("scalar", torch.tensor(2**24 + 1))
+        sums._add("vector", torch.tensor([2**24 + 1, 1]))
+        sums._add("mean", torch.tensor([0.25, 0.5]))
+    totals = sums._host()
     assert totals["scalar"].item() == 2 * (2**24 + 1)
     assert totals["vector"].tolist() == [2 * (2**24 + 1), 2]
     assert totals["mean"].tolist() == [0.5, 1.0]

@@ -44,3 +44,31 @@ def test_options_are_keyword_only_and_annotated() -> None:
         assert [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD] == expected
         assert all(p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params)
         assert all(p.annotation is not inspect.Parameter.empty for p in params)
+
+
+def test_no_module_keeps_state_between_calls() -> None:
+    """No fntrain module holds a mutable container or cache at module level (pure functions)."""
+    import importlib
+    import pkgutil
+    import weakref
+
+    mutable = (list, dict, set, weakref.WeakKeyDictionary, weakref.WeakValueDictionary)
+    found = []
+    for info in pkgutil.iter_modules(ft.__path__):
+        module = importlib.import_module(f"fntrain.{info.name}")
+        for name, value in vars(module).items():
+            constant = name.lstrip("_").isupper()  # _LABELS, __all__: read, never written
+            if isinstance(value, mutable) and not constant and not name.startswith("__"):
+                found.append(f"fntrain.{info.name}.{name}")
+    assert found == []
+
+
+def test_the_package_stays_within_its_size_budget() -> None:
+    """At most 12 modules besides __init__ and about 2,400 lines, as DESIGN.md budgets."""
+    from pathlib import Path
+
+    root = Path(ft.__file__).parent
+    modules = [p for p in root.glob("*.py") if p.name != "__init__.py"]
+    lines = sum(len(p.read_text().splitlines()) for p in root.glob("*.py"))
+    assert len(modules) <= 12, sorted(p.name for p in modules)
+    assert lines <= 2400, lines

@@ -220,18 +220,19 @@ def test_warmup_scheduler_matches_a_hand_written_loop() -> None:
         assert torch.equal(a, b)
 
 
-def test_transform_is_applied_to_every_batch_before_the_forward_pass() -> None:
-    """transform(inputs, targets) sees each batch on the device and its result is trained on."""
+def test_forward_sees_every_batch_on_the_device_and_its_outputs_are_trained_on() -> None:
+    """forward(model, batch) gets each whole batch and its (outputs, targets) are trained on."""
     calls: list[int] = []
 
-    def double(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def double(model: nn.Module, batch: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = batch
         calls.append(len(inputs))
-        return inputs * 2, targets
+        return model(inputs * 2), targets
 
     data = make_data(20, 4, 3, 0)
     model, reference = _linear_model(0), _linear_model(0)
     opt, ref_opt = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, reference))
-    ft.train_epoch(model, loader(data, 8), nn.CrossEntropyLoss(), opt, CPU, transform=double)
+    ft.train_epoch(model, loader(data, 8), nn.CrossEntropyLoss(), opt, CPU, forward=double)
     doubled = TensorDataset(data.tensors[0] * 2, data.tensors[1])
     hand_train_epoch(reference, loader(doubled, 8), nn.CrossEntropyLoss(), ref_opt, CPU)
     assert calls == [8, 8, 4]
@@ -251,7 +252,9 @@ def test_transform_is_applied_to_every_batch_before_the_forward_pass() -> None:
         ({"clip_grad_norm": "1"}, "'clip_grad_norm' must be a positive number"),
         ({"scaler": object()}, "'scaler' must be a torch.amp.GradScaler"),
         ({"scheduler": object()}, "'scheduler' must be an LR scheduler"),
-        ({"transform": 3}, "'transform' must be callable"),
+        ({"forward": 3}, "'forward' must be callable"),
+        ({"on_step": "log"}, "'on_step' must be callable"),
+        ({"on_nonfinite": "defer"}, "'on_nonfinite' must be 'raise' or 'skip'"),
     ],
 )
 def test_bad_options_name_the_argument_and_change_nothing(kwargs: dict, message: str) -> None:

@@ -1,6 +1,8 @@
-"""TensorLoader: the same batches as DataLoader over a TensorDataset, gathered whole."""
+"""Batches and devices: default_device, moving nested batches, TensorLoader."""
 
 from __future__ import annotations
+
+from collections import namedtuple
 
 import pytest
 import torch
@@ -10,8 +12,48 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fntrain as ft
+from fntrain.data import as_device, to_device
 from tests import strategies as s
 from tests.helpers import assert_bit_identical, mlp, snapshot
+
+
+def test_default_device_prefers_cuda_then_mps_then_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """default_device() picks CUDA when available, then MPS, then the CPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert ft.default_device() == torch.device("cpu")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert ft.default_device() == torch.device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert ft.default_device() == torch.device("cuda", 0)
+
+
+def test_as_device_accepts_strings_and_devices() -> None:
+    """A str or torch.device is accepted; anything else names 'device'."""
+    assert as_device("cpu") == torch.device("cpu")
+    assert as_device(torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(ValueError, match="'device' must name a device"):
+        as_device("tpu:9x")
+    with pytest.raises(TypeError, match=r"'device' must be a torch\.device"):
+        as_device(3)  # type: ignore[arg-type]
+
+
+Pair = namedtuple("Pair", "image mask")
+
+
+def test_to_device_keeps_the_structure_and_leaves_non_tensors() -> None:
+    """Tensors in tuples, lists, dicts and namedtuples move; the structure and the rest stay."""
+    batch = {
+        "pair": Pair(torch.ones(2), torch.zeros(2)),
+        "list": [torch.ones(1), "name", 3],
+        "tuple": (torch.ones(1),),
+    }
+    moved = to_device(batch, torch.device("meta"))
+    assert isinstance(moved["pair"], Pair) and moved["pair"].image.device.type == "meta"
+    assert moved["list"][1:] == ["name", 3] and moved["list"][0].is_meta
+    assert isinstance(moved["tuple"], tuple) and moved["tuple"][0].is_meta
+
 
 FAST = settings(max_examples=25, deadline=None)
 
@@ -74,22 +116,17 @@ def test_training_over_it_is_bit_identical_to_training_over_a_dataloader() -> No
     assert_bit_identical(*results)
 
 
-def test_its_state_resumes_the_shuffle_exactly(tmp_path) -> None:
-    """state_dict/load_state_dict through a checkpoint's extra resumes the same order."""
+def test_its_generator_state_resumes_the_shuffle_exactly(tmp_path) -> None:
+    """The generator's state, saved in a checkpoint's extra, resumes the same order."""
     x, y = _data(30, 0)
-    loader = ft.TensorLoader(
-        x, y, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(5)
-    )
+    gen = torch.Generator().manual_seed(5)
+    loader = ft.TensorLoader(x, y, batch_size=8, shuffle=True, generator=gen)
     list(loader)
-    ft.save_checkpoint(
-        tmp_path / "c.pt", nn.Linear(4, 3), epoch=1, extra={"loader": loader.state_dict()}
-    )
+    ft.save_checkpoint(tmp_path / "c.pt", nn.Linear(4, 3), epoch=1, extra={"gen": gen.get_state()})
     expected = [b[1] for b in loader]
-    fresh = ft.TensorLoader(
-        x, y, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(99)
-    )
-    ckpt = ft.load_checkpoint(tmp_path / "c.pt", nn.Linear(4, 3))
-    fresh.load_state_dict(ckpt.extra["loader"])
+    fresh_gen = torch.Generator().manual_seed(99)
+    fresh = ft.TensorLoader(x, y, batch_size=8, shuffle=True, generator=fresh_gen)
+    fresh_gen.set_state(ft.load_checkpoint(tmp_path / "c.pt", nn.Linear(4, 3)).extra["gen"])
     assert all(torch.equal(a, b[1]) for a, b in zip(expected, fresh, strict=True))
 
 

@@ -1,4 +1,4 @@
-"""The mode context: set train/eval, restore every submodule's own flag."""
+"""What a pass puts back: train/eval flags."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from fntrain.modes import mode
+from fntrain.restore import mode
 
 
 @settings(max_examples=40, deadline=None)
