@@ -10,7 +10,7 @@ from fntrain.data import TensorLoader, default_device
 from fntrain.distributed import ShardSampler
 from fntrain.loop import evaluate, predict, train_epoch
 from fntrain.metrics import Metric, accuracy, top_k_accuracy
-from fntrain.recipes import mixup, param_groups
+from fntrain.optim import param_groups
 from fntrain.records import (
     Checkpoint,
     CheckpointError,
@@ -40,7 +40,6 @@ __all__ = [
     "default_device",
     "evaluate",
     "load_checkpoint",
-    "mixup",
     "param_groups",
     "predict",
     "save_checkpoint",

@@ -881,3 +881,33 @@ def test_a_bounded_loader_trains_exactly_that_many_steps() -> None:
     bounded = itertools.islice(loader(data, 8), 3)
     result = ft.train_epoch(model, bounded, nn.CrossEntropyLoss(), opt, CPU)
     assert (result.steps, result.batches, result.samples) == (3, 3, 24)
+
+
+def _mixup(model: nn.Module, batch: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The README's mixup recipe: mix a batch with a shuffled copy, targets as soft one-hots."""
+    inputs, targets = batch
+    lam = float(torch.distributions.Beta(0.3, 0.3).sample())
+    order = torch.randperm(len(inputs))
+    soft = nn.functional.one_hot(targets, 3).float()
+    return model(inputs.lerp(inputs[order], 1 - lam)), soft.lerp(soft[order], 1 - lam)
+
+
+def test_mixup_in_forward_trains_with_cross_entropy_and_accuracy() -> None:
+    """Mixup as forward=: CrossEntropyLoss takes the soft targets, accuracy their argmax."""
+    data = make_data(64, 4, 3, 0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    results = [
+        ft.train_epoch(
+            model, loader(data, 16, seed=epoch), nn.CrossEntropyLoss(), opt, "cpu",
+            metrics={"acc": ft.accuracy()}, forward=_mixup,
+        )
+        for epoch in range(15)
+    ]  # fmt: skip
+    assert results[-1].loss < results[0].loss
+    assert 0.0 <= results[-1].metrics["acc"] <= 1.0
+    ev = ft.evaluate(
+        model, loader(data, 16), nn.CrossEntropyLoss(), "cpu", metrics={"acc": ft.accuracy()}
+    )
+    assert ev.metrics["acc"] > 0.6
