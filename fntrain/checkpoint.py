@@ -335,35 +335,29 @@ def _state_dict_problem(value: Any) -> str | None:
 
 def _normalise(payload: Any, target: Path) -> dict[str, Any]:
     """Return a checked fntrain payload; a bare state_dict becomes one with no epoch."""
-    if isinstance(payload, dict) and payload.get("format") == FORMAT:
-        if payload.get("version") != VERSION:
-            raise CheckpointError(
-                f"{str(target)!r} is an fntrain checkpoint of version "
-                f"{payload.get('version')!r}, but this fntrain reads version {VERSION}"
-            )
-        problem = _state_dict_problem(payload.get("model"))
-        if "model" not in payload or problem is not None:
-            problem = "it has no 'model' entry" if "model" not in payload else problem
-            raise CheckpointError(
-                f"{str(target)!r} is a malformed fntrain checkpoint: its 'model' entry is "
-                f"not a model state_dict: {problem}"
-            )
-        kinds = {"epoch": int, "step": int, "metrics": dict, "extra": dict}
-        for name, kind in kinds.items():
-            value = payload.get(name)
-            if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
-                raise CheckpointError(
-                    f"{str(target)!r} is a malformed fntrain checkpoint: its {name!r} entry "
-                    f"must be a {kind.__name__}, but is a {type_name(value)}"
-                )
-        return payload
-    if isinstance(payload, dict) and payload and _state_dict_problem(payload) is None:
-        return {"model": payload}
-    kind = f"a dict with keys {list(payload)[:8]}" if isinstance(payload, dict) else None
-    raise CheckpointError(
-        f"{str(target)!r} is neither an fntrain checkpoint nor a model state_dict; it holds "
-        f"{kind or 'a ' + type(payload).__name__}"
-    )
+    if not (isinstance(payload, dict) and payload.get("format") == FORMAT):
+        if isinstance(payload, dict) and payload and _state_dict_problem(payload) is None:
+            return {"model": payload}
+        kind = f"a dict with keys {list(payload)[:8]}" if isinstance(payload, dict) else None
+        raise CheckpointError(
+            f"{str(target)!r} is neither an fntrain checkpoint nor a model state_dict; it "
+            f"holds {kind or 'a ' + type(payload).__name__}"
+        )
+    if payload.get("version") != VERSION:
+        raise CheckpointError(
+            f"{str(target)!r} is an fntrain checkpoint of version {payload.get('version')!r}, "
+            f"but this fntrain reads version {VERSION}"
+        )
+    problem = _state_dict_problem(payload["model"]) if "model" in payload else "there is none"
+    if problem is not None:
+        problem = f"its 'model' entry is not a model state_dict: {problem}"
+    for name, kind in {"epoch": int, "step": int, "metrics": dict, "extra": dict}.items():
+        value = payload.get(name)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            problem = f"its {name!r} entry must be a {kind.__name__}, but is a {type_name(value)}"
+    if problem is not None:
+        raise CheckpointError(f"{str(target)!r} is a malformed fntrain checkpoint: {problem}")
+    return payload
 
 
 def _variants(state: dict[str, Any]) -> Iterator[dict[str, Any]]:

@@ -41,16 +41,12 @@ def as_device(device: torch.device | str) -> torch.device:
     return resolved
 
 
-def _same(a: torch.device, b: torch.device) -> bool:
-    """Tell whether two devices are the same, an unset index matching any."""
-    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
-
-
 def check_model_on(model: nn.Module, device: torch.device) -> None:
     """Raise if a parameter or buffer of ``model`` is not on ``device``."""
     for kind, tensors in (("parameters", model.parameters()), ("buffers", model.buffers())):
         for tensor in tensors:
-            if not _same(tensor.device, device):
+            same_index = tensor.device.index in (None, device.index) or device.index is None
+            if tensor.device.type != device.type or not same_index:
                 raise ValueError(
                     f"'device' is {device} but the model's {kind} are on {tensor.device}; "
                     f"move the model first with model.to({str(device)!r})"
@@ -64,7 +60,7 @@ def to_device(data: Any, device: torch.device) -> Any:
     otherwise. Anything that is not a tensor (a list of lengths, say) stays as it is.
     """
     if isinstance(data, torch.Tensor):  # the common case, without the structural walk
-        return data if data.device == device else _move(data, device)
+        return _move(data, device)
     return map_tensors(lambda tensor: _move(tensor, device), data)
 
 

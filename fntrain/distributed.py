@@ -37,11 +37,6 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _checksum(keys: list[Hashable]) -> float:
-    """Return a checksum of the summed keys, equal on ranks with the same metrics."""
-    return float(zlib.crc32("|".join(map(repr, keys)).encode()))
-
-
 def _check_same_layout(size: int, checksum: float, device: torch.device) -> None:
     """Raise on every rank, not hang, unless all ranks are about to reduce the same parts.
 
@@ -69,7 +64,8 @@ def all_reduce_totals(totals: dict[Hashable, torch.Tensor]) -> dict[Hashable, to
     keys = list(totals)
     parts = [totals[key].reshape(-1).to(torch.float64) for key in keys]
     device = _collective_device()
-    _check_same_layout(sum(p.numel() for p in parts), _checksum(keys), device)
+    checksum = float(zlib.crc32("|".join(map(repr, keys)).encode()))  # equal for equal parts
+    _check_same_layout(sum(p.numel() for p in parts), checksum, device)
     flat = torch.cat(parts).to(device)
     dist.all_reduce(flat)
     pieces = flat.cpu().split([part.numel() for part in parts])
@@ -153,7 +149,8 @@ class ShardSampler(Sampler[int]):
         self, data_source: Sized, num_replicas: int | None = None, rank: int | None = None
     ) -> None:
         self.size = len(data_source)
-        self.num_replicas = num_replicas if num_replicas is not None else _world()
+        world = dist.get_world_size() if active() else 1
+        self.num_replicas = num_replicas if num_replicas is not None else world
         self.rank = rank if rank is not None else (dist.get_rank() if active() else 0)
         if not 0 <= self.rank < self.num_replicas:
             raise ValueError(f"'rank' must be in [0, {self.num_replicas}), but got {self.rank!r}")
@@ -165,8 +162,3 @@ class ShardSampler(Sampler[int]):
     def __len__(self) -> int:
         """Return the number of indices for this rank."""
         return max(0, math.ceil((self.size - self.rank) / self.num_replicas))
-
-
-def _world() -> int:
-    """Return the world size (1 without a process group)."""
-    return dist.get_world_size() if active() else 1

@@ -91,14 +91,6 @@ def _check_callable(name: str, value: Any, shape: str, optional: bool = True) ->
         raise TypeError(f"'{name}' must be callable as {shape}, but got {type(value).__name__}")
 
 
-def _check_optimizer(optimizer: Any) -> None:
-    """Check ``optimizer`` looks like a ``torch.optim.Optimizer``."""
-    if not all(hasattr(optimizer, name) for name in ("param_groups", "zero_grad", "step")):
-        raise TypeError(
-            f"'optimizer' must be a torch.optim.Optimizer, but got {type(optimizer).__name__}"
-        )
-
-
 def _no_batches() -> ValueError:
     """Return the error for a loader that yielded nothing."""
     return ValueError(
@@ -181,14 +173,17 @@ def train_epoch(
     """
     resolved = _check_args(model, loader, device)
     _check_callable("loss_fn", loss_fn, "loss_fn(outputs, targets)", optional=False)
-    _check_optimizer(optimizer)
+    if not all(hasattr(optimizer, name) for name in ("param_groups", "zero_grad", "step")):
+        raise TypeError(
+            f"'optimizer' must be a torch.optim.Optimizer, but got {type(optimizer).__name__}"
+        )
     _check_callable("forward", forward, "forward(model, batch) -> (outputs, targets)")
     _check_callable("on_step", on_step, "on_step(step)")
     if on_nonfinite not in ("raise", "skip"):
         raise ValueError(f"'on_nonfinite' must be 'raise' or 'skip', but got {on_nonfinite!r}")
     options = StepOptions(accumulate, autocast, scaler, clip_grad_norm, scheduler)
     stepper = Stepper(optimizer, options.check(optimizer, resolved), resolved)
-    tally = Tally(metric_lib.check(metrics), resolved)
+    tally = Tally(metrics, resolved)
     buffers = BufferGuard(model)
     skipped = 0
     start = time.perf_counter()
@@ -293,7 +288,7 @@ def evaluate(
     resolved = _check_args(model, loader, device)
     _check_callable("loss_fn", loss_fn, "loss_fn(outputs, targets)", optional=False)
     _check_callable("forward", forward, "forward(model, batch) -> (outputs, targets)")
-    tally = Tally(metric_lib.check(metrics), resolved)
+    tally = Tally(metrics, resolved)
     no_grad = torch.inference_mode() if inference_mode else torch.no_grad()
     start = time.perf_counter()
     with mode(model, False), no_grad, Progress(progress, loader, "eval") as bar:

@@ -134,37 +134,26 @@ def top_k_accuracy(k: int) -> Metric:
     return Metric(state=state, compute=_ratio)
 
 
-def _is_torchmetric(obj: object) -> bool:
-    """Tell whether ``obj`` looks like a stateful torchmetrics ``Metric``."""
-    return all(callable(getattr(obj, name, None)) for name in ("update", "compute", "reset"))
-
-
-def check(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Return ``metrics`` as a dict after checking every entry is a usable metric."""
-    if metrics is None:
-        return {}
-    if not isinstance(metrics, Mapping):
+def prepare(metrics: Mapping[str, Any] | None, device: torch.device) -> dict[str, Any]:
+    """Check each metric; reset torchmetrics objects and move them to ``device``."""
+    if not isinstance(metrics, Mapping | None):
         raise TypeError(
             f"'metrics' must be a mapping of name to metric, but got {type(metrics).__name__}"
         )
-    for name, metric in metrics.items():
+    for name, metric in (metrics or {}).items():
         if not isinstance(name, str):
             raise TypeError(f"'metrics' keys must be str, but got {name!r}")
-        if not (isinstance(metric, Metric) or _is_torchmetric(metric)):
+        stateful = all(callable(getattr(metric, m, None)) for m in ("update", "compute", "reset"))
+        if not (isinstance(metric, Metric) or stateful):
             raise TypeError(
                 f"metrics[{name!r}] must be an fntrain.Metric (e.g. ft.accuracy()) or a "
                 f"torchmetrics Metric, but got {type(metric).__name__}"
             )
-    return dict(metrics)
-
-
-def start(metrics: Mapping[str, Any], device: torch.device) -> None:
-    """Reset stateful (torchmetrics) metrics and move them to ``device``."""
-    for metric in metrics.values():
-        if not isinstance(metric, Metric):
+        if stateful and not isinstance(metric, Metric):
             metric.reset()
             if isinstance(metric, torch.nn.Module):
                 metric.to(device)
+    return dict(metrics or {})
 
 
 @contextmanager

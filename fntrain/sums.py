@@ -17,11 +17,6 @@ _SAMPLES = (None, "samples")
 _BATCHES = (None, "batches")
 
 
-def _exact(number: int | float) -> torch.Tensor:
-    """Return a host sum as a tensor without losing precision (int64 or float64)."""
-    return torch.tensor(number, dtype=torch.float64 if isinstance(number, float) else torch.int64)
-
-
 class Tally:
     """Sums over one pass, private to one call: on the host where that is free, else on the device.
 
@@ -30,9 +25,8 @@ class Tally:
     values on a GPU stay there until :meth:`finish` brings everything over at once.
     """
 
-    def __init__(self, metrics: Mapping[str, Any], device: torch.device) -> None:
-        metric_lib.start(metrics, device)
-        self.metrics = metrics
+    def __init__(self, metrics: Mapping[str, Any] | None, device: torch.device) -> None:
+        self.metrics = metric_lib.prepare(metrics, device)  # checked, torchmetrics reset
         self.totals: dict[Hashable, Any] = {}
         self.samples = 0
         self.batches = 0
@@ -72,7 +66,11 @@ class Tally:
 
     def _host(self) -> dict[Hashable, torch.Tensor]:
         """Return every sum as a CPU tensor: numbers directly, device sums one transfer a dtype."""
-        out = {k: _exact(t) for k, t in self.totals.items() if not isinstance(t, torch.Tensor)}
+        out = {  # host sums, without losing precision
+            k: torch.tensor(t, dtype=torch.float64 if isinstance(t, float) else torch.int64)
+            for k, t in self.totals.items()
+            if not isinstance(t, torch.Tensor)
+        }
         on_device: dict[torch.dtype, list[tuple[Hashable, torch.Tensor]]] = {}
         for key, total in self.totals.items():
             if isinstance(total, torch.Tensor):
