@@ -80,6 +80,7 @@ def main() -> None:
     again = ft.evaluate(fresh, val_loader, loss_fn, device, metrics=metrics)
     say(f"resumed from epoch {ckpt.epoch + 1}: val acc {again.metrics['acc']:.4f} "
         f"(saved {ckpt.metrics['acc']:.4f})")  # fmt: skip
+    dist.barrier()  # no rank tears the group down while another still uses it
     dist.destroy_process_group()
 
 

@@ -79,6 +79,7 @@ def main(out: Path) -> None:
         "params": {k: v.detach().clone() for k, v in model.module.state_dict().items()},
     }
     torch.save(results, out / f"rank{rank}.pt")
+    dist.barrier()  # no rank tears the group down while another still uses it
     dist.destroy_process_group()
 
 
