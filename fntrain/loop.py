@@ -182,7 +182,7 @@ def train_epoch(
     if on_nonfinite not in ("raise", "skip"):
         raise ValueError(f"'on_nonfinite' must be 'raise' or 'skip', but got {on_nonfinite!r}")
     options = StepOptions(accumulate, autocast, scaler, clip_grad_norm, scheduler)
-    stepper = Stepper(optimizer, options.check(optimizer, resolved), resolved)
+    stepper = Stepper(optimizer, options.check(optimizer, resolved), resolved, on_step is not None)
     tally = Tally(metrics, resolved)
     buffers = BufferGuard(model)
     skipped = 0
@@ -194,11 +194,9 @@ def train_epoch(
             with buffers:  # an error in this batch puts BatchNorm statistics back
                 with stepper.autocast:
                     outputs, targets, samples = _run(model, forward, batch, index, resolved)
-                    loss = (
-                        _mean_loss(loss_fn(outputs, targets), samples, index) if samples else None
-                    )
-                if loss is None:
-                    continue
+                    if not samples:
+                        continue  # an empty batch: no forward, no step
+                    loss = _mean_loss(loss_fn(outputs, targets), samples, index)
                 _check_requires_grad(loss, index)
                 value = loss.item()  # the one host sync per batch
                 if not math.isfinite(value):
@@ -210,7 +208,7 @@ def train_epoch(
                 parts = metric_lib.parts(tally.metrics, outputs, targets)
                 stepper.backward(loss, value, samples)
                 step = stepper.step(index) if stepper.full else None
-            del outputs, loss  # free this batch's graph before the next one is built
+            del outputs, loss  # free this batch's outputs before the next forward
             tally.add(value, samples, parts)
             bar.tick(samples, tally.running_loss)
             if step is not None and on_step is not None:

@@ -9,8 +9,7 @@ reach the host once, at its end.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 import attrs
@@ -156,32 +155,28 @@ def prepare(metrics: Mapping[str, Any] | None, device: torch.device) -> dict[str
     return dict(metrics or {})
 
 
-@contextmanager
-def _named(name: str) -> Iterator[None]:
-    """Add the metric's name to an error that escapes from it (Python >= 3.11)."""
-    try:
-        yield
-    except Exception as error:
-        if hasattr(error, "add_note"):
-            error.add_note(f"raised by metrics[{name!r}]")
-        raise
-
-
 def parts(metrics: Mapping[str, Any], outputs: Any, targets: Any) -> dict[Hashable, Part]:
     """Return one batch's metric parts keyed ``(name, position)``; torchmetrics update themselves.
 
-    Runs without autograd, so no metric builds a graph, even in ``train_epoch``.
+    Runs without autograd, so no metric builds a graph, even in ``train_epoch``. An error
+    from a metric gets a note naming it (Python >= 3.11).
     """
+    if torch.is_grad_enabled() and metrics:  # train_epoch; evaluate is under no_grad already
+        with torch.no_grad():
+            return parts(metrics, outputs, targets)
     found: dict[Hashable, Part] = {}
-    with torch.no_grad():
-        for name, metric in metrics.items():
-            with _named(name):
-                if not isinstance(metric, Metric):
-                    metric.update(outputs, targets)
-                    continue
-                state = metric.state(outputs, targets)
-                for position, part in enumerate(state if isinstance(state, tuple) else (state,)):
-                    found[name, position] = part
+    for name, metric in metrics.items():
+        try:
+            if not isinstance(metric, Metric):
+                metric.update(outputs, targets)
+                continue
+            state = metric.state(outputs, targets)
+        except Exception as error:
+            if hasattr(error, "add_note"):
+                error.add_note(f"raised by metrics[{name!r}]")
+            raise
+        for position, part in enumerate(state if isinstance(state, tuple) else (state,)):
+            found[name, position] = part
     return found
 
 

@@ -66,10 +66,15 @@ class Stepper:
     """Adds up a window of batches and takes its optimizer step (private to one call)."""
 
     def __init__(
-        self, optimizer: torch.optim.Optimizer, options: StepOptions, device: torch.device
+        self,
+        optimizer: torch.optim.Optimizer,
+        options: StepOptions,
+        device: torch.device,
+        report: bool,
     ) -> None:
         self.optimizer = optimizer
         self.options = options
+        self.report = report  # build a Step record per step (for on_step)
         self.autocast: AbstractContextManager[Any] = (
             nullcontext()
             if options.autocast is None
@@ -106,7 +111,7 @@ class Stepper:
         return self.window_batches == self.options.accumulate
 
     def step(self, batch_index: int) -> Step | None:
-        """Step the optimizer (and scheduler) on the window; return the Step, None if skipped.
+        """Step the optimizer (and scheduler) on the window; return its Step if reporting.
 
         An empty window takes no step. A step the GradScaler skips for inf/NaN gradients
         is counted in ``skipped_steps`` and does not step the scheduler.
@@ -123,16 +128,12 @@ class Stepper:
             if scaler is not None:
                 scaler.unscale_(self.optimizer)
             norm = float(torch.nn.utils.clip_grad_norm_(self.params, options.clip_grad_norm))
-        lr = float(self.optimizer.param_groups[0]["lr"])
+        lr = self.optimizer.param_groups[0]["lr"]
         taken = self._optimizer_step(scaler)
-        record = Step(
-            index=self.steps,
-            batch_index=batch_index,
-            loss=self.window_loss / self.window_samples,
-            samples=self.window_samples,
-            lr=lr,
-            grad_norm=norm,
-        )
+        record = None
+        if self.report:
+            loss = self.window_loss / self.window_samples
+            record = Step(self.steps, batch_index, loss, self.window_samples, float(lr), norm)
         self.window_batches = self.window_samples = 0
         self.window_loss = 0.0
         if norm is not None:
