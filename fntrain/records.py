@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from types import MappingProxyType
-from typing import Any
+from typing import Any, NoReturn
 
 import attrs
 import torch
@@ -14,9 +13,39 @@ MetricValue = float | torch.Tensor
 """A metric's value: a float, or a CPU tensor for non-scalar metrics (a confusion matrix)."""
 
 
+class ReadOnlyDict(dict):  # type: ignore[type-arg]
+    """A dict that refuses every change: readable, json-dumpable, picklable and copyable."""
+
+    def _refuse(self, *_: object, **__: object) -> NoReturn:
+        raise TypeError("this mapping is read-only; copy it with dict(...) to change it")
+
+    __setitem__ = __delitem__ = __ior__ = update = setdefault = _refuse  # type: ignore[assignment]
+    pop = popitem = clear = _refuse  # type: ignore[assignment]
+
+    def __reduce__(self) -> tuple[type, tuple[dict[Any, Any]]]:
+        return type(self), (dict(self),)
+
+
 def _read_only(mapping: Mapping[str, Any] | None) -> Mapping[str, Any]:
     """Return a read-only copy of ``mapping`` (an empty one for None)."""
-    return MappingProxyType(dict(mapping or {}))
+    return ReadOnlyDict(mapping or {})
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Compare values that may hold tensors: tensors by ``torch.equal``, containers item by item."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        both = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+        return both and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.cpu(), b.cpu())
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same(a[key], b[key]) for key in a)
+    if isinstance(a, tuple | list) and isinstance(b, tuple | list):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    return bool(a == b)
+
+
+def _tensors(**kwargs: Any) -> Any:
+    """Return an attrs field that compares by value with ``_same`` and is left out of hash()."""
+    return attrs.field(eq=attrs.cmp_using(eq=_same), hash=False, **kwargs)
 
 
 @attrs.frozen
@@ -38,7 +67,7 @@ class TrainResult:
     """
 
     loss: float
-    metrics: Mapping[str, MetricValue] = attrs.field(converter=_read_only)
+    metrics: Mapping[str, MetricValue] = _tensors(converter=_read_only)
     samples: int
     batches: int
     steps: int
@@ -86,7 +115,7 @@ class EvalResult:
     """
 
     loss: float
-    metrics: Mapping[str, MetricValue] = attrs.field(converter=_read_only)
+    metrics: Mapping[str, MetricValue] = _tensors(converter=_read_only)
     samples: int
     batches: int
     seconds: float
@@ -103,8 +132,8 @@ class Predictions:
         samples: number of samples predicted.
     """
 
-    outputs: Any
-    targets: Any
+    outputs: Any = _tensors()  # noqa: RUF009 (attrs fields, not dataclass defaults)
+    targets: Any = _tensors()  # noqa: RUF009
     samples: int
 
 
@@ -144,8 +173,8 @@ class Checkpoint:
     path: Path
     epoch: int | None
     step: int | None
-    metrics: Mapping[str, Any] = attrs.field(converter=_read_only)
-    extra: Mapping[str, Any] = attrs.field(converter=_read_only)
+    metrics: Mapping[str, Any] = _tensors(converter=_read_only)
+    extra: Mapping[str, Any] = _tensors(converter=_read_only)
     missing_keys: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     unexpected_keys: tuple[str, ...] = attrs.field(default=(), converter=tuple)
 
@@ -159,19 +188,29 @@ class NonFiniteLossError(FloatingPointError):
     Attributes:
         batch_index: the index of the offending batch in the loader (0-based).
         loss: the value that was not finite.
+        what: ``"loss"``, or ``"gradient norm"`` when clipping measured a finite loss's
+            gradients as non-finite.
     """
 
-    def __init__(self, batch_index: int, loss: float) -> None:
-        self.batch_index = batch_index
-        self.loss = loss
+    def __init__(self, batch_index: int, loss: float, what: str = "loss") -> None:
+        self.batch_index, self.loss, self.what = batch_index, loss, what
         super().__init__(
-            f"the loss of batch {batch_index} is {loss}; the optimizer did not step and the "
+            f"the {what} of batch {batch_index} is {loss}; the optimizer did not step and the "
             f"buffers were restored, so the model is as after the last finite batch. Pass "
             f"on_nonfinite='skip' to skip such batches instead"
         )
 
-    def __reduce__(self) -> tuple[type, tuple[int, float]]:
-        return type(self), (self.batch_index, self.loss)
+    def __reduce__(self) -> tuple[type, tuple[int, float, str]]:
+        return type(self), (self.batch_index, self.loss, self.what)
+
+
+def reword(error: BaseException, prefix: str = "", suffix: str = "") -> BaseException:
+    """Put ``prefix`` and ``suffix`` around an exception's message; keep its type and traceback."""
+    if len(error.args) == 1 and isinstance(error.args[0], str):
+        error.args = (f"{prefix}{error.args[0]}{suffix}",)
+    elif hasattr(error, "add_note"):  # Python >= 3.11; messages of other shapes get a note
+        error.add_note(f"{prefix}{suffix}".strip(" :;"))
+    return error
 
 
 class CheckpointError(Exception):
