@@ -36,7 +36,14 @@ def as_device(device: torch.device | str) -> torch.device:
         resolved = torch.device(device)
     except RuntimeError as error:
         raise ValueError(f"'device' must name a device, but got {device!r}: {error}") from None
-    if resolved.type == "cuda" and resolved.index is None and torch.cuda.is_available():
+    backend = {"cuda": torch.cuda, "mps": torch.backends.mps}.get(resolved.type)
+    if backend is not None and not backend.is_available():
+        raise ValueError(
+            f"'device' is {str(device)!r} but {resolved.type.upper()} is not available here "
+            f"(torch {torch.__version__}); pass device=ft.default_device() to use the best "
+            f"device this machine has"
+        )
+    if resolved.type == "cuda" and resolved.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return resolved
 
@@ -133,6 +140,26 @@ def count(outputs: Any, targets: Any, index: int) -> int:
             f"dimension; return targets (or outputs) with one from 'forward'"
         )
     return found
+
+
+def check_lengths(inputs: Any, outputs: Any, targets: Any, index: int) -> None:
+    """Raise if the model kept the inputs' batch length but the targets have another one."""
+    tensors = (inputs, outputs, targets)
+    if all(isinstance(t, torch.Tensor) and t.dim() for t in tensors) and (
+        inputs.shape[0] == outputs.shape[0] != targets.shape[0]
+    ):
+        raise ValueError(
+            f"the inputs and outputs have {inputs.shape[0]} samples but the targets "
+            f"{targets.shape[0]} in batch {index}; 'loader' must yield inputs and targets "
+            f"of one length"
+        )
+
+
+def float_dtypes(data: Any) -> set[torch.dtype]:
+    """Return the floating-point dtypes of the tensors in a (nested) structure."""
+    found: set[torch.dtype] = set()
+    map_tensors(lambda tensor: found.add(tensor.dtype) or tensor, data)
+    return {dtype for dtype in found if dtype.is_floating_point}
 
 
 def concat(parts: list[Any]) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
@@ -14,17 +15,19 @@ from fntrain import distributed
 from fntrain import metrics as metric_lib
 from fntrain.data import (
     as_device,
+    check_lengths,
     check_model_on,
     concat,
     count,
     describe,
+    float_dtypes,
     inputs_and_targets,
     pair,
     to_device,
 )
 from fntrain.progress import Progress
-from fntrain.records import EvalResult, NonFiniteLossError, Predictions, Step, TrainResult
-from fntrain.restore import BufferGuard, mode
+from fntrain.records import EvalResult, NonFiniteLossError, Predictions, Step, TrainResult, reword
+from fntrain.restore import BatchGuard, mode
 from fntrain.stepping import StepOptions, Stepper
 from fntrain.sums import Tally
 
@@ -41,17 +44,33 @@ def _run(
     Without ``forward`` the batch is ``(inputs, targets)`` and the model is called as
     ``model(inputs)``; a batch whose targets hold no samples is not run at all.
     """
-    if forward is None:
-        inputs, targets = pair(batch, index)
-        targets = to_device(targets, device)
-        if isinstance(targets, torch.Tensor) and targets.dim() and not targets.shape[0]:
-            return None, targets, 0
-        outputs = model(to_device(inputs, device))
-    else:
-        outputs, targets = pair(
-            forward(model, to_device(batch, device)), index, "'forward' must return"
-        )
+    if forward is not None:
+        result = _call(model, lambda: forward(model, to_device(batch, device)), batch, index)
+        outputs, targets = pair(result, index, "'forward' must return")
+        return outputs, targets, count(outputs, targets, index)
+    inputs, targets = pair(batch, index)
+    targets = to_device(targets, device)
+    if isinstance(targets, torch.Tensor) and targets.dim() and not targets.shape[0]:
+        return None, targets, 0
+    outputs = _call(model, lambda: model(to_device(inputs, device)), inputs, index)
+    check_lengths(inputs, outputs, targets, index)
     return outputs, targets, count(outputs, targets, index)
+
+
+def _call(model: nn.Module, run: Callable[[], Any], inputs: Any, index: int) -> Any:
+    """Return ``run()``; a dtype error gets the batch's and the model's float dtypes added."""
+    try:
+        return run()
+    except RuntimeError as error:
+        wanted = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        found = float_dtypes(inputs) - {wanted}
+        if wanted is None or not found or "type" not in str(error).lower():
+            raise
+        raise reword(error, suffix=(
+            f" (batch {index} holds {', '.join(map(str, sorted(found, key=str)))} inputs but "
+            f"the model's parameters are {wanted}: convert the data, e.g. x.float() or "
+            f"torch.from_numpy(x).float(), or the model, e.g. model.to({wanted}))"
+        )) from None  # fmt: skip
 
 
 def _mean_loss(loss: Any, samples: int, index: int) -> torch.Tensor:
@@ -173,10 +192,7 @@ def train_epoch(
     """
     resolved = _check_args(model, loader, device)
     _check_callable("loss_fn", loss_fn, "loss_fn(outputs, targets)", optional=False)
-    if not all(hasattr(optimizer, name) for name in ("param_groups", "zero_grad", "step")):
-        raise TypeError(
-            f"'optimizer' must be a torch.optim.Optimizer, but got {type(optimizer).__name__}"
-        )
+    _check_optimizer(model, optimizer)
     _check_callable("forward", forward, "forward(model, batch) -> (outputs, targets)")
     _check_callable("on_step", on_step, "on_step(step)")
     if on_nonfinite not in ("raise", "skip"):
@@ -184,36 +200,37 @@ def train_epoch(
     options = StepOptions(accumulate, autocast, scaler, clip_grad_norm, scheduler)
     stepper = Stepper(optimizer, options.check(optimizer, resolved), resolved, on_step is not None)
     tally = Tally(metrics, resolved)
-    buffers = BufferGuard(model)
+    guard = BatchGuard(model)
     skipped = 0
     start = time.perf_counter()
     with mode(model, True), Progress(progress, loader, "train") as bar:
         index = -1
         for index, batch in enumerate(loader):
             stepper.begin_batch()
-            with buffers:  # an error in this batch puts BatchNorm statistics back
+            with guard:  # an error before the optimizer step puts buffers and metrics back
                 with stepper.autocast:
                     outputs, targets, samples = _run(model, forward, batch, index, resolved)
                     if not samples:
                         continue  # an empty batch: no forward, no step
                     loss = _mean_loss(loss_fn(outputs, targets), samples, index)
-                _check_requires_grad(loss, index)
+                stepper.check_loss(loss, index)
                 value = loss.item()  # the one host sync per batch
                 if not math.isfinite(value):
                     if on_nonfinite == "raise":
                         raise NonFiniteLossError(index, value)
-                    buffers.restore()
+                    guard.restore()
                     skipped += 1
                     continue
-                parts = metric_lib.parts(tally.metrics, outputs, targets)
+                parts = tally.stage(metric_lib.parts(tally.metrics, outputs, targets, guard.undo))
                 stepper.backward(loss, value, samples)
-                step = stepper.step(index) if stepper.full else None
+                step = stepper.step(index, guard, on_nonfinite) if stepper.full else None
             del outputs, loss  # free this batch's outputs before the next forward
-            tally.add(value, samples, parts)
+            tally.add(value, samples, parts)  # checked by stage(): cannot fail
             bar.tick(samples, tally.running_loss)
             if step is not None and on_step is not None:
                 on_step(step)
-        last = stepper.step(index)  # a partial window at the end
+        with guard:
+            last = stepper.step(index, guard, on_nonfinite)  # a partial window at the end
         if last is not None and on_step is not None:
             on_step(last)
     loss_mean, values = tally.finish()  # an all-reduce under DDP: every rank reaches it
@@ -233,12 +250,27 @@ def train_epoch(
     )
 
 
-def _check_requires_grad(loss: torch.Tensor, index: int) -> None:
-    """Raise if the loss cannot be back-propagated."""
-    if not loss.requires_grad:
+def _check_optimizer(model: nn.Module, optimizer: Any) -> None:
+    """Raise unless ``optimizer`` is an optimizer over (at least some of) the model's parameters."""
+    if not all(hasattr(optimizer, name) for name in ("param_groups", "zero_grad", "step")):
+        raise TypeError(
+            f"'optimizer' must be a torch.optim.Optimizer, but got {type(optimizer).__name__}"
+        )
+    owned = {id(p) for p in model.parameters()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    foreign = sum(id(p) not in owned for p in params)
+    if params and foreign == len(params):
         raise ValueError(
-            f"'loss_fn' returned a loss that does not require grad for batch {index}; was it "
-            f"detached or computed under torch.no_grad(), or are all parameters frozen?"
+            f"'optimizer' holds none of the model's parameters (it holds {len(params)} others), "
+            f"so training would change nothing; build it from model.parameters() after the "
+            f"model is created and moved"
+        )
+    if foreign:
+        warnings.warn(
+            f"{foreign} of the {len(params)} parameters of 'optimizer' are not the model's; "
+            f"they train only if 'loss_fn' or 'forward' uses them (a loss with parameters)",
+            UserWarning,
+            stacklevel=3,
         )
 
 
@@ -295,7 +327,7 @@ def evaluate(
             if not samples:
                 continue
             loss = _mean_loss(loss_fn(outputs, targets), samples, index)
-            tally.add(loss, samples, metric_lib.parts(tally.metrics, outputs, targets))
+            tally.add(loss, samples, tally.stage(metric_lib.parts(tally.metrics, outputs, targets)))
             bar.tick(samples, tally.running_loss)
     loss_mean, values = tally.finish()  # an all-reduce under DDP: every rank reaches it
     if tally.batches == 0:
@@ -315,8 +347,9 @@ def _predict_batch(
     """Return one prediction batch's outputs and targets (None when it has none)."""
     if forward is None:
         inputs, targets = inputs_and_targets(batch, index)
-        return model(to_device(inputs, device)), targets
-    return pair(forward(model, to_device(batch, device)), index, "'forward' must return")
+        return _call(model, lambda: model(to_device(inputs, device)), inputs, index), targets
+    result = _call(model, lambda: forward(model, to_device(batch, device)), batch, index)
+    return pair(result, index, "'forward' must return")
 
 
 def predict(

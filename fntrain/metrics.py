@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 import torch
 
-from fntrain.records import MetricValue
+from fntrain.records import MetricValue, reword
 
 Part = torch.Tensor | int | float
 
@@ -155,26 +155,62 @@ def prepare(metrics: Mapping[str, Any] | None, device: torch.device) -> dict[str
     return dict(metrics or {})
 
 
-def parts(metrics: Mapping[str, Any], outputs: Any, targets: Any) -> dict[Hashable, Part]:
+def _snapshot(metric: Any) -> Callable[[], None]:
+    """Return a function that puts a torchmetrics object's (or collection's) states back."""
+    members = [metric] if hasattr(metric, "_defaults") else list(getattr(metric, "values", list)())
+    saved = [
+        (member, name, value.clone() if isinstance(value, torch.Tensor) else list(value))
+        for member in members
+        for name, value in getattr(member, "metric_state", {}).items()
+    ]
+    counts = [(member, getattr(member, "_update_count", 0)) for member in members]
+
+    def undo() -> None:
+        for member, name, value in saved:  # in place: compute groups share these objects
+            live = getattr(member, name)
+            if isinstance(live, torch.Tensor) and live.shape == value.shape:
+                live.copy_(value)
+            elif isinstance(live, list):
+                live[:] = value
+            else:
+                setattr(member, name, value)
+        for member, count in counts:
+            member._update_count, member._computed = count, None
+
+    return undo
+
+
+def _named(name: str, run: Callable[[], Any]) -> Any:
+    """Return ``run()``; an exception it raises gets ``metrics[name]`` in its message."""
+    try:
+        return run()
+    except Exception as error:
+        raise reword(error, prefix=f"metrics[{name!r}]: ") from None
+
+
+def parts(
+    metrics: Mapping[str, Any],
+    outputs: Any,
+    targets: Any,
+    undo: list[Callable[[], object]] | None = None,
+) -> dict[Hashable, Part]:
     """Return one batch's metric parts keyed ``(name, position)``; torchmetrics update themselves.
 
     Runs without autograd, so no metric builds a graph, even in ``train_epoch``. An error
-    from a metric gets a note naming it (Python >= 3.11).
+    names the metric. With ``undo``, a function that takes back each torchmetrics update
+    is added to it (``train_epoch`` runs them if the batch fails before its step).
     """
     if torch.is_grad_enabled() and metrics:  # train_epoch; evaluate is under no_grad already
         with torch.no_grad():
-            return parts(metrics, outputs, targets)
+            return parts(metrics, outputs, targets, undo)
     found: dict[Hashable, Part] = {}
     for name, metric in metrics.items():
-        try:
-            if not isinstance(metric, Metric):
-                metric.update(outputs, targets)
-                continue
-            state = metric.state(outputs, targets)
-        except Exception as error:
-            if hasattr(error, "add_note"):
-                error.add_note(f"raised by metrics[{name!r}]")
-            raise
+        if not isinstance(metric, Metric):
+            if undo is not None:
+                undo.append(_snapshot(metric))
+            _named(name, lambda metric=metric: metric.update(outputs, targets))
+            continue
+        state = _named(name, lambda metric=metric: metric.state(outputs, targets))
         for position, part in enumerate(state if isinstance(state, tuple) else (state,)):
             found[name, position] = part
     return found
@@ -204,7 +240,9 @@ def finish(
             # by position: host-summed numbers and device-summed tensors arrive apart
             positions = sorted(position for owner, position in totals if owner == name)
             parts = tuple(totals[name, position] for position in positions)
-            values.update(_flatten(name, metric.compute(parts) if parts else float("nan")))
+            compute = metric.compute if parts else lambda _: float("nan")
+            result = _named(name, lambda compute=compute, parts=parts: compute(parts))
         else:
-            values.update(_flatten(name, metric.compute()))
+            result = _named(name, metric.compute)
+        values.update(_flatten(name, result))
     return values

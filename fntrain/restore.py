@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -25,13 +25,14 @@ def mode(model: nn.Module, training: bool) -> Iterator[None]:
             module.training = flag
 
 
-class BufferGuard:
-    """A copy of the model's persistent buffers, refreshed before each batch (private).
+class BatchGuard:
+    """What one training batch may change before its optimizer step, to put back (private).
 
-    A bad batch can change BatchNorm's running statistics during the forward pass, before
-    its loss or shape is checked; ``restore()`` undoes that. Used as ``with guard:`` around
-    one batch: one fused copy on entry, a restore only if the block raises. Only the
-    buffers the model's ``state_dict`` holds are copied (not non-persistent caches).
+    A bad batch can change BatchNorm's running statistics during the forward pass, and
+    torchmetrics objects in their update, before its loss or step fails. Used as ``with
+    guard:`` around one batch: one fused copy of the persistent buffers on entry (not of
+    non-persistent caches); on an error before the step, the buffers are put back and the
+    ``undo`` functions run. Once ``committed`` (the optimizer stepped), nothing is undone.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -39,17 +40,23 @@ class BufferGuard:
         unique = {id(t): t for t in state if isinstance(t, torch.Tensor)}
         self.live = [t for t in unique.values() if not isinstance(t, nn.Parameter)]
         self.copy = [buffer.detach().clone() for buffer in self.live]
+        self.undo: list[Callable[[], object]] = []
+        self.committed = False
 
-    def __enter__(self) -> BufferGuard:
+    def __enter__(self) -> BatchGuard:
         if self.live:
             torch._foreach_copy_(self.copy, self.live)
+        self.undo.clear()
+        self.committed = False
         return self
 
     def restore(self) -> None:
-        """Put the copy back into the model's buffers."""
+        """Put the buffers back and undo what was registered since entry."""
         if self.live:
             torch._foreach_copy_(self.live, self.copy)
+        while self.undo:
+            self.undo.pop()()
 
     def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
-        if kind is not None:
+        if kind is not None and not self.committed:
             self.restore()

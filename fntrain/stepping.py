@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import attrs
 import torch
 
-from fntrain.records import Step
+from fntrain.records import NonFiniteLossError, Step, reword
+from fntrain.restore import BatchGuard
+
+
+def _required(method: Callable[..., Any]) -> list[str]:
+    """Return the names of the arguments ``method`` cannot be called without."""
+    try:
+        params = inspect.signature(method).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: assume it needs none
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in params if p.default is p.empty and p.kind in kinds]
 
 
 @attrs.frozen
@@ -59,6 +72,19 @@ class StepOptions:
             raise TypeError(f"'scheduler' must be an LR scheduler with .step(), but got {kind}")
         if getattr(scheduler, "optimizer", optimizer) is not optimizer:
             raise ValueError("'scheduler' schedules another optimizer than 'optimizer'")
+        needs = _required(scheduler.step) if scheduler is not None else []
+        if needs:
+            raise TypeError(
+                f"'scheduler' is a {type(scheduler).__name__}, whose step() needs "
+                f"{', '.join(map(repr, needs))}, so it cannot be stepped per batch; step it in "
+                f"your epoch loop instead, e.g. scheduler.step(val.loss)"
+            )
+        if "closure" in _required(optimizer.step):
+            raise TypeError(
+                f"'optimizer' is a {type(optimizer).__name__}, whose step() needs a closure "
+                f"that re-evaluates the loss; train_epoch steps once per batch without one, "
+                f"so write this optimizer's loop by hand"
+            )
         return self
 
 
@@ -88,11 +114,29 @@ class Stepper:
         self.skipped_steps = 0
         self.largest_norm: float | None = None
         self.norms_seen = 0
+        self.cleared: bool | None = None  # zero_grad() sets .grad to None
 
     def begin_batch(self) -> None:
         """Zero the gradients at the start of each window."""
         if self.window_batches == 0:
             self.optimizer.zero_grad()
+            if self.cleared is None:  # does zero_grad() leave None (set_to_none)?
+                self.cleared = all(p.grad is None for p in self.params)
+
+    def check_loss(self, loss: torch.Tensor, index: int) -> None:
+        """Raise unless ``loss`` can be back-propagated and nothing back-propagated before it."""
+        if not loss.requires_grad:
+            raise ValueError(
+                f"'loss_fn' returned a loss that does not require grad for batch {index}; was "
+                f"it detached or computed under torch.no_grad(), or are all parameters frozen?"
+            )
+        touched = self.window_batches == 0 and self.cleared
+        if touched and any(p.grad is not None for p in self.params):
+            raise ValueError(
+                f"'loss_fn' called backward() itself for batch {index} (or 'forward' did): the "
+                f"gradients are already set, and train_epoch's own backward() would double "
+                f"them; return the loss without calling backward()"
+            )
 
     def backward(self, loss: torch.Tensor, value: float, samples: int) -> None:
         """Back-propagate one batch's mean ``loss`` (``value`` on the host) into the window."""
@@ -110,43 +154,63 @@ class Stepper:
         """Tell whether the window holds ``accumulate`` batches."""
         return self.window_batches == self.options.accumulate
 
-    def step(self, batch_index: int) -> Step | None:
-        """Step the optimizer (and scheduler) on the window; return its Step if reporting.
-
-        An empty window takes no step. A step the GradScaler skips for inf/NaN gradients
-        is counted in ``skipped_steps`` and does not step the scheduler.
-        """
-        if self.window_batches == 0:
-            return None
+    def _clip(self) -> float | None:
+        """Average an accumulated window's gradients; clip them; return the norm before clipping."""
         options, scaler = self.options, self.options.scaler
         if options.accumulate > 1:
             grads = [p.grad for p in self.params if p.grad is not None]
             if grads:
                 torch._foreach_div_(grads, float(self.window_samples))
-        norm = None
-        if options.clip_grad_norm is not None:
-            if scaler is not None:
-                scaler.unscale_(self.optimizer)
-            norm = float(torch.nn.utils.clip_grad_norm_(self.params, options.clip_grad_norm))
-        lr = self.optimizer.param_groups[0]["lr"]
-        taken = self._optimizer_step(scaler)
-        record = None
-        if self.report:
-            loss = self.window_loss / self.window_samples
-            record = Step(self.steps, batch_index, loss, self.window_samples, float(lr), norm)
+        if options.clip_grad_norm is None:
+            return None
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, options.clip_grad_norm))
+        self.norms_seen += 1
+        if math.isfinite(norm):
+            self.largest_norm = max(norm, self.largest_norm or 0.0)
+        return norm
+
+    def step(self, batch_index: int, guard: BatchGuard, on_nonfinite: str) -> Step | None:
+        """Step the optimizer (and scheduler) on the window; return its Step if reporting.
+
+        An empty window takes no step. A non-finite gradient norm (known when clipping,
+        and not left to a GradScaler) raises before the step, or skips it. A step the
+        GradScaler skips for inf/NaN gradients is counted in ``skipped_steps`` and does not
+        step the scheduler. Once ``optimizer.step()`` changed the weights, ``guard`` is
+        marked committed: a later error keeps the batch applied and says so.
+        """
+        if self.window_batches == 0:
+            return None
+        norm, scaler = self._clip(), self.options.scaler
+        samples, loss = self.window_samples, self.window_loss / self.window_samples
         self.window_batches = self.window_samples = 0
         self.window_loss = 0.0
-        if norm is not None:
-            self.norms_seen += 1
-            if math.isfinite(norm):
-                self.largest_norm = max(norm, self.largest_norm or 0.0)
+        if norm is not None and not math.isfinite(norm) and not (scaler and scaler.is_enabled()):
+            if on_nonfinite == "raise":
+                raise NonFiniteLossError(batch_index, norm, "gradient norm")
+            self.skipped_steps += 1
+            return None
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        probe = next((p for p in self.params if p.grad is not None), None)
+        version = probe._version if probe is not None else 0  # bumped by in-place updates
+        try:
+            taken = self._optimizer_step(scaler)
+            guard.committed = True
+            if taken and self.options.scheduler is not None:
+                self.options.scheduler.step()
+        except Exception as error:
+            guard.committed = guard.committed or (probe is not None and probe._version != version)
+            if guard.committed:
+                raise reword(error, suffix=f" (raised after optimizer.step() of batch "
+                             f"{batch_index}: that batch's update of the weights, buffers and "
+                             f"optimizer state stays applied)") from None  # fmt: skip
+            raise
         if not taken:
             self.skipped_steps += 1
             return None
         self.steps += 1
-        if options.scheduler is not None:
-            options.scheduler.step()
-        return record
+        return Step(self.steps - 1, batch_index, loss, samples, lr, norm) if self.report else None
 
     def _optimizer_step(self, scaler: Any) -> bool:
         """Step the optimizer (through the scaler); return False if the scaler skipped it."""

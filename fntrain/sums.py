@@ -31,10 +31,32 @@ class Tally:
         self.samples = 0
         self.batches = 0
 
+    def stage(self, parts: dict[Hashable, Part]) -> dict[Hashable, Part]:
+        """Return one batch's metric parts ready to add; raise naming a part that cannot add up.
+
+        Small CPU tensors become numbers; a tensor must have the shape of its running sum
+        and a dtype that sum can take, so that :meth:`add` cannot fail after the step.
+        """
+        staged: dict[Hashable, Part] = {}
+        for key, part in parts.items():
+            if isinstance(part, torch.Tensor):
+                part = part.item() if part.is_cpu and part.numel() == 1 else part.detach()
+            total = self.totals.get(key)
+            if (
+                isinstance(total, torch.Tensor)
+                and isinstance(part, torch.Tensor)
+                and (part.shape != total.shape or torch.result_type(total, part) != total.dtype)
+            ):
+                raise ValueError(
+                    f"metrics[{key[0]!r}]: part {key[1]} of its state is a {part.dtype} tensor "
+                    f"of shape {tuple(part.shape)} in this batch but a {total.dtype} of shape "
+                    f"{tuple(total.shape)} in the ones before; each part must keep its shape"
+                )
+            staged[key] = part
+        return staged
+
     def _add(self, key: Hashable, part: Part) -> None:
         """Add ``part`` to the running sum under ``key``."""
-        if isinstance(part, torch.Tensor):
-            part = part.item() if part.is_cpu and part.numel() == 1 else part.detach()
         total = self.totals.get(key)
         if total is None:
             self.totals[key] = part.clone() if isinstance(part, torch.Tensor) else part
@@ -44,7 +66,7 @@ class Tally:
             self.totals[key] = total + part
 
     def add(self, loss: float | torch.Tensor, samples: int, parts: dict[Hashable, Part]) -> None:
-        """Add one batch: its mean loss (a float, or a device scalar), samples, metric parts."""
+        """Add one batch: its mean loss (a float, or a device scalar), samples, staged parts."""
         if not isinstance(loss, torch.Tensor):
             self._add(_LOSS, loss * samples)
         elif loss.is_cpu:

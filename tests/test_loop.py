@@ -911,3 +911,246 @@ def test_mixup_in_forward_trains_with_cross_entropy_and_accuracy() -> None:
         model, loader(data, 16), nn.CrossEntropyLoss(), "cpu", metrics={"acc": ft.accuracy()}
     )
     assert ev.metrics["acc"] > 0.6
+
+
+# --- a batch is atomic: it applies completely or not at all ---------------------------------
+
+_FAILURES = ("metric", "torchmetric_then_backward", "backward", "pre_hook", "post_hook", "scheduler")
+_AFTER_THE_STEP = {"post_hook", "scheduler"}
+
+
+class _Boom(RuntimeError):
+    """The planted failure."""
+
+
+class _FailingBackward(torch.autograd.Function):
+    """Identity forward; raises in backward when told to."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor, fail: bool) -> torch.Tensor:  # type: ignore[override]
+        ctx.fail = fail  # type: ignore[attr-defined]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        if ctx.fail:  # type: ignore[attr-defined]
+            raise _Boom("backward")
+        return grad, None
+
+
+def _armed(where: str, at: int, model: nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """Return train_epoch keyword arguments that raise _Boom at batch ``at`` in ``where``."""
+    calls = {"n": -1}
+
+    def tick() -> bool:
+        calls["n"] += 1
+        return calls["n"] == at
+
+    kwargs: dict = {"loss_fn": nn.functional.cross_entropy}
+    if where == "metric":
+        def state(out: torch.Tensor, y: torch.Tensor) -> tuple[int]:
+            if tick():
+                raise _Boom("metric")
+            return (1,)
+        kwargs["metrics"] = {"m": ft.Metric(state, lambda t: float(t[0]))}
+    elif where in ("torchmetric_then_backward", "backward"):
+        import torchmetrics
+
+        if where == "torchmetric_then_backward":
+            kwargs["metrics"] = {"acc": torchmetrics.classification.MulticlassAccuracy(3)}
+        kwargs["loss_fn"] = lambda out, y: nn.functional.cross_entropy(
+            _FailingBackward.apply(out, tick()), y
+        )
+    elif where == "pre_hook":
+        opt.register_step_pre_hook(lambda *_: (_ for _ in ()).throw(_Boom()) if tick() else None)
+    elif where == "post_hook":
+        opt.register_step_post_hook(lambda *_: (_ for _ in ()).throw(_Boom()) if tick() else None)
+    else:
+        class Scheduler(torch.optim.lr_scheduler.LambdaLR):
+            def step(self, epoch: int | None = None) -> None:
+                super().step(epoch)
+                if tick():
+                    raise _Boom("scheduler")
+        calls["n"] = -2  # LambdaLR steps once when it is built
+        kwargs["scheduler"] = Scheduler(opt, lambda i: 1.0)
+    return kwargs
+
+
+def _state(model: nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Return every parameter, buffer and momentum buffer as clones."""
+    momentum = [s["momentum_buffer"].clone() for s in opt.state.values()]
+    return [t.detach().clone() for t in model.state_dict().values()] + momentum
+
+
+@settings(max_examples=30, deadline=None)
+@given(where=st.sampled_from(_FAILURES), at=st.integers(0, 3), seed=s.seeds)
+def test_a_batch_applies_completely_or_not_at_all(where: str, at: int, seed: int) -> None:
+    """A failure at batch k leaves the state of k batches (after the step) or k-1 (before)."""
+    batches = list(loader(make_data(32, 4, 3, seed), 8))
+    model = mlp(4, 3, seed, dropout=0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    kwargs = _armed(where, at, model, opt)
+    with pytest.raises(_Boom):
+        ft.train_epoch(model, batches, optimizer=opt, device=CPU, **kwargs)
+    applied = at + 1 if where in _AFTER_THE_STEP else at
+    reference = mlp(4, 3, seed, dropout=0.0)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    if applied:
+        hand_train_epoch(reference, batches[:applied], nn.CrossEntropyLoss(), ref_opt, CPU)
+    mine, ref = _state(model, opt), _state(reference, ref_opt)
+    assert len(mine) == len(ref) and all(map(torch.equal, mine, ref))
+    if where == "torchmetric_then_backward":  # its update for batch k was taken back
+        metric = kwargs["metrics"]["acc"]
+        assert int(metric.tp.sum() + metric.fn.sum()) == 8 * at
+
+
+def test_a_failure_after_the_step_says_the_batch_was_applied() -> None:
+    """An error after optimizer.step() (a post hook) tells the user that batch counted."""
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt.register_step_post_hook(lambda *_: (_ for _ in ()).throw(_Boom("hook")))
+    with pytest.raises(_Boom) as caught:
+        ft.train_epoch(model, _BATCHES, nn.CrossEntropyLoss(), opt, CPU)
+    assert "after optimizer.step() of batch 0" in str(caught.value) + "".join(
+        getattr(caught.value, "__notes__", [])
+    )
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda m, o: {"scheduler": torch.optim.lr_scheduler.ReduceLROnPlateau(o)},
+         r"'scheduler'.*ReduceLROnPlateau.*step\(\) needs 'metrics'"),
+        (lambda m, o: {"optimizer": torch.optim.LBFGS(m.parameters())},
+         r"'optimizer'.*LBFGS.*closure"),
+        (lambda m, o: {"optimizer": torch.optim.SGD(nn.Linear(3, 2).parameters(), lr=0.1)},
+         r"'optimizer'.*none of the model's parameters"),
+    ],
+)  # fmt: skip
+def test_what_cannot_work_per_batch_is_refused_before_the_first_batch(
+    make: object, message: str
+) -> None:
+    """A scheduler needing a metric, an optimizer needing a closure or another model's params."""
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    kwargs = {"optimizer": opt, **make(model, opt)}  # type: ignore[operator]
+    seen = []
+    batches = (seen.append(b) or b for b in _BATCHES)
+    before = snapshot(model)
+    with pytest.raises((TypeError, ValueError), match=message):
+        ft.train_epoch(model, batches, nn.CrossEntropyLoss(), device=CPU, **kwargs)
+    assert seen == [] and not kwargs["optimizer"].state
+    assert_bit_identical(before, snapshot(model))
+
+
+def test_an_optimizer_over_some_foreign_parameters_warns() -> None:
+    """Only some optimizer parameters outside the model: a warning names how many."""
+    model, other = nn.Linear(3, 2), nn.Linear(3, 2)
+    opt = torch.optim.SGD([*model.parameters(), *other.parameters()], lr=0.1)
+    with pytest.warns(UserWarning, match="2 of the 4 parameters of 'optimizer'"):
+        ft.train_epoch(model, _BATCHES, nn.CrossEntropyLoss(), opt, CPU)
+
+
+# --- no silent wrong numbers ----------------------------------------------------------------
+
+
+@FAST
+@given(inputs=st.integers(2, 9), targets=st.integers(2, 9))
+def test_inputs_and_targets_of_different_lengths_are_refused(inputs: int, targets: int) -> None:
+    """A batch whose model outputs and targets disagree on the batch length names both."""
+    assume(inputs != targets)
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batch = (torch.randn(inputs, 3), torch.randn(targets, 1))
+    before = snapshot(model)
+    for run in (
+        lambda: ft.train_epoch(model, [batch], nn.MSELoss(), opt, CPU),
+        lambda: ft.evaluate(model, [batch], nn.MSELoss(), CPU),
+    ):
+        with pytest.raises(ValueError, match=f"{inputs} samples.*{targets}.*batch 0"):
+            run()
+    assert_bit_identical(before, snapshot(model))
+
+
+@pytest.mark.parametrize("on_nonfinite", ["raise", "skip"])
+def test_a_finite_loss_with_non_finite_gradients_never_reaches_the_weights(
+    on_nonfinite: str,
+) -> None:
+    """With clipping the norm is known: inf/NaN gradients raise or skip the step, as for loss."""
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    poison = {"on": False}
+
+    def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if poison["on"]:  # the loss stays finite, its gradient becomes NaN
+            out.register_hook(lambda grad: grad * float("nan"))
+        poison["on"] = not poison["on"]
+        return nn.functional.cross_entropy(out, y)
+
+    before = snapshot(model, grads=False)
+    batches = _BATCHES[:1] * 2  # the second batch is poisoned
+    if on_nonfinite == "raise":
+        with pytest.raises(ft.NonFiniteLossError, match="gradient norm of batch 1 is nan"):
+            ft.train_epoch(model, batches, loss_fn, opt, CPU, clip_grad_norm=1.0)
+    else:
+        result = ft.train_epoch(
+            model, batches, loss_fn, opt, CPU, clip_grad_norm=1.0, on_nonfinite="skip"
+        )
+        assert (result.steps, result.skipped_steps) == (1, 1)
+    after = snapshot(model, grads=False)
+    assert all(torch.isfinite(t).all() for t in after.values())
+    assert not all(torch.equal(before[k], after[k]) for k in before)  # batch 0 did step
+
+
+def test_a_loss_fn_that_calls_backward_itself_is_refused() -> None:
+    """Calling backward() inside loss_fn would double the gradients: refused, no step taken."""
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = nn.functional.cross_entropy(out, y)
+        loss.backward(retain_graph=True)
+        return loss
+
+    before = snapshot(model, grads=False)
+    with pytest.raises(ValueError, match=r"'loss_fn' called backward\(\) itself.*batch 0"):
+        ft.train_epoch(model, _BATCHES, loss_fn, opt, CPU)
+    assert_bit_identical(before, snapshot(model, grads=False))
+
+
+# --- messages that name the cause -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["train_epoch", "evaluate", "predict"])
+def test_float64_inputs_into_a_float32_model_are_explained(name: str) -> None:
+    """numpy-born float64 inputs: the error says which dtypes differ and how to convert."""
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = [(torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 0, 1]))]
+    runs = {
+        "train_epoch": lambda: ft.train_epoch(model, batches, nn.CrossEntropyLoss(), opt, CPU),
+        "evaluate": lambda: ft.evaluate(model, batches, nn.CrossEntropyLoss(), CPU),
+        "predict": lambda: ft.predict(model, batches, CPU),
+    }
+    with pytest.raises(RuntimeError, match=r"batch 0.*float64.*torch.float32.*\.float\(\)"):
+        runs[name]()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_says_cuda_is_not_available() -> None:
+    """device='cuda' on a machine without CUDA says so, instead of advising model.to('cuda')."""
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=r"'device' is 'cuda'.*CUDA is not available.*default_device"):
+        ft.evaluate(model, _BATCHES, nn.CrossEntropyLoss(), "cuda")
+
+
+@pytest.mark.parametrize("where", ["state", "compute"])
+def test_a_failing_metric_is_named_in_the_message(where: str) -> None:
+    """An error raised by a metric's state or compute names the metric in its message."""
+    def fail(*_: object) -> tuple[int]:
+        raise ValueError("bad shape")
+
+    ok = (lambda out, y: (1,), lambda t: 1.0)
+    metric = ft.Metric(fail, ok[1]) if where == "state" else ft.Metric(ok[0], fail)
+    with pytest.raises(ValueError, match=r"metrics\['f1'\].*bad shape"):
+        ft.evaluate(nn.Linear(3, 2), _BATCHES, nn.CrossEntropyLoss(), CPU, metrics={"f1": metric})
