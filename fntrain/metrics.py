@@ -44,68 +44,125 @@ class Metric:
     compute: Callable[[tuple[torch.Tensor, ...]], MetricValue]
 
 
-def _class_targets(outputs: torch.Tensor, targets: torch.Tensor, name: str) -> torch.Tensor:
-    """Return class-index targets; soft (probability) targets become their argmax."""
-    if (  # the common case first: (N, C) scores and (N,) class indices
-        isinstance(outputs, torch.Tensor)
-        and isinstance(targets, torch.Tensor)
-        and outputs.dim() == 2
-        and targets.dim() == 1
-        and targets.shape[0] == outputs.shape[0]
-    ):
-        return targets
+_REFUSALS = (
+    "{n} target(s) are not class indices in [0, number of classes); pass ignore_index= "
+    "for a label the loss ignores",
+    "{n} target row(s) hold several classes (multi-label); use "
+    "torchmetrics.classification.MultilabelAccuracy",
+    "{n} target(s) are real values, neither classes nor 0/1 labels (regression?); use "
+    "torchmetrics.MeanAbsoluteError or MeanSquaredError, or give the model one output per class",
+)
+
+
+def _refuse(name: str, bad: tuple[Part, ...]) -> None:
+    """Raise ValueError for the first kind of target in ``bad`` that ``name`` cannot judge."""
+    for count, message in zip(bad, _REFUSALS, strict=True):
+        if int(count):
+            raise ValueError(f"{name} cannot judge {message.format(n=int(count))}")
+
+
+def _check_shapes(outputs: Any, targets: Any, name: str) -> None:
+    """Raise unless outputs and targets are tensors of shapes a classification metric reads."""
     if not isinstance(outputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
         raise TypeError(
             f"{name} needs the outputs as a tensor of class scores and the targets as a "
             f"tensor, but got {type(outputs).__name__} and {type(targets).__name__}; for a "
             f"model with several outputs, write an ft.Metric whose state picks the logits"
         )
-    if outputs.dim() < 2:
+    dense = outputs.shape[:1] + outputs.shape[2:]
+    if outputs.dim() == 0 or targets.shape not in (outputs.shape, dense):
         raise ValueError(
-            f"{name} expects outputs of shape (N, C, ...) with class scores in dim 1, "
-            f"but got outputs of shape {tuple(outputs.shape)}"
+            f"{name} expects targets of shape {tuple(dense)} (class indices) or "
+            f"{tuple(outputs.shape)} (one per output) for outputs of shape "
+            f"{tuple(outputs.shape)}, but got targets of shape {tuple(targets.shape)}"
         )
-    if targets.shape == outputs.shape and targets.is_floating_point():
-        return targets.argmax(dim=1)
-    if targets.shape != outputs.shape[:1] + outputs.shape[2:]:
-        raise ValueError(
-            f"{name} expects targets of shape {tuple(outputs.shape[:1] + outputs.shape[2:])} "
-            f"(class indices) or {tuple(outputs.shape)} (class probabilities) for outputs of "
-            f"shape {tuple(outputs.shape)}, but got targets of shape {tuple(targets.shape)}"
-        )
-    return targets
 
 
-def _hits_state(hits: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Return ``(number of hits, number of predictions)``."""
-    return hits.sum(), hits.numel()
+def _judge(
+    outputs: torch.Tensor, targets: torch.Tensor, name: str, threshold: float, k: int = 1
+) -> tuple[torch.Tensor, tuple[Part, Part, Part]]:
+    """Return per-position hits and counts of targets ``name`` cannot judge (see _REFUSALS).
+
+    One output column (or 1-D outputs) is binary: a score above ``threshold`` predicts 1
+    and targets must be 0 or 1. Otherwise dim 1 holds class scores and targets are class
+    indices, or one value per class: a probability row counts by its argmax.
+    """
+    if outputs.dim() == 1 or outputs.shape[1] == 1:
+        if k > 1 or name.startswith("top_k"):
+            raise ValueError(f"{name} needs class scores in dim 1, but got one output column")
+        labels = targets.reshape(outputs.shape)
+        binary = (labels == 0) | (labels == 1)
+        return (outputs > threshold) == (labels == 1), (0, 0, (~binary).sum())
+    classes = outputs.shape[1]
+    if targets.shape == outputs.shape:  # one value per class: probabilities or multi-hot
+        total = targets.sum(dim=1)
+        inside = ((targets >= 0) & (targets <= 1)).all(dim=1)
+        probability = inside & ((total - 1).abs() <= 1e-3)
+        multi_hot = ((targets == 0) | (targets == 1)).all(dim=1) & ~probability
+        bad = (0, multi_hot.sum(), (~probability & ~multi_hot).sum())
+        labels = targets.argmax(dim=1)
+    else:
+        outside = (targets < 0) | (targets >= classes)
+        if targets.is_floating_point():
+            outside |= targets != targets.round()
+        bad = (outside.sum(), 0, 0)
+        labels = targets.long().clamp(0, classes - 1)
+    if k == 1:
+        return outputs.argmax(dim=1) == labels, bad
+    if classes < k:
+        raise ValueError(f"{name}: 'k' is {k} but the outputs have only {classes} classes")
+    return (outputs.topk(k, dim=1).indices == labels.unsqueeze(1)).any(dim=1), bad
 
 
-def _ratio(total: tuple[torch.Tensor, ...]) -> float:
-    """Return ``total[0] / total[1]``, NaN when there was nothing to count."""
-    return float(total[0]) / float(total[1]) if total[1] else float("nan")
+def _classification(
+    name: str, threshold: float = 0.0, ignore_index: int | None = None, k: int = 1
+) -> Metric:
+    """Return the Metric ``name``: the fraction of hits over the targets that count."""
+
+    def state(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[Part, ...]:
+        _check_shapes(outputs, targets, name)
+        keep = None
+        if ignore_index is not None:
+            keep = targets != ignore_index
+            targets = targets.masked_fill(~keep, 0)
+        hits, bad = _judge(outputs, targets, name, threshold, k)
+        if keep is not None:  # ignored targets were judged as 0; now they stop counting
+            keep = keep.reshape(hits.shape) if keep.numel() == hits.numel() else keep.all(dim=1)
+            hits, counted = hits & keep, keep.sum()
+        else:
+            counted = hits.numel()
+        if all(isinstance(b, int) or b.is_cpu for b in bad):  # no sync here: refuse at once
+            _refuse(name, bad)
+        return (hits.sum(), counted, *bad)
+
+    def compute(total: tuple[torch.Tensor, ...]) -> float:
+        _refuse(name, total[2:])
+        return float(total[0]) / float(total[1]) if total[1] else float("nan")
+
+    return Metric(state=state, compute=compute)
 
 
-def _accuracy_state(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Return ``(correct, total)`` for one batch."""
-    classes = _class_targets(outputs, targets, "accuracy()")
-    return _hits_state(outputs.argmax(dim=1) == classes)
+def accuracy(threshold: float = 0.0, ignore_index: int | None = None) -> Metric:
+    """Return the fraction of predictions that are right: top class, or score above a threshold.
 
-
-def accuracy() -> Metric:
-    """Return the fraction of samples whose highest-scoring class is the target.
-
-    Targets may be class indices, or class probabilities (mixup, label smoothing), in
-    which case their most probable class counts. Class scores are in dim 1, as for
-    ``CrossEntropyLoss``.
+    With class scores in dim 1 (as for ``CrossEntropyLoss``), the highest score is the
+    prediction; targets are class indices (of any dense shape, e.g. per pixel) or one
+    value per class, where a probability row (mixup, label smoothing) counts by its most
+    likely class. With one output column or 1-D outputs (``BCEWithLogitsLoss``), a score
+    above ``threshold`` predicts 1: keep 0.0 for logits, use 0.5 after a sigmoid.
+    Targets it cannot judge are refused with the metric to use instead: values that are
+    not 0/1 for one column (regression), multi-hot rows (multi-label), indices out of
+    range. ``ignore_index`` skips targets with that value, as the loss does.
 
     Example:
         >>> import torch, fntrain as ft
         >>> acc = ft.accuracy()
-        >>> acc.state(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([1, 1]))
+        >>> acc.state(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([1, 1]))[:2]
+        (tensor(1), 2)
+        >>> ft.accuracy().state(torch.tensor([2.0, -1.0]), torch.tensor([1.0, 1.0]))[:2]
         (tensor(1), 2)
     """
-    return Metric(state=_accuracy_state, compute=_ratio)
+    return _classification("accuracy()", threshold, ignore_index)
 
 
 def top_k_accuracy(k: int) -> Metric:
@@ -114,23 +171,12 @@ def top_k_accuracy(k: int) -> Metric:
     Example:
         >>> import torch, fntrain as ft
         >>> top2 = ft.top_k_accuracy(2)
-        >>> top2.state(torch.tensor([[0.5, 0.3, 0.2]]), torch.tensor([1]))
+        >>> top2.state(torch.tensor([[0.5, 0.3, 0.2]]), torch.tensor([1]))[:2]
         (tensor(1), 1)
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"'k' must be a positive int, but got {k!r}")
-
-    def state(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
-        classes = _class_targets(outputs, targets, f"top_k_accuracy({k})")
-        if outputs.shape[1] < k:
-            raise ValueError(
-                f"top_k_accuracy({k}): 'k' is {k} but the outputs have only "
-                f"{outputs.shape[1]} classes"
-            )
-        top = outputs.topk(k, dim=1).indices
-        return _hits_state((top == classes.unsqueeze(1)).any(dim=1))
-
-    return Metric(state=state, compute=_ratio)
+    return _classification(f"top_k_accuracy({k})", k=k)
 
 
 def prepare(metrics: Mapping[str, Any] | None, device: torch.device) -> dict[str, Any]:

@@ -123,7 +123,7 @@ def test_top_k_larger_than_the_classes_is_an_error() -> None:
 @pytest.mark.parametrize(
     ("outputs", "targets", "message"),
     [
-        (torch.randn(4), torch.zeros(4, dtype=torch.long), r"outputs of shape \(N, C"),
+        (torch.randn(4), torch.zeros(5, dtype=torch.long), r"targets of shape \(4,\)"),
         (torch.randn(4, 3), torch.zeros(5, dtype=torch.long), r"targets of shape \(4,\)"),
     ],
 )
@@ -277,3 +277,92 @@ def test_a_metric_named_loss_is_kept_apart_from_the_loss() -> None:
     )  # fmt: skip
     assert named.loss == plain.loss
     assert named.metrics["loss"] == named.metrics["acc"] <= 1.0
+
+
+# --- accuracy judges what it can and refuses what it cannot ---------------------------------
+
+
+@FAST
+@given(samples=s.sample_counts, seed=s.seeds, column=st.booleans(), float_targets=st.booleans())
+def test_binary_accuracy_on_logits_equals_torchmetrics(
+    samples: int, seed: int, column: bool, float_targets: bool
+) -> None:
+    """One logit column or 1-D logits (BCEWithLogitsLoss): a logit above 0 predicts class 1."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(samples, generator=gen) * 3
+    labels = torch.randint(0, 2, (samples,), generator=gen)
+    expected = torchmetrics.functional.classification.binary_accuracy(logits.sigmoid(), labels)
+    outputs = logits[:, None] if column else logits
+    targets = labels.float() if float_targets else labels
+    targets = targets[:, None] if column else targets
+    assert _value(ft.accuracy(), outputs, targets) == pytest.approx(expected.item())
+    probabilities = ft.accuracy(threshold=0.5)  # for a model that ends in a sigmoid
+    assert _value(probabilities, outputs.sigmoid(), targets) == pytest.approx(expected.item())
+
+
+@FAST
+@given(
+    samples=s.sample_counts, classes=s.class_counts, extra=st.integers(0, 3), seed=s.seeds,
+    ignore=st.booleans(),
+)  # fmt: skip
+def test_multiclass_accuracy_over_any_dense_shape_equals_torchmetrics(
+    samples: int, classes: int, extra: int, seed: int, ignore: bool
+) -> None:
+    """(N, C, *) scores and (N, *) indices, with ignore_index, as MulticlassAccuracy(micro)."""
+    gen = torch.Generator().manual_seed(seed)
+    outputs = torch.randn(samples, classes, *[2] * extra, generator=gen)
+    targets = torch.randint(0, classes, (samples, *[2] * extra), generator=gen)
+    if ignore:
+        targets[torch.rand(targets.shape, generator=gen) < 0.3] = -100
+    expected = torchmetrics.functional.classification.multiclass_accuracy(
+        outputs, targets, num_classes=classes, average="micro",
+        ignore_index=-100 if ignore else None, multidim_average="global",
+    )  # fmt: skip
+    metric = ft.accuracy(ignore_index=-100) if ignore else ft.accuracy()
+    value = _value(metric, outputs, targets)
+    assert value == pytest.approx(expected.item()) or (value != value and (targets < 0).all())
+
+
+@pytest.mark.parametrize(
+    ("outputs", "targets", "advice"),
+    [
+        (torch.randn(6, 1), torch.rand(6, 1) * 10, "MeanAbsoluteError"),  # regression
+        (torch.randn(6), torch.randn(6), "MeanAbsoluteError"),
+        (torch.randn(6, 1), torch.tensor([0, 1, 2, 0, 1, 2]), "MeanAbsoluteError"),
+        (torch.randn(6, 4), torch.randint(0, 2, (6, 4)).float().index_fill_(1, torch.tensor([0]), 1),
+         "MultilabelAccuracy"),  # several 1s per row
+        (torch.randn(6, 4), torch.randn(6, 4) * 5, "MeanAbsoluteError"),  # real-valued rows
+        (torch.randn(6, 3), torch.tensor([0, 1, 2, 3, 0, 1]), r"class indices in \[0,"),
+        (torch.randn(6, 3), torch.tensor([0, -1, 2, 1, 0, 1]), r"class indices in \[0,"),
+        (torch.randn(6, 3), torch.tensor([0.0, 1.5, 2.0, 1.0, 0.0, 1.0]), r"class indices in \[0,"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("metric", ["accuracy", "top_k"])
+def test_accuracy_refuses_targets_it_cannot_judge_and_names_the_metric_to_use(
+    outputs: torch.Tensor, targets: torch.Tensor, advice: str, metric: str
+) -> None:
+    """Regression values, multi-hot rows and out-of-range indices raise instead of scoring."""
+    chosen = ft.accuracy() if metric == "accuracy" else ft.top_k_accuracy(1)
+    if outputs.dim() == 1 or outputs.shape[-1] == 1:  # one column: accuracy only
+        chosen = ft.accuracy()
+    with pytest.raises(ValueError, match=advice):
+        _value(chosen, outputs, targets)
+    with pytest.raises(ValueError, match=rf"metrics\['acc'\].*{advice}"):
+        ft.evaluate(nn.Identity(), [(outputs, targets)], lambda o, t: o.sum() * 0, "cpu",
+                    metrics={"acc": chosen})  # fmt: skip
+
+
+def test_a_refusal_found_on_the_device_is_raised_when_the_epoch_is_computed() -> None:
+    """Counts of targets it cannot judge add up like any part; compute refuses them."""
+    metric = ft.accuracy()
+    bad = metric.state(torch.randn(4, 3, device="meta"), torch.zeros(4, dtype=torch.long, device="meta"))
+    assert len(bad) == len(metric.state(torch.randn(4, 3), torch.zeros(4, dtype=torch.long)))
+    totals = (torch.tensor(3), torch.tensor(4), torch.tensor(1), torch.tensor(0), torch.tensor(0))
+    with pytest.raises(ValueError, match=r"1 target.*class indices"):
+        metric.compute(totals)
+
+
+def test_top_k_accuracy_needs_several_classes() -> None:
+    """top_k_accuracy on one logit column says it needs class scores."""
+    with pytest.raises(ValueError, match="top_k_accuracy.*one output column"):
+        ft.top_k_accuracy(1).state(torch.randn(4, 1), torch.zeros(4, 1))
