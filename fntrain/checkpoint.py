@@ -11,6 +11,7 @@ import secrets
 import stat
 import time
 import warnings
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -21,7 +22,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from fntrain import distributed, rng
-from fntrain.records import Checkpoint, CheckpointError, SavedCheckpoint
+from fntrain.records import Checkpoint, CheckpointError, SavedCheckpoint, reword
 
 try:
     import fcntl
@@ -97,9 +98,18 @@ def write_atomically(target: Path, write: Callable[[BinaryIO], None]) -> None:
                 os.replace(temp, target)
         if os.name == "nt":  # Windows cannot rename an open file
             os.replace(temp, target)
-    except BaseException:
+    except BaseException as error:
+        written = temp.stat().st_size if temp.exists() else 0
         with contextlib.suppress(OSError):
             os.unlink(temp)
+        full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+        if full or "unexpected pos" in str(error):  # torch's writer after a short write
+            old = f"the old {target.name!r} is intact" if target.exists() else "nothing was saved"
+            raise OSError(
+                errno.ENOSPC,
+                f"no space left in {str(target.parent)!r} (or a quota reached) after writing "
+                f"{written} bytes of {target.name!r}; {old} and the partial file was removed",
+            ) from error
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable
         folder = os.open(target.parent, os.O_RDONLY)
@@ -122,25 +132,65 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def _check_plain(value: Any, where: str) -> None:
+def _check_plain(value: Any, where: str, inside: tuple[int, ...] = ()) -> None:
     """Raise TypeError unless ``value`` is data that ``torch.load(weights_only=True)`` loads."""
+    if isinstance(value, torch.Tensor) and (value.is_meta or value.layout != torch.strided):
+        raise TypeError(
+            f"{where} is a {'meta' if value.is_meta else 'sparse'} tensor, which would not load "
+            f"back into a model's dense tensors; save a dense tensor with real values "
+            f"(.to_dense(), or materialise the model first)"
+        )
     if type(value) in _PLAIN:
         return
+    if type(value) in (list, tuple, torch.Size, dict, OrderedDict) and id(value) in inside:
+        raise TypeError(f"{where} contains itself (a cycle); a checkpoint holds trees of data")
+    inside = (*inside, id(value))
     if type(value) in (list, tuple, torch.Size):
         for index, item in enumerate(value):
-            _check_plain(item, f"{where}[{index}]")
+            _check_plain(item, f"{where}[{index}]", inside)
         return
     if type(value) in (dict, OrderedDict):
         for key, item in value.items():
             if type(key) not in (bool, int, float, str, type(None)):
                 raise TypeError(f"{where} must have str or number keys, but has the key {key!r}")
-            _check_plain(item, f"{where}[{key!r}]")
+            _check_plain(item, f"{where}[{key!r}]", inside)
         return
     raise TypeError(
         f"{where} must hold only plain data (None, bool, int, float, str, tensors, dtypes, "
         f"devices, and lists, tuples and dicts of them) so that it loads with "
         f"weights_only=True, but it is a {type_name(value)}"
     )
+
+
+def _digest(payload: dict[str, Any]) -> int:
+    """Return a checksum of everything in ``payload`` but its digest: tensor bytes, plain data.
+
+    Each tensor adds the sum, modulo 2**64, of its bytes read as 64-bit words (any one
+    changed byte changes it), its dtype and shape; everything else adds its ``repr``.
+    Computed where the tensors are, at a fraction of ``torch.load``'s own time.
+    """
+    seen: list[Any] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            raw = value.detach().reshape(-1).view(torch.uint8)
+            whole = raw.numel() // 8 * 8 if raw.storage_offset() % 8 == 0 else 0
+            total = int(raw[:whole].view(torch.int64).sum()) if whole else 0  # wraps: fine
+            total += int(raw[whole:].sum(dtype=torch.int64)) if whole < raw.numel() else 0
+            seen.append((str(value.dtype), tuple(value.shape), total))
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                seen.append(repr(key))
+                walk(item)
+        elif isinstance(value, list | tuple):
+            seen.append((type(value).__name__, len(value)))
+            for item in value:
+                walk(item)
+        else:
+            seen.append(repr(value))
+
+    walk({key: value for key, value in payload.items() if key != "digest"})
+    return zlib.crc32(repr(seen).encode())
 
 
 def _check_count(name: str, value: Any) -> None:
@@ -265,6 +315,7 @@ def save_checkpoint(
     )
     for key, value in payload.items():
         _check_plain(value, _LABELS.get(key, f"'{key}' state"))
+    payload["digest"] = _digest(payload)
     if distributed.is_main():  # under DDP rank 0 writes; the others wait for the file
         write_atomically(target, lambda handle: torch.save(payload, handle))
     distributed.barrier()
@@ -305,19 +356,37 @@ def _first_line(error: BaseException) -> str:
 
 
 def _read(target: Path, map_location: MapLocation) -> Any:
-    """Load ``target`` with ``weights_only=True``; turn every failure into CheckpointError."""
+    """Load ``target`` with ``weights_only=True``; a failure of the file is a CheckpointError."""
+    raised: list[BaseException] = []
+    located = map_location
+    if callable(map_location):
+
+        def located(storage: Any, location: str) -> Any:
+            try:
+                return map_location(storage, location)  # type: ignore[operator]
+            except Exception as error:
+                raised.append(error)
+                raise
+
     try:
-        return torch.load(target, map_location=map_location, weights_only=True)
+        return torch.load(target, map_location=located, weights_only=True)
     except Exception as error:
-        reason = _first_line(error)
-        if "weights only load failed" in str(error).lower():
+        if raised:  # the user's function failed, not the file
+            raise reword(raised[0], prefix=f"'map_location' raised for {str(target)!r}: ") from None
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+        if "weights only load failed" in text.lower():
+            found = re.search(r"GLOBAL ([\w.]+)", text)
             raise CheckpointError(
-                f"refused to load {str(target)!r}: it holds objects other than tensors and "
-                f"plain data, whose unpickling could run code ({reason})"
+                f"refused to load {str(target)!r}: it holds a pickled "
+                f"{found.group(1) if found else 'object'} (a whole model saved with "
+                f"torch.save(model)?), not only tensors and plain data, and unpickling it "
+                f"could run code. If you trust the file, turn it into a state dict once: "
+                f"torch.save(torch.load({str(target)!r}, weights_only=False).state_dict(), "
+                f"'weights.pt')"
             ) from None
         raise CheckpointError(
             f"{str(target)!r} is not a loadable checkpoint (empty, truncated, or not a file "
-            f"written by torch.save): {type(error).__name__}: {reason}"
+            f"written by torch.save): {type(error).__name__}: {_first_line(error)}"
         ) from None
 
 
@@ -357,6 +426,11 @@ def _normalise(payload: Any, target: Path) -> dict[str, Any]:
             problem = f"its {name!r} entry must be a {kind.__name__}, but is a {type_name(value)}"
     if problem is not None:
         raise CheckpointError(f"{str(target)!r} is a malformed fntrain checkpoint: {problem}")
+    if "digest" in payload and payload["digest"] != _digest(payload):
+        raise CheckpointError(
+            f"{str(target)!r} is corrupt: its contents do not match the checksum written with "
+            f"them (a changed byte on disk or in transfer); nothing was loaded, use another copy"
+        )
     return payload
 
 
@@ -385,6 +459,10 @@ def _model_problems(
         problems.append(f"unexpected in the file: {', '.join(map(repr, unexpected))}")
     for key, value in saved.items():
         other = current.get(key)
+        if isinstance(value, torch.Tensor) and (value.is_meta or value.layout != torch.strided):
+            kind = "meta" if value.is_meta else "sparse"
+            problems.append(f"key {key!r} is a {kind} tensor in the file, not a dense one")
+            continue
         tensors = isinstance(value, torch.Tensor) and isinstance(other, torch.Tensor)
         if tensors and tuple(value.shape) != tuple(other.shape):
             problems.append(
@@ -446,6 +524,23 @@ def _state_problems(payload: dict[str, Any], given: dict[str, Any]) -> list[str]
     return problems
 
 
+def _custom_loading(model: nn.Module) -> bool:
+    """Tell whether loading ``model`` runs code beyond torch's (hooks, extra state).
+
+    Keys, shapes and layouts are checked before; torch's own modules cannot fail after
+    that, so only such code needs the model's old state kept for a rollback.
+    """
+    for module in model.modules():
+        kind = type(module)
+        custom = not kind.__module__.startswith("torch.") and (
+            kind._load_from_state_dict is not nn.Module._load_from_state_dict
+        )
+        hooks = module._load_state_dict_pre_hooks or module._load_state_dict_post_hooks
+        if custom or hooks or kind.set_extra_state is not nn.Module.set_extra_state:
+            return True
+    return False
+
+
 def _apply(
     payload: dict[str, Any],
     model: nn.Module,
@@ -471,6 +566,10 @@ def _apply(
             kept = copy.deepcopy(obj.state_dict()) if name != "optimizer" else obj.state_dict()
             undo.append(lambda obj=obj, kept=kept: obj.load_state_dict(kept))
             obj.load_state_dict(payload[name])
+        if _custom_loading(model):  # code that may fail after earlier keys were copied
+            kept = {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+                    for k, v in model.state_dict().items()}  # fmt: skip
+            undo.append(lambda: model.load_state_dict(kept, strict=False))
         keys = model.load_state_dict(model_state, strict=strict)
     except Exception as error:
         for step in reversed(undo):
@@ -488,7 +587,7 @@ def load_checkpoint(
     scaler: torch.amp.GradScaler | None = None,
     map_location: MapLocation = "cpu",
     strict: bool = True,
-    restore_rng: bool = True,
+    restore_rng: bool | None = None,
 ) -> Checkpoint:
     """Restore a checkpoint into ``model`` (and optimizer, scheduler, scaler) in place.
 
@@ -512,9 +611,11 @@ def load_checkpoint(
             devices are kept.
         strict: require the file's model keys to match the model's exactly; with False,
             the keys that were skipped are returned.
-        restore_rng: restore the RNG states saved in the file (for bit-exact resume). A
-            RuntimeWarning says when one cannot be restored here (NumPy not installed,
-            CUDA not available).
+        restore_rng: restore the RNG states saved in the file, for a bit-exact resume.
+            None (the default) restores them when ``optimizer`` is given (resuming a run)
+            and leaves them alone otherwise (loading weights, e.g. ``best.pt`` in the
+            middle of a run). A RuntimeWarning says when one cannot be restored here
+            (NumPy not installed, CUDA not available).
 
     Returns:
         A frozen ``Checkpoint(path, epoch, step, metrics, extra, missing_keys,
@@ -552,7 +653,8 @@ def load_checkpoint(
             f"{str(target)!r} does not fit what was given; nothing was loaded:\n  {listed}"
         )
     try:
-        keys, notes = _apply(payload, plain, model_state, given, strict, restore_rng)
+        restore = optimizer is not None if restore_rng is None else bool(restore_rng)
+        keys, notes = _apply(payload, plain, model_state, given, strict, restore)
     except CheckpointError as error:
         raise CheckpointError(
             f"{str(target)!r} does not fit what was given; {error}"

@@ -915,7 +915,14 @@ def test_mixup_in_forward_trains_with_cross_entropy_and_accuracy() -> None:
 
 # --- a batch is atomic: it applies completely or not at all ---------------------------------
 
-_FAILURES = ("metric", "torchmetric_then_backward", "backward", "pre_hook", "post_hook", "scheduler")
+_FAILURES = (
+    "metric",
+    "torchmetric_then_backward",
+    "backward",
+    "pre_hook",
+    "post_hook",
+    "scheduler",
+)
 _AFTER_THE_STEP = {"post_hook", "scheduler"}
 
 
@@ -948,10 +955,12 @@ def _armed(where: str, at: int, model: nn.Module, opt: torch.optim.Optimizer) ->
 
     kwargs: dict = {"loss_fn": nn.functional.cross_entropy}
     if where == "metric":
+
         def state(out: torch.Tensor, y: torch.Tensor) -> tuple[int]:
             if tick():
                 raise _Boom("metric")
             return (1,)
+
         kwargs["metrics"] = {"m": ft.Metric(state, lambda t: float(t[0]))}
     elif where in ("torchmetric_then_backward", "backward"):
         import torchmetrics
@@ -966,11 +975,13 @@ def _armed(where: str, at: int, model: nn.Module, opt: torch.optim.Optimizer) ->
     elif where == "post_hook":
         opt.register_step_post_hook(lambda *_: (_ for _ in ()).throw(_Boom()) if tick() else None)
     else:
+
         class Scheduler(torch.optim.lr_scheduler.LambdaLR):
             def step(self, epoch: int | None = None) -> None:
                 super().step(epoch)
                 if tick():
                     raise _Boom("scheduler")
+
         calls["n"] = -2  # LambdaLR steps once when it is built
         kwargs["scheduler"] = Scheduler(opt, lambda i: 1.0)
     return kwargs
@@ -1140,13 +1151,15 @@ def test_float64_inputs_into_a_float32_model_are_explained(name: str) -> None:
 def test_cuda_without_cuda_says_cuda_is_not_available() -> None:
     """device='cuda' on a machine without CUDA says so, instead of advising model.to('cuda')."""
     model = nn.Linear(3, 2)
-    with pytest.raises(ValueError, match=r"'device' is 'cuda'.*CUDA is not available.*default_device"):
+    message = r"'device' is 'cuda'.*CUDA is not available.*default_device"
+    with pytest.raises(ValueError, match=message):
         ft.evaluate(model, _BATCHES, nn.CrossEntropyLoss(), "cuda")
 
 
 @pytest.mark.parametrize("where", ["state", "compute"])
 def test_a_failing_metric_is_named_in_the_message(where: str) -> None:
     """An error raised by a metric's state or compute names the metric in its message."""
+
     def fail(*_: object) -> tuple[int]:
         raise ValueError("bad shape")
 

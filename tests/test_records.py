@@ -44,7 +44,8 @@ def test_records_survive_pickle_copy_and_deepcopy_and_compare_equal(
             copy.deepcopy(record),
         ):
             assert type(clone) is type(record)
-            assert clone == record and not clone != record
+            assert clone == record
+            assert not clone != record  # noqa: SIM202 (__ne__ too)
             assert hash(clone) == hash(record)
 
 
