@@ -121,8 +121,10 @@ def main() -> None:
         for name, path in zip(runs, ["plain", "fsync", "tutorial", "ft", "ft_full"], strict=True):
             sizes[name] = (Path(tmp) / f"{path}.pt").stat().st_size
         loads = interleaved(loaders(model, Path(tmp)), args.repeats)
+        files = ["plain.pt", "ft_nodigest.pt", "ft.pt"]
+        read = {name: (Path(tmp) / f).stat().st_size for name, f in zip(loads, files, strict=True)}
     table(f"save ({args.megabytes} MB model)", times, sizes)
-    table(f"load ({args.megabytes} MB model)", loads, {})
+    table(f"load ({args.megabytes} MB model)", loads, read)
 
 
 if __name__ == "__main__":

@@ -133,7 +133,7 @@ def main() -> None:
             ft.save_checkpoint(args.out / "best.pt", model, epoch=epoch, metrics=ev.metrics)
 
     plot_curves(history, args.out / "learning_curve.png")
-    ft.load_checkpoint(args.out / "best.pt", model, map_location=device, restore_rng=False)
+    ft.load_checkpoint(args.out / "best.pt", model, map_location=device)
     report(model, test_loader, device)
     test = ft.evaluate(model, test_loader, loss_fn, device, metrics=metrics)
     print(

@@ -21,9 +21,11 @@ def test_checkpoint_save_benchmark_runs_and_reports_every_contender(tmp_path: Pa
     assert {row["contender"] for row in rows} >= {
         "torch.save(state_dict)",
         "ft.save_checkpoint(model)",
+        "model.load_state_dict(torch.load(...))",
+        "ft.load_checkpoint(model)",
     }
     assert all(row["median_s"] > 0 and row["mb"] > 0 for row in rows)
-    assert "| contender" in out.stdout
+    assert "| save (1 MB model)" in out.stdout and "| load (1 MB model)" in out.stdout
 
 
 def test_the_side_by_side_runner_runs_every_contender(tmp_path: Path) -> None:
