@@ -54,15 +54,21 @@ _REFUSALS = (
 )
 
 
+_CLEAN = (0, 0, 0)  # no target that cannot be judged
+
+
 def _refuse(name: str, bad: tuple[Part, ...]) -> None:
     """Raise ValueError for the first kind of target in ``bad`` that ``name`` cannot judge."""
-    for count, message in zip(bad, _REFUSALS, strict=True):
+    for count, message in zip(bad, _REFUSALS, strict=False):  # none when checked at once
         if int(count):
             raise ValueError(f"{name} cannot judge {message.format(n=int(count))}")
 
 
 def _check_shapes(outputs: Any, targets: Any, name: str) -> None:
     """Raise unless outputs and targets are tensors of shapes a classification metric reads."""
+    tensors = isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor)
+    if tensors and outputs.dim() == 2 and targets.dim() == 1 and len(targets) == len(outputs):
+        return  # the common case: (N, C) scores, (N,) indices
     if not isinstance(outputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
         raise TypeError(
             f"{name} needs the outputs as a tensor of class scores and the targets as a "
@@ -76,6 +82,14 @@ def _check_shapes(outputs: Any, targets: Any, name: str) -> None:
             f"{tuple(outputs.shape)} (one per output) for outputs of shape "
             f"{tuple(outputs.shape)}, but got targets of shape {tuple(targets.shape)}"
         )
+
+
+def _plainly_in_range(targets: torch.Tensor, classes: int) -> bool:
+    """Tell whether integer CPU targets all lie in [0, classes), at the cost of one reduction."""
+    if not targets.is_cpu or targets.is_floating_point() or not targets.numel():
+        return False
+    low, high = torch.aminmax(targets)
+    return low.item() >= 0 and high.item() < classes
 
 
 def _judge(
@@ -101,6 +115,8 @@ def _judge(
         multi_hot = ((targets == 0) | (targets == 1)).all(dim=1) & ~probability
         bad = (0, multi_hot.sum(), (~probability & ~multi_hot).sum())
         labels = targets.argmax(dim=1)
+    elif _plainly_in_range(targets, classes):  # the common case on the CPU: one reduction
+        bad, labels = _CLEAN, targets
     else:
         outside = (targets < 0) | (targets >= classes)
         if targets.is_floating_point():
@@ -131,9 +147,12 @@ def _classification(
             hits, counted = hits & keep, keep.sum()
         else:
             counted = hits.numel()
+        if bad is _CLEAN:
+            return hits.sum(), counted
         if all(isinstance(b, int) or b.is_cpu for b in bad):  # no sync here: refuse at once
             _refuse(name, bad)
-        return (hits.sum(), counted, *bad)
+            return hits.sum(), counted
+        return (hits.sum(), counted, *bad)  # on a device: counted, refused by compute
 
     def compute(total: tuple[torch.Tensor, ...]) -> float:
         _refuse(name, total[2:])
