@@ -115,6 +115,7 @@ class Stepper:
         self.largest_norm: float | None = None
         self.norms_seen = 0
         self.cleared: bool | None = None  # zero_grad() sets .grad to None
+        self.probe: torch.Tensor | None = None  # a parameter the first backward gave a grad
 
     def begin_batch(self) -> None:
         """Zero the gradients at the start of each window."""
@@ -130,8 +131,10 @@ class Stepper:
                 f"'loss_fn' returned a loss that does not require grad for batch {index}; was "
                 f"it detached or computed under torch.no_grad(), or are all parameters frozen?"
             )
-        touched = self.window_batches == 0 and self.cleared
-        if touched and any(p.grad is not None for p in self.params):
+        if self.window_batches or not self.cleared:
+            return
+        probes = self.params if self.probe is None else (self.probe,)  # O(1) after batch 0
+        if any(p.grad is not None for p in probes):
             raise ValueError(
                 f"'loss_fn' called backward() itself for batch {index} (or 'forward' did): the "
                 f"gradients are already set, and train_epoch's own backward() would double "
@@ -145,6 +148,8 @@ class Stepper:
         if self.options.scaler is not None:
             loss = self.options.scaler.scale(loss)
         loss.backward()
+        if self.probe is None:
+            self.probe = next((p for p in self.params if p.grad is not None), None)
         self.window_batches += 1
         self.window_samples += samples
         self.window_loss += value * samples
@@ -192,7 +197,7 @@ class Stepper:
             self.skipped_steps += 1
             return None
         lr = float(self.optimizer.param_groups[0]["lr"])
-        probe = next((p for p in self.params if p.grad is not None), None)
+        probe = self.probe
         version = probe._version if probe is not None else 0  # bumped by in-place updates
         try:
             taken = self._optimizer_step(scaler)
