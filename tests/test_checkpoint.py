@@ -113,6 +113,12 @@ def _edit(path: Path, edit: Callable[[dict], object]) -> None:
     torch.save(payload, path)
 
 
+def _assert_intact(path: Path, old: bytes) -> None:
+    """Assert ``path`` still holds ``old`` and its folder holds nothing else (no temp file)."""
+    assert path.read_bytes() == old
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
 plain_data = st.recursive(
     st.none()
     | st.booleans()
@@ -460,8 +466,7 @@ def test_bad_save_arguments_leave_the_old_file_intact(
     old = path.read_bytes()
     with pytest.raises((TypeError, ValueError), match=message):
         ft.save_checkpoint(path, nn.Linear(2, 2), **kwargs)
-    assert path.read_bytes() == old
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
+    _assert_intact(path, old)
 
 
 def test_a_failing_write_removes_its_temporary_file(
@@ -479,8 +484,7 @@ def test_a_failing_write_removes_its_temporary_file(
     monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(OSError, match="disk full"):
         ft.save_checkpoint(path, nn.Linear(2, 2), epoch=8)
-    assert path.read_bytes() == old
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
+    _assert_intact(path, old)
 
 
 def test_the_file_holds_format_versions_and_every_rng(tmp_path: Path) -> None:
@@ -635,8 +639,7 @@ def test_a_state_that_would_not_load_is_refused_at_save(tmp_path: Path) -> None:
     where = r"'scheduler' state\['lr_lambdas'\]\[0\]\['inner'\]"
     with pytest.raises(TypeError, match=rf"{where} .* is a tests\.test_checkpoint\._Warmup"):
         ft.save_checkpoint(path, model, optimizer, scheduler=delayed, epoch=1)
-    assert path.read_bytes() == old
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
+    _assert_intact(path, old)
     fresh_optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     again = torch.optim.lr_scheduler.LambdaLR(fresh_optimizer, _Warmup(9))
     ft.load_checkpoint(path, model, scheduler=again)
@@ -940,7 +943,7 @@ def test_a_full_disk_is_named_and_the_old_file_is_intact(
     with pytest.raises(OSError, match=r"no space left.*'c.pt' is intact") as caught:
         ft.save_checkpoint(path, nn.Linear(64, 64), epoch=1)
     assert caught.value.errno == errno.ENOSPC
-    assert path.read_bytes() == old and sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
+    _assert_intact(path, old)
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or sys.platform != "linux", reason="needs root to mount")
