@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
-from fntrain import distributed, rng
+from fntrain import distributed, rng, sharded
 from fntrain.records import Checkpoint, CheckpointError, SavedCheckpoint, reword
 
 try:
@@ -231,10 +231,19 @@ def _as_path(path: Any) -> Path:
     raise TypeError(f"'path' must be a str or os.PathLike of str, but got {type_name(path)}")
 
 
-def _check_is_file(target: Path, must_exist: bool) -> None:
-    """Raise unless ``target`` is a file (or, for saving, a free name in an existing folder)."""
-    if target.is_dir():
-        raise CheckpointError(f"'path' {str(target)!r} is a folder, not a checkpoint file")
+def _check_is_file(target: Path, must_exist: bool, folder: bool = False) -> None:
+    """Raise unless ``target`` is a file, or with ``folder`` a sharded checkpoint's folder.
+
+    For saving, a free name in an existing folder will do.
+    """
+    if target.is_dir() and not (folder and (target / ".metadata").is_file()):
+        kind = "a sharded checkpoint" if folder else "a checkpoint file"
+        raise CheckpointError(f"'path' {str(target)!r} is a folder, not {kind}")
+    if folder and not must_exist and target.is_file():
+        raise CheckpointError(
+            f"'path' {str(target)!r} is a file, but a sharded (FSDP2) model is saved as a "
+            f"folder of shards; give another path"
+        )
     if must_exist and not target.exists():
         raise FileNotFoundError(errno.ENOENT, f"no checkpoint at 'path' {str(target)!r}")
     if not target.parent.is_dir():
@@ -297,29 +306,45 @@ def save_checkpoint(
         3
     """
     target = _as_path(path)
-    _check_is_file(target, must_exist=False)
     _check_objects(model, optimizer, scheduler, scaler)
+    sharded.refuse_fsdp1(model, "the checkpoint")
+    shards = sharded.is_sharded(model)
+    _check_is_file(target, must_exist=False, folder=shards)
     _check_count("epoch", epoch)
     _check_count("step", step)
     payload = {"format": FORMAT, "version": VERSION, "torch_version": str(torch.__version__)}
-    payload["model"] = _unwrap(model).state_dict()
     for name, obj in zip(_STATES, (optimizer, scheduler, scaler), strict=True):
-        payload[name] = None if obj is None else obj.state_dict()
+        payload[name] = (
+            None if obj is None or (shards and name == "optimizer") else obj.state_dict()
+        )
         payload[f"{name}_class"] = None if obj is None else type(obj).__qualname__
+    states = distributed.all_gather(rng.capture())  # every rank's, for an exact resume
     payload.update(
-        rng=rng.capture(),
+        rng=states[0],
         epoch=epoch,
         step=step,
         metrics=_mapping("metrics", metrics),
         extra=_mapping("extra", extra),
     )
+    if len(states) > 1:
+        payload["rng_ranks"] = states
     for key, value in payload.items():
         _check_plain(value, _LABELS.get(key, f"'{key}' state"))
+    if shards:  # each rank writes its own shards: nothing is gathered
+        payload["model"], payload["optimizer"] = sharded.states(model, optimizer)
+        _check_plain(payload["optimizer"] and payload["optimizer"]["param_groups"], "'optimizer'")
+        size = sharded.save(target, payload)
+        return SavedCheckpoint(path=target, size=size, epoch=epoch, step=step)
+    payload["model"] = _unwrap(model).state_dict()
+    _check_plain(payload["model"], "'model' state")
     payload["digest"] = _digest(payload)
-    if distributed.is_main():  # under DDP rank 0 writes; the others wait for the file
+
+    def write() -> int:  # rank 0 only: the other ranks never touch the file
         write_atomically(target, lambda handle: torch.save(payload, handle))
-    distributed.barrier()
-    return SavedCheckpoint(path=target, size=target.stat().st_size, epoch=epoch, step=step)
+        return target.stat().st_size
+
+    size = distributed.on_main(write)
+    return SavedCheckpoint(path=target, size=size, epoch=epoch, step=step)
 
 
 # --- loading --------------------------------------------------------------------------------
@@ -541,6 +566,36 @@ def _custom_loading(model: nn.Module) -> bool:
     return False
 
 
+def _rng_state(payload: dict[str, Any]) -> tuple[Any, list[str]]:
+    """Return this rank's RNG state in the file (None if it has none for it), and why not."""
+    rank, size = distributed.world()
+    ranks = payload.get("rng_ranks")
+    if isinstance(ranks, list) and len(ranks) == size:
+        return ranks[rank], []
+    if size == 1 or "rng" not in payload:
+        return payload.get("rng"), []
+    saved = len(ranks) if isinstance(ranks, list) else 1
+    return None, [
+        f"the checkpoint holds the RNG states of {saved} process(es) but {size} ranks load "
+        f"it; they were not restored, {rng.NOT_EXACT}"
+    ]
+
+
+def _load_model(model: nn.Module, state: dict[str, Any], strict: bool) -> Any:
+    """Load ``state`` into ``model``; full tensors into a sharded model are sharded first."""
+    if not sharded.is_sharded(model) or any(_is_dtensor(v) for v in state.values()):
+        return model.load_state_dict(state, strict=strict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, strict=strict)
+    return set_model_state_dict(model, dict(state), options=options)  # it replaces values
+
+
+def _is_dtensor(value: Any) -> bool:
+    """Tell whether ``value`` is a DTensor."""
+    return isinstance(value, torch.Tensor) and type(value).__name__ == "DTensor"
+
+
 def _apply(
     payload: dict[str, Any],
     model: nn.Module,
@@ -558,10 +613,11 @@ def _apply(
     undo: list[Callable[[], object]] = []
     notes: list[str] = []
     try:
-        if restore_rng and "rng" in payload:
+        state, notes = _rng_state(payload) if restore_rng else (None, [])
+        if state is not None:
             before = rng.capture()
             undo.append(lambda: rng.restore(before))
-            notes = rng.restore(payload["rng"])
+            notes = rng.restore(state)
         for name, obj in given.items():
             kept = copy.deepcopy(obj.state_dict()) if name != "optimizer" else obj.state_dict()
             undo.append(lambda obj=obj, kept=kept: obj.load_state_dict(kept))
@@ -570,7 +626,7 @@ def _apply(
             kept = {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
                     for k, v in model.state_dict().items()}  # fmt: skip
             undo.append(lambda: model.load_state_dict(kept, strict=False))
-        keys = model.load_state_dict(model_state, strict=strict)
+        keys = _load_model(model, model_state, strict)
     except Exception as error:
         for step in reversed(undo):
             step()
@@ -636,9 +692,19 @@ def load_checkpoint(
     """
     target = _as_path(path)
     _check_objects(model, optimizer, scheduler, scaler)
+    sharded.refuse_fsdp1(model, "the loaded state")
     _check_map_location(map_location)
-    _check_is_file(target, must_exist=True)
-    payload = _normalise(_read(target, map_location), target)
+    _check_is_file(target, must_exist=True, folder=True)
+    if target.is_dir():  # a sharded checkpoint: read into tensors laid out as the model's
+        payload = _normalise(sharded.read(target, _unwrap(model), optimizer), target)
+    else:
+        payload = _normalise(_read(target, map_location), target)
+        if optimizer is not None and sharded.is_sharded(model):
+            raise CheckpointError(
+                f"{str(target)!r} is a single file: it loads into a sharded (FSDP2) model's "
+                f"weights, not its optimizer; resume a sharded run from the folder that "
+                f"save_checkpoint wrote for it, or load without 'optimizer'"
+            )
     plain = _unwrap(model)
     current = plain.state_dict()
     wanted = set(current)  # the variant with the most keys in common with the model

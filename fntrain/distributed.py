@@ -1,11 +1,11 @@
-"""torch.distributed glue: one all-reduce per pass, rank-0 duties, an unpadded sampler."""
+"""torch.distributed glue: one all-reduce per pass, rank-0 duties, rank checks, a sampler."""
 
 from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Hashable, Iterator, Sized
-from typing import Any
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sized
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -24,10 +24,94 @@ def is_main() -> bool:
     return not active() or dist.get_rank() == 0
 
 
-def barrier() -> None:
-    """Wait for every rank, when a process group is initialised."""
-    if active():
-        dist.barrier()
+T = TypeVar("T")
+
+
+def world() -> tuple[int, int]:
+    """Return this process's rank and the world size: ``(0, 1)`` without a process group."""
+    return (dist.get_rank(), dist.get_world_size()) if active() else (0, 1)
+
+
+def on_main(work: Callable[[], T]) -> T:
+    """Run ``work`` on rank 0 only; return its result, or raise its error, on every rank.
+
+    The other ranks never touch what rank 0 worked on (a file on rank 0's own disk).
+    """
+    if not active():
+        return work()
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = (True, work())
+        except Exception as error:  # every rank raises it
+            box[0] = (False, error)
+    dist.broadcast_object_list(box, src=0)
+    done, value = box[0]
+    if not done:
+        raise value
+    return value
+
+
+def all_gather(value: T) -> list[T]:
+    """Return every rank's ``value`` in rank order (``[value]`` without a process group)."""
+    if not active():
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def _agree(flag: bool) -> tuple[bool, bool]:
+    """Return whether ``flag`` is true on any rank and whether it is on every rank."""
+    both = torch.tensor([float(flag), -float(flag)], device=_collective_device())
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    return bool(both[0] > 0), bool(-both[1] > 0)
+
+
+def any_rank(flag: bool) -> bool:
+    """Return whether ``flag`` is true on any rank (``flag`` without a process group)."""
+    return _agree(flag)[0] if active() else flag
+
+
+def in_step(loader: Iterable[Any]) -> Iterable[Any]:
+    """Return ``loader``, checked to give every rank the same number of batches.
+
+    Lengths that ``len()`` tells are compared before the first batch, in one collective.
+    A loader without a length is watched instead: one tiny all-reduce per batch, so a
+    rank that runs out early raises on every rank rather than leaving the others
+    waiting in their gradient all-reduce.
+    """
+    if not active():
+        return loader
+    try:
+        mine: int | None = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        mine = None
+    counts = all_gather(mine)
+    if None in counts:
+        return _watched(loader)
+    if len(set(counts)) > 1:
+        raise ValueError(
+            f"'loader' gives the ranks different numbers of batches ({counts}, by rank), so "
+            f"their gradient all-reduces would fall out of step; give every rank the same "
+            f"count, e.g. DistributedSampler(data) (it pads) with the same batch_size"
+        )
+    return loader
+
+
+def _watched(loader: Iterable[Any]) -> Iterator[Any]:
+    """Yield ``loader``'s batches while every rank still has one; raise if one runs out first."""
+    index = 0
+    for batch in loader:
+        if not _agree(True)[1]:
+            raise ValueError(f"'loader' ran out on another rank before batch {index} ({_UNEVEN})")
+        yield batch
+        index += 1
+    if _agree(False)[0]:
+        raise ValueError(f"'loader' ran out on this rank after {index} batches ({_UNEVEN})")
+
+
+_UNEVEN = "every rank must get the same number of batches; shard the data evenly"
 
 
 def _collective_device() -> torch.device:
@@ -54,17 +138,21 @@ def _check_same_layout(size: int, checksum: float, device: torch.device) -> None
         )
 
 
-def all_reduce_totals(totals: dict[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+def all_reduce_totals(
+    totals: dict[Hashable, torch.Tensor], names: Iterable[str] = ()
+) -> dict[Hashable, torch.Tensor]:
     """Sum every total over all ranks in one all-reduce; return CPU tensors, dtypes kept.
 
     All totals travel as float64 in one flat tensor (exact for counts below 2**53). A tiny
-    header all-reduce first checks that every rank has the same parts, so a mismatch is an
-    error on every rank rather than a hang.
+    header all-reduce first checks that every rank has the same parts and metric
+    ``names`` (torchmetrics objects sync themselves next), so a mismatch is an error on
+    every rank rather than a hang.
     """
     keys = list(totals)
     parts = [totals[key].reshape(-1).to(torch.float64) for key in keys]
     device = _collective_device()
-    checksum = float(zlib.crc32("|".join(map(repr, keys)).encode()))  # equal for equal parts
+    layout = "|".join(map(repr, [*keys, *sorted(names)]))
+    checksum = float(zlib.crc32(layout.encode()))  # equal for equal parts
     _check_same_layout(sum(p.numel() for p in parts), checksum, device)
     flat = torch.cat(parts).to(device)
     dist.all_reduce(flat)

@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from fntrain import distributed
+from fntrain import distributed, sharded
 from fntrain import metrics as metric_lib
 from fntrain.data import (
     as_device,
@@ -197,15 +197,19 @@ def train_epoch(
     _check_callable("on_step", on_step, "on_step(step)")
     if on_nonfinite not in ("raise", "skip"):
         raise ValueError(f"'on_nonfinite' must be 'raise' or 'skip', but got {on_nonfinite!r}")
+    if clip_grad_norm is not None:
+        sharded.refuse_fsdp1(model, "the gradient norm clipped by")
     options = StepOptions(accumulate, autocast, scaler, clip_grad_norm, scheduler)
     stepper = Stepper(optimizer, options.check(optimizer, resolved), resolved, on_step is not None)
     tally = Tally(metrics, resolved)
     guard = BatchGuard(model)
     skipped = 0
+    together = on_nonfinite == "skip" and distributed.active()  # all ranks skip a batch, or none
+    batches = distributed.in_step(loader)  # every rank must step as often
     start = time.perf_counter()
     with mode(model, True), Progress(progress, loader, "train") as bar:
         index = -1
-        for index, batch in enumerate(loader):
+        for index, batch in enumerate(batches):
             stepper.begin_batch()
             with guard:  # an error before the optimizer step puts buffers and metrics back
                 with stepper.autocast:
@@ -215,7 +219,10 @@ def train_epoch(
                     loss = _mean_loss(loss_fn(outputs, targets), samples, index)
                 stepper.check_loss(loss, index)
                 value = loss.item()  # the one host sync per batch
-                if not math.isfinite(value):
+                finite = math.isfinite(value)
+                if together:
+                    finite = not distributed.any_rank(not finite)
+                if not finite:
                     if on_nonfinite == "raise":
                         raise NonFiniteLossError(index, value)
                     guard.restore()
@@ -321,8 +328,9 @@ def evaluate(
     tally = Tally(metrics, resolved)
     no_grad = torch.inference_mode() if inference_mode else torch.no_grad()
     start = time.perf_counter()
+    batches = distributed.in_step(loader) if sharded.is_sharded(model) else loader
     with mode(model, False), no_grad, Progress(progress, loader, "eval") as bar:
-        for index, batch in enumerate(loader):
+        for index, batch in enumerate(batches):
             outputs, targets, samples = _run(model, forward, batch, index, resolved)
             if not samples:
                 continue
@@ -399,8 +407,9 @@ def predict(
     outputs: list[Any] = []
     targets: list[Any] = []
     samples = 0
+    batches = distributed.in_step(loader) if sharded.is_sharded(model) else loader
     with mode(model, False), torch.no_grad(), Progress(progress, loader, "predict") as bar:
-        for index, batch in enumerate(loader):
+        for index, batch in enumerate(batches):
             batch_outputs, batch_targets = _predict_batch(model, forward, batch, index, resolved)
             if index and (batch_targets is None) != (not targets):
                 raise TypeError(

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-_NOT_EXACT = "so resuming will not be bit-exact"
+NOT_EXACT = "so resuming will not be bit-exact"
 
 
 def capture() -> dict[str, Any]:
@@ -44,7 +44,7 @@ def _set_numpy(value: Any) -> list[str]:
     try:
         import numpy as np
     except ImportError:
-        return [f"the checkpoint holds a NumPy RNG state but NumPy is not installed; {_NOT_EXACT}"]
+        return [f"the checkpoint holds a NumPy RNG state but NumPy is not installed; {NOT_EXACT}"]
     kind, keys, pos, has_gauss, cached = value
     np.random.set_state((kind, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
     return []
@@ -59,7 +59,7 @@ def _set_cuda(states: Any) -> list[str]:
         visible = torch.cuda.device_count() if torch.cuda.is_available() else "no CUDA device"
         return [
             f"the checkpoint holds the CUDA RNG states of {len(states)} device(s) but "
-            f"{visible} are visible here; they were not restored, {_NOT_EXACT}"
+            f"{visible} are visible here; they were not restored, {NOT_EXACT}"
         ]
     torch.cuda.set_rng_state_all(states)
     return []

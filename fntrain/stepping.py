@@ -170,7 +170,8 @@ class Stepper:
             return None
         if scaler is not None:
             scaler.unscale_(self.optimizer)
-        norm = float(torch.nn.utils.clip_grad_norm_(self.params, options.clip_grad_norm))
+        total = torch.nn.utils.clip_grad_norm_(self.params, options.clip_grad_norm)
+        norm = float(getattr(total, "full_tensor", lambda: total)())  # FSDP2: a DTensor
         self.norms_seen += 1
         if math.isfinite(norm):
             self.largest_norm = max(norm, self.largest_norm or 0.0)

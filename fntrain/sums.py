@@ -115,7 +115,7 @@ class Tally:
             totals.setdefault(_LOSS, torch.tensor(0.0, dtype=torch.float64))
             totals[_SAMPLES] = torch.tensor(self.samples)
             totals[_BATCHES] = torch.tensor(self.batches)
-            totals = distributed.all_reduce_totals(totals)
+            totals = distributed.all_reduce_totals(totals, self.metrics)
             self.samples = int(totals.pop(_SAMPLES))
             self.batches = int(totals.pop(_BATCHES))
         loss_sum = totals.pop(_LOSS, None)

@@ -5,7 +5,10 @@ python -m torch.distributed.run --standalone --nproc_per_node=2 -m tests.distrib
 
 from __future__ import annotations
 
+import datetime
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
-from torchmetrics.classification import MulticlassF1Score
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 import fntrain as ft
 from tests.helpers import make_data
@@ -32,9 +35,71 @@ def plain(record: Any) -> dict[str, Any]:
     return {k: dict(v) if k == "metrics" else v for k, v in fields.items()}
 
 
+def desync_cases() -> dict[str, Any]:
+    """Cases that used to put the ranks out of step: each must raise, or agree, on every rank."""
+    rank = dist.get_rank()
+    data = make_data(32, 4, 3, 3)
+    batches = [data[i : i + 4] for i in range(0, 32, 4)]
+    model = nn.parallel.DistributedDataParallel(small_model())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_fn = nn.CrossEntropyLoss()
+    poisoned = [(x.clone(), y) for x, y in batches]
+    if rank == 1:
+        poisoned[2][0][0, 0] = float("nan")
+    skipped = ft.train_epoch(model, poisoned, loss_fn, optimizer, "cpu", on_nonfinite="skip")
+    uneven = batches[: 8 - rank]  # rank 0: 8 batches, rank 1: 7
+    extra_metric = {"tm": MulticlassAccuracy(num_classes=3)} if rank == 0 else {}
+    return {
+        "skip": (
+            skipped.skipped_batches,
+            skipped.steps,
+            {k: v.clone() for k, v in model.module.state_dict().items()},
+        ),
+        "uneven_len": error_of(lambda: ft.train_epoch(model, uneven, loss_fn, optimizer, "cpu")),
+        "uneven_iter": error_of(
+            lambda: ft.train_epoch(model, iter(uneven), loss_fn, optimizer, "cpu")
+        ),
+        "torchmetrics_on_one_rank": error_of(
+            lambda: ft.evaluate(model, batches, loss_fn, "cpu", metrics=extra_metric)
+        ),
+        "weights_after_errors": {k: v.clone() for k, v in model.module.state_dict().items()},
+    }
+
+
+def error_of(run: Callable[[], object]) -> str:
+    """Return the message of the exception ``run`` raises ('' if none)."""
+    try:
+        run()
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+    return ""
+
+
+def rng_case(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Each rank's generator after a save, and after a load into scrambled generators."""
+    torch.manual_seed(50 + dist.get_rank())
+    ft.save_checkpoint(out / "rng.pt", model, optimizer, epoch=1)
+    after_save = torch.rand(3)
+    torch.manual_seed(12345)
+    ft.load_checkpoint(out / "rng.pt", model, optimizer)
+    return {"draws": (after_save, torch.rand(3))}
+
+
+def node_local_case(out: Path, model: nn.Module) -> dict[str, Any]:
+    """Save to a relative path from each rank's own folder, as node-local disks look."""
+    here = Path.cwd()
+    local = out / f"node{dist.get_rank()}"
+    local.mkdir()
+    os.chdir(local)
+    try:
+        return {"local_size": ft.save_checkpoint("local.pt", model, epoch=0).size}
+    finally:
+        os.chdir(here)
+
+
 def main(out: Path) -> None:
     """Evaluate (exact and padded), train one epoch, checkpoint; write this rank's results."""
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
     rank = dist.get_rank()
     model = nn.parallel.DistributedDataParallel(small_model())
     loss_fn, metrics = nn.CrossEntropyLoss(), {"acc": ft.accuracy()}
@@ -77,6 +142,9 @@ def main(out: Path) -> None:
         "predict_main": (on_main.outputs, on_main.targets, on_main.samples),
         "predict_all": (on_all.outputs, on_all.targets, on_all.samples),
         "params": {k: v.detach().clone() for k, v in model.module.state_dict().items()},
+        **rng_case(out, model, optimizer),
+        **node_local_case(out, model),
+        **desync_cases(),
     }
     torch.save(results, out / f"rank{rank}.pt")
     dist.barrier()  # no rank tears the group down while another still uses it

@@ -78,7 +78,8 @@ def test_every_rank_returns_the_same_record(ranks: Any) -> None:
 def test_a_checkpoint_written_under_ddp_loads_into_a_plain_model(ranks: Any) -> None:
     """Rank 0 wrote the checkpoint (no temp files left); it loads into the plain model."""
     out, results = ranks
-    assert sorted(p.name for p in out.iterdir()) == ["ddp.pt", "rank0.pt", "rank1.pt"]
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["ddp.pt", "node0", "node1", "rank0.pt", "rank1.pt", "rng.pt"]
     assert results[0]["saved_size"] == results[1]["saved_size"] == (out / "ddp.pt").stat().st_size
     model = small_model()
     ft.load_checkpoint(out / "ddp.pt", model)
@@ -91,6 +92,52 @@ def test_different_metrics_on_the_ranks_are_an_error_not_a_hang(ranks: Any) -> N
     _, results = ranks
     for result in results:
         assert "every rank must pass the same 'metrics'" in result["mismatch_error"]
+
+
+def test_each_rank_resumes_its_own_rng_state_under_ddp(ranks: Any) -> None:
+    """Every rank's generator is saved; after a load each draws what it drew after the save."""
+    _, results = ranks
+    for result in results:
+        assert torch.equal(*result["draws"])
+    assert not torch.equal(results[0]["draws"][0], results[1]["draws"][0])
+
+
+def test_skipping_a_non_finite_loss_on_one_rank_skips_it_on_every_rank(ranks: Any) -> None:
+    """A NaN in rank 1's batch 2: both ranks skip batch 2, step 7 times, stay identical."""
+    _, results = ranks
+    assert [r["skip"][:2] for r in results] == [(1, 7), (1, 7)]
+    first, second = (r["skip"][2] for r in results)
+    assert all(torch.equal(value, second[key]) for key, value in first.items())
+
+
+def test_different_batch_counts_on_the_ranks_raise_on_every_rank(ranks: Any) -> None:
+    """8 batches on rank 0, 7 on rank 1: told by len() before the first batch, or on the way."""
+    _, results = ranks
+    for result in results:
+        assert (
+            "'loader' gives the ranks different numbers of batches ([8, 7]" in result["uneven_len"]
+        )
+    assert "ran out on another rank before batch 7" in results[0]["uneven_iter"]
+    assert "ran out on this rank after 7 batches" in results[1]["uneven_iter"]
+
+
+def test_a_torchmetrics_object_on_one_rank_only_is_an_error_not_a_hang(ranks: Any) -> None:
+    """torchmetrics objects sync themselves; a rank without one would hang: both ranks raise."""
+    _, results = ranks
+    for result in results:
+        assert "every rank must pass the same 'metrics'" in result["torchmetrics_on_one_rank"]
+
+
+def test_only_rank_0_touches_the_file_so_node_local_disks_work(ranks: Any) -> None:
+    """Each rank saves to its own folder (as on node-local disks): only rank 0's gets the file."""
+    out, results = ranks
+    assert sorted(p.name for p in (out / "node0").iterdir()) == ["local.pt"]
+    assert list((out / "node1").iterdir()) == []
+    assert (
+        results[0]["local_size"]
+        == results[1]["local_size"]
+        == (out / "node0" / "local.pt").stat().st_size
+    )
 
 
 @pytest.mark.parametrize(("size", "world"), [(0, 2), (1, 3), (10, 3), (51, 2), (7, 7)])

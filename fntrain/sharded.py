@@ -1,0 +1,254 @@
+"""Checkpoints of sharded (FSDP2) models: torch.distributed.checkpoint folders, swapped in whole.
+
+Every rank writes its own shards; nothing is gathered on one rank. Only tensors go through
+``torch.distributed.checkpoint``; everything else (epoch, metrics, optimizer settings,
+every rank's RNG state) travels as one packed tensor read back with ``weights_only=True``,
+and the folder's ``.metadata`` is unpickled with an allow-list, so loading runs no code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import io
+import os
+import pickle
+import secrets
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fntrain import distributed
+from fntrain.records import CheckpointError
+
+_METADATA = ".metadata"
+_PACKED = "fntrain"
+_DCP = "torch.distributed.checkpoint."
+_METADATA_CLASSES = (
+    "Metadata MetadataIndex StorageMeta TensorProperties TensorStorageMetadata "
+    "BytesStorageMetadata ChunkStorageMetadata _MEM_FORMAT_ENCODING"
+)
+_ALLOWED = {(f"{_DCP}metadata", name) for name in _METADATA_CLASSES.split()} | {
+    (f"{_DCP}filesystem", "_StorageInfo"),  # what a .metadata pickle may name, nothing else
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Tell whether ``model`` holds DTensor parameters (``fully_shard``, FSDP2)."""
+    tensor_lib = sys.modules.get("torch.distributed.tensor")  # no DTensor before its import
+    return tensor_lib is not None and any(
+        isinstance(p, tensor_lib.DTensor) for p in model.parameters()
+    )
+
+
+def refuse_fsdp1(model: nn.Module, what: str) -> None:
+    """Raise TypeError if ``model`` contains FSDP1 (``FullyShardedDataParallel``) modules."""
+    if any(type(module).__name__ == "FullyShardedDataParallel" for module in model.modules()):
+        raise TypeError(
+            f"'model' is wrapped in FullyShardedDataParallel (FSDP1), whose state and gradients "
+            f"hold only this rank's shard, so {what} would be silently partial; shard the model "
+            f"with torch.distributed.fsdp.fully_shard (FSDP2) instead"
+        )
+
+
+def states(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[Any, Any]:
+    """Return the model's and optimizer's sharded state dicts (FQN-keyed, DTensors)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, [] if optimizer is None else optimizer)
+    return model_state, optimizer_state if optimizer is not None else None
+
+
+def _pack(value: Any) -> torch.Tensor:
+    """Return ``value`` serialised by ``torch.save`` as a uint8 tensor."""
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two folders in one atomic step (Linux ``renameat2``); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.renameat2(-100, os.fsencode(first), -100, os.fsencode(second), 2) == 0
+    except (OSError, AttributeError):  # not Linux, or an old C library
+        return False
+
+
+def _swap_in(temp: Path, target: Path, started: float) -> int:
+    """Put the complete folder ``temp`` at ``target``, remove the old one; return the bytes."""
+    size = sum(entry.stat().st_size for entry in temp.iterdir())
+    if not target.exists():
+        os.rename(temp, target)
+    elif not _exchange(temp, target):  # elsewhere: a moment without target, the old kept aside
+        aside = temp.with_suffix(".old")
+        os.rename(target, aside)
+        os.rename(temp, target)
+        temp = aside
+    shutil.rmtree(temp, ignore_errors=True)  # now the old checkpoint
+    with contextlib.suppress(OSError):  # make the renames durable
+        folder = os.open(target.parent, os.O_RDONLY)
+        os.fsync(folder)
+        os.close(folder)
+    for orphan in target.parent.glob(f".{target.name}.*.tmp"):  # from killed saves
+        if orphan.stat().st_mtime < started:
+            shutil.rmtree(orphan, ignore_errors=True)
+    return size
+
+
+def save(target: Path, payload: dict[str, Any]) -> int:
+    """Write ``payload`` as a sharded folder at ``target`` (a collective); return its bytes.
+
+    Tensors (the model's and optimizer's shards) go to ``torch.distributed.checkpoint``;
+    the rest is packed into one tensor. The folder is written beside ``target`` under a
+    temporary name and swapped in when every rank has finished, so a crash leaves the old
+    checkpoint whole.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    meta = {key: value for key, value in payload.items() if key not in ("model", "optimizer")}
+    tensors: dict[str, Any] = {"model": payload["model"]}
+    optimizer = payload.get("optimizer")
+    if optimizer is not None:
+        state = optimizer["state"]
+        tensors["optimizer"] = {fqn: {name: value for name, value in entry.items()
+                                      if isinstance(value, torch.Tensor)}
+                                for fqn, entry in state.items()}  # fmt: skip
+        meta["optimizer"] = {
+            "param_groups": optimizer["param_groups"],
+            "state": {fqn: {name: value for name, value in entry.items()
+                            if not isinstance(value, torch.Tensor)}
+                      for fqn, entry in state.items()},
+        }  # fmt: skip
+        meta["optimizer_tensors"] = [[fqn, name] for fqn, entry in tensors["optimizer"].items()
+                                     for name in entry]  # fmt: skip
+    tensors[_PACKED] = _pack(meta)
+    started = time.time()
+    temp = target.with_name(
+        f".{target.name}.{distributed.on_main(lambda: secrets.token_hex(8))}.tmp"
+    )
+    try:
+        dcp.save(tensors, checkpoint_id=temp)
+    except BaseException:
+        if distributed.is_main():
+            shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return distributed.on_main(lambda: _swap_in(temp, target, started))
+
+
+class _Unpickler(pickle.Unpickler):
+    """Unpickle a ``.metadata`` file, refusing every global outside ``_ALLOWED``."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        """Return an allowed class or dtype; raise CheckpointError for anything else."""
+        dtype = getattr(torch, name, None) if module == "torch" else None
+        if (module, name) in _ALLOWED or isinstance(dtype, torch.dtype):
+            return super().find_class(module, name)
+        raise CheckpointError(
+            f"refused to load: the folder's {_METADATA} names {module}.{name}, which a "
+            f"checkpoint's metadata does not hold, and unpickling it could run code"
+        )
+
+
+def _metadata(target: Path) -> Any:
+    """Return the folder's checkpoint metadata, read through the allow-list."""
+    try:
+        with open(target / _METADATA, "rb") as handle:
+            return _Unpickler(handle).load()
+    except CheckpointError as error:
+        raise CheckpointError(f"{str(target)!r}: {error}") from None
+    except Exception as error:
+        raise CheckpointError(
+            f"{str(target)!r} is not a loadable sharded checkpoint: its {_METADATA} is "
+            f"unreadable ({type(error).__name__}: {error})"
+        ) from None
+
+
+def _reader(target: Path) -> Any:
+    """Return a FileSystemReader of ``target`` that reads its metadata through the allow-list."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            metadata = _metadata(target)
+            metadata.storage_meta = metadata.storage_meta or _storage_meta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return Reader(target)
+
+
+def _storage_meta() -> Any:
+    """Return an empty StorageMeta, as FileSystemReader gives a metadata file without one."""
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    return StorageMeta()
+
+
+def _blank(like: torch.Tensor | None, entry: Any) -> torch.Tensor:
+    """Return a tensor to load ``entry`` into: shaped as ``like`` where it fits, else plain."""
+    size, dtype = tuple(entry.size), entry.properties.dtype
+    if like is not None and tuple(like.shape) == size:
+        return torch.empty_like(like, dtype=dtype)  # a DTensor keeps its placement
+    return torch.empty(size, dtype=dtype)
+
+
+def read(target: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """Read a sharded folder into fresh tensors laid out as ``model``'s; return the payload.
+
+    Nothing in ``model`` or ``optimizer`` changes here. Keys of the folder the model lacks,
+    or whose shapes differ, come back as stand-ins of the saved shape, for the caller to
+    report before anything loads.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    if not (target / _METADATA).is_file():
+        raise CheckpointError(f"'path' {str(target)!r} is a folder but not a sharded checkpoint")
+    entries = _metadata(target).state_dict_metadata
+    if _PACKED not in entries:
+        raise CheckpointError(f"{str(target)!r} is a sharded checkpoint not written by fntrain")
+    head = {_PACKED: _blank(None, entries[_PACKED])}
+    alone = not distributed.active()
+    dcp.load(head, storage_reader=_reader(target), no_dist=alone)
+    payload = torch.load(io.BytesIO(head[_PACKED].numpy().tobytes()), weights_only=True)
+    current = model.state_dict()
+    model_keys = [key[len("model.") :] for key in entries if key.startswith("model.")]
+    wanted: dict[str, Any] = {"model": {}}
+    stand_ins = {}
+    for key in model_keys:
+        entry = entries[f"model.{key}"]
+        if key in current and tuple(current[key].shape) == tuple(entry.size):
+            wanted["model"][key] = _blank(current[key], entry)
+        else:
+            stand_ins[key] = torch.empty(()).expand(tuple(entry.size))
+    saved = payload.get("optimizer")
+    fits = (
+        optimizer is not None
+        and saved
+        and payload.get("optimizer_class") == type(optimizer).__qualname__
+    )
+    if fits:
+        names = [fqn for group in saved["param_groups"] for fqn in group["params"]]
+        params = dict(
+            zip(names, (p for g in optimizer.param_groups for p in g["params"]), strict=False)
+        )
+        wanted["optimizer"] = {}
+        for fqn, name in payload.get("optimizer_tensors", []):
+            entry = entries[f"optimizer.{fqn}.{name}"]
+            wanted["optimizer"].setdefault(fqn, {})[name] = _blank(params.get(fqn), entry)
+    dcp.load(wanted, storage_reader=_reader(target), no_dist=alone)
+    payload["model"] = {**wanted["model"], **stand_ins}
+    if fits:
+        for fqn, tensors in wanted["optimizer"].items():
+            saved["state"].setdefault(fqn, {}).update(tensors)
+    return payload

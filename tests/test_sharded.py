@@ -1,0 +1,234 @@
+"""FSDP2 models: training, clipping and sharded checkpoints on 2 gloo ranks, and on one process."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+
+import fntrain as ft
+import fntrain.sharded as sharded_module
+from tests.fsdp_worker import dropout_model, shard
+from tests.helpers import make_data
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+    """Run the FSDP2 worker on 2 ranks once; load each rank's results."""
+    out = tmp_path_factory.mktemp("fsdp")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", "-m", "tests.fsdp_worker", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.fixture
+def one_rank() -> Iterator[None]:
+    """A one-process gloo group, in which fully_shard gives DTensor parameters."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_resumed_fsdp2_run_equals_the_uninterrupted_one(ranks: Any) -> None:
+    """Sharded save after epoch 1, load into fresh model, optimizer, scheduler: bit-identical."""
+    _, results = ranks
+    for result in results:
+        assert result["sharded"]
+        assert all(torch.equal(v, result["resumed"][k]) for k, v in result["straight"].items())
+        assert any(
+            not torch.equal(v, result["first_epoch"][k]) for k, v in result["straight"].items()
+        )
+
+
+def test_every_rank_restores_its_own_rng_state(ranks: Any) -> None:
+    """After a load each rank draws what it drew after the save, and the ranks differ."""
+    _, results = ranks
+    for result in results:
+        assert torch.equal(*result["draws"])
+    assert not torch.equal(results[0]["draws"][0], results[1]["draws"][0])
+
+
+def test_the_sharded_checkpoint_is_one_folder_of_shards_and_nothing_else(ranks: Any) -> None:
+    """Each rank wrote its own shard file; no temporary folder is left; the size adds up."""
+    out, results = ranks
+    folder = out / "sharded.ckpt"
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert results[0]["saved_size"] == sum(p.stat().st_size for p in folder.iterdir())
+
+
+def test_clipping_under_fsdp2_equals_one_process(ranks: Any) -> None:
+    """The clipped norm is the global one: weights and grad_norm equal one process's."""
+    _, results = ranks
+    model = dropout_model()
+    model[2].p = 0.0
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    data = DataLoader(make_data(48, 4, 3, 2), batch_size=16)
+    single = ft.train_epoch(
+        model, data, nn.CrossEntropyLoss(), optimizer, "cpu", clip_grad_norm=0.05
+    )
+    for result in results:
+        assert result["grad_norm"] == pytest.approx(single.grad_norm, rel=1e-5)
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(result["clipped"][key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_a_single_file_loads_into_an_fsdp2_models_weights_only(ranks: Any) -> None:
+    """A plain model's file shards into the FSDP2 model; with an optimizer it is refused."""
+    _, results = ranks
+    for result in results:
+        assert result["file_loads"]
+        assert (
+            "loads into a sharded (FSDP2) model's weights, not its optimizer"
+            in (result["file_optimizer_refused"])
+        )
+
+
+def test_a_sharded_checkpoint_loads_on_one_process_and_converts_to_a_file(
+    ranks: Any, tmp_path: Path
+) -> None:
+    """Without a process group the folder loads into the plain model (and its optimizer)."""
+    out, results = ranks
+    model = dropout_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=4, gamma=0.5)
+    ckpt = ft.load_checkpoint(out / "sharded.ckpt", model, optimizer, scheduler=scheduler)
+    assert ckpt.epoch == 1 and scheduler.last_epoch == 4
+    assert all(torch.equal(v, results[0]["first_epoch"][k]) for k, v in model.state_dict().items())
+    assert len(optimizer.state) == 4 and all(s["step"] == 4 for s in optimizer.state.values())
+    ft.save_checkpoint(tmp_path / "one.pt", model, epoch=ckpt.epoch)  # the conversion
+    fresh = dropout_model()
+    assert ft.load_checkpoint(tmp_path / "one.pt", fresh).epoch == 1
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_a_sharded_checkpoint_that_does_not_fit_changes_nothing(ranks: Any) -> None:
+    """Another architecture: every mismatch is named, the model is left as it was."""
+    out, _ = ranks
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 5))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ft.CheckpointError, match=r"'3.weight' has shape \(3, 16\) in the file"):
+        ft.load_checkpoint(out / "sharded.ckpt", model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+class _Payload:
+    """Unpickling this runs a command (the classic pickle exploit)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_metadata_file_that_would_run_code_is_refused_unread(tmp_path: Path) -> None:
+    """A .metadata pickle naming anything but checkpoint metadata is refused; nothing runs."""
+    folder = tmp_path / "evil.ckpt"
+    folder.mkdir()
+    marker = tmp_path / "ran"
+    (folder / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(ft.CheckpointError, match=r"names posix.system.*could run code"):
+        ft.load_checkpoint(folder, nn.Linear(4, 2))
+    assert not marker.exists()
+
+
+def test_folders_that_are_not_sharded_checkpoints_are_refused(tmp_path: Path) -> None:
+    """A plain folder is neither loaded nor overwritten: the error names 'path'."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "keep.txt").write_text("mine")
+    with pytest.raises(ft.CheckpointError, match="is a folder, not a sharded checkpoint"):
+        ft.load_checkpoint(tmp_path / "data", nn.Linear(4, 2))
+    with pytest.raises(ft.CheckpointError, match="is a folder, not a checkpoint file"):
+        ft.save_checkpoint(tmp_path / "data", nn.Linear(4, 2), epoch=0)
+    assert (tmp_path / "data" / "keep.txt").read_text() == "mine"
+
+
+def test_a_sharded_save_never_replaces_a_file_or_a_plain_folder(
+    one_rank: None, tmp_path: Path
+) -> None:
+    """An FSDP2 model is saved as a folder: over a file or a folder of data it is refused."""
+    model = shard(dropout_model())
+    (tmp_path / "a.pt").write_bytes(b"old")
+    (tmp_path / "data").mkdir()
+    with pytest.raises(ft.CheckpointError, match="is a file, but a sharded"):
+        ft.save_checkpoint(tmp_path / "a.pt", model, epoch=0)
+    with pytest.raises(ft.CheckpointError, match="is a folder, not a sharded checkpoint"):
+        ft.save_checkpoint(tmp_path / "data", model, epoch=0)
+    assert (tmp_path / "a.pt").read_bytes() == b"old"
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_a_sharded_save_replaces_the_old_folder_whole(
+    one_rank: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exchange: bool
+) -> None:
+    """The new folder is swapped in (atomically where renameat2 exists); no other folder is left."""
+    if not exchange:
+        monkeypatch.setattr(sharded_module, "_exchange", lambda first, second: False)
+    model = shard(dropout_model())
+    target = tmp_path / "run.ckpt"
+    ft.save_checkpoint(target, model, epoch=1)
+    ft.save_checkpoint(target, model, epoch=2)
+    assert ft.load_checkpoint(target, shard(dropout_model())).epoch == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["run.ckpt"]
+
+
+def test_a_sharded_save_that_fails_leaves_the_old_checkpoint_whole(
+    one_rank: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that fails midway removes its temporary folder; the old checkpoint loads."""
+    import torch.distributed.checkpoint as dcp
+
+    model = shard(dropout_model())
+    target = tmp_path / "run.ckpt"
+    ft.save_checkpoint(target, model, epoch=1)
+    before = sorted((p.name, p.stat().st_size) for p in target.iterdir())
+
+    def failing_save(state: Any, checkpoint_id: Path) -> None:
+        checkpoint_id.mkdir()
+        (checkpoint_id / "__0_0.distcp").write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dcp, "save", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        ft.save_checkpoint(target, model, epoch=2)
+    assert sorted((p.name, p.stat().st_size) for p in target.iterdir()) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["run.ckpt"]
+    monkeypatch.undo()
+    assert ft.load_checkpoint(target, shard(dropout_model())).epoch == 1
+
+
+def test_fsdp1_models_are_refused_with_a_pointer_to_fully_shard(tmp_path: Path) -> None:
+    """FSDP1 (which needs a GPU to build) is refused by name: its state is this rank's shard."""
+
+    class FullyShardedDataParallel(nn.Module):  # stands in for torch's FSDP1 wrapper
+        def __init__(self) -> None:
+            super().__init__()
+            self.module = nn.Linear(4, 2)
+
+    model = FullyShardedDataParallel()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match=r"FSDP1.*fully_shard \(FSDP2\)"):
+        ft.save_checkpoint(tmp_path / "a.pt", model, epoch=0)
+    with pytest.raises(TypeError, match=r"FSDP1.*fully_shard \(FSDP2\)"):
+        ft.train_epoch(model, [(torch.randn(2, 4), torch.randn(2, 2))], nn.MSELoss(), optimizer,
+                       "cpu", clip_grad_norm=1.0)  # fmt: skip
+    assert not list(tmp_path.iterdir())
