@@ -6,6 +6,7 @@ import contextlib
 import copy
 import errno
 import os
+import random
 import re
 import secrets
 import stat
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
-from fntrain import distributed, rng, sharded
+from fntrain import distributed, sharded
 from fntrain.records import Checkpoint, CheckpointError, SavedCheckpoint, reword
 
 try:
@@ -49,6 +50,89 @@ def type_name(value: Any) -> str:
         if kind.__module__ == "builtins"
         else f"{kind.__module__}.{kind.__qualname__}"
     )
+
+
+# --- random number generator states as plain data (loadable with weights_only=True) ---
+
+_NOT_EXACT = "so resuming will not be bit-exact"
+
+
+def _capture_rng() -> dict[str, Any]:
+    """Return the states of Python's, NumPy's (if installed), torch's CPU and CUDA RNGs."""
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+    except ImportError:
+        pass
+    else:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        keys = torch.from_numpy(keys.astype(np.int64))
+        state["numpy"] = (str(kind), keys, int(pos), int(has_gauss), float(cached))
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _bytes(value: Any) -> torch.Tensor:
+    """Return ``value`` on the CPU; raise TypeError unless it is a 1-D uint8 tensor."""
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.dim() != 1:
+        raise TypeError(f"expected a 1-D uint8 tensor, but it is a {type(value).__qualname__}")
+    return value.cpu()
+
+
+def _set_numpy(value: Any) -> list[str]:
+    """Set NumPy's global RNG from its five saved parts (or say it is not installed)."""
+    types = (str, torch.Tensor, int, int, float)
+    if not isinstance(value, tuple | list) or len(value) != len(types):
+        raise TypeError(f"expected a tuple of 5 parts, but it is a {type(value).__qualname__}")
+    if not all(isinstance(part, kind) for part, kind in zip(value, types, strict=True)):
+        raise TypeError(f"expected (str, Tensor, int, int, float), but got {value!r:.80}")
+    try:
+        import numpy as np
+    except ImportError:
+        return [f"the checkpoint holds a NumPy RNG state but NumPy is not installed; {_NOT_EXACT}"]
+    kind, keys, pos, has_gauss, cached = value
+    np.random.set_state((kind, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
+    return []
+
+
+def _set_cuda(states: Any) -> list[str]:
+    """Set every CUDA device's RNG; say why not where CUDA or devices are missing."""
+    if not isinstance(states, list | tuple):
+        raise TypeError(f"expected a list of uint8 tensors, but it is a {type(states).__name__}")
+    states = [_bytes(state) for state in states]
+    if not torch.cuda.is_available() or len(states) != torch.cuda.device_count():
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else "no CUDA device"
+        return [
+            f"the checkpoint holds the CUDA RNG states of {len(states)} device(s) but "
+            f"{visible} are visible here; they were not restored, {_NOT_EXACT}"
+        ]
+    torch.cuda.set_rng_state_all(states)
+    return []
+
+
+def _part(name: str, attempt: Callable[[], list[str] | None]) -> list[str]:
+    """Run ``attempt``; raise ValueError naming the ``name`` RNG state if it fails."""
+    try:
+        return attempt() or []
+    except Exception as error:  # any failure means the saved state cannot be restored
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        raise ValueError(f"the {name} RNG state in the file cannot be restored: {reason}") from None
+
+
+def _restore_rng(state: Any) -> list[str]:
+    """Restore the states :func:`_capture_rng` wrote; return each part that could not be, and why.
+
+    A malformed part raises ValueError naming it, after the parts before it were set: the
+    caller puts back what it captured before. The returned messages say which generator
+    was left as it was here (NumPy not installed, CUDA not available).
+    """
+    if not isinstance(state, dict):
+        raise ValueError(f"the RNG state in the file must be a dict, not {type(state).__name__}")
+    _part("Python", lambda: random.setstate(state.get("python")))
+    _part("torch", lambda: torch.set_rng_state(_bytes(state.get("torch"))))
+    notes = _part("NumPy", lambda: _set_numpy(state["numpy"])) if "numpy" in state else []
+    return notes + (_part("CUDA", lambda: _set_cuda(state["cuda"])) if "cuda" in state else [])
 
 
 # --- writing a file atomically ------------------------------------------------------------
@@ -318,7 +402,7 @@ def save_checkpoint(
             None if obj is None or (shards and name == "optimizer") else obj.state_dict()
         )
         payload[f"{name}_class"] = None if obj is None else type(obj).__qualname__
-    states = distributed.all_gather(rng.capture())  # every rank's, for an exact resume
+    states = distributed.all_gather(_capture_rng())  # every rank's, for an exact resume
     payload.update(
         rng=states[0],
         epoch=epoch,
@@ -577,7 +661,7 @@ def _rng_state(payload: dict[str, Any]) -> tuple[Any, list[str]]:
     saved = len(ranks) if isinstance(ranks, list) else 1
     return None, [
         f"the checkpoint holds the RNG states of {saved} process(es) but {size} ranks load "
-        f"it; they were not restored, {rng.NOT_EXACT}"
+        f"it; they were not restored, {_NOT_EXACT}"
     ]
 
 
@@ -615,9 +699,9 @@ def _apply(
     try:
         state, notes = _rng_state(payload) if restore_rng else (None, [])
         if state is not None:
-            before = rng.capture()
-            undo.append(lambda: rng.restore(before))
-            notes = rng.restore(state)
+            before = _capture_rng()
+            undo.append(lambda: _restore_rng(before))
+            notes = _restore_rng(state)
         for name, obj in given.items():
             kept = copy.deepcopy(obj.state_dict()) if name != "optimizer" else obj.state_dict()
             undo.append(lambda obj=obj, kept=kept: obj.load_state_dict(kept))
