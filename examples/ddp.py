@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -35,8 +36,8 @@ def start() -> torch.device:
     """
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     cuda = torch.cuda.is_available() and torch.cuda.device_count() >= ranks_here
-    if "RANK" in os.environ:
-        dist.init_process_group("nccl" if cuda else "gloo")
+    if "RANK" in os.environ:  # a crashed or stuck rank stops the others after 5 minutes
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=5))
     else:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     if cuda:

@@ -14,7 +14,7 @@ import time
 import warnings
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -36,6 +36,7 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device, torch.Tensor, nn.Parameter)
 _LABELS = {"metrics": "'metrics'", "extra": "'extra'", "rng": "the RNG state"}
 _STATES = ("optimizer", "scheduler", "scaler")
+_NOT_EXACT = "so resuming will not be bit-exact"
 
 PathLike = str | os.PathLike[str]
 MapLocation = str | torch.device | dict[str, str] | Callable[..., Any] | None
@@ -44,27 +45,22 @@ Scheduler = LRScheduler | ReduceLROnPlateau
 
 def type_name(value: Any) -> str:
     """Return the qualified name of ``value``'s type, for error messages."""
-    kind = type(value)
-    return (
-        kind.__qualname__
-        if kind.__module__ == "builtins"
-        else f"{kind.__module__}.{kind.__qualname__}"
-    )
+    module, name = type(value).__module__, type(value).__qualname__
+    return name if module == "builtins" else f"{module}.{name}"
 
 
-# --- random number generator states as plain data (loadable with weights_only=True) ---
-
-_NOT_EXACT = "so resuming will not be bit-exact"
+def _first_line(error: BaseException) -> str:
+    """Return the first line of an error's message (its repr when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else repr(error)
 
 
 def _capture_rng() -> dict[str, Any]:
     """Return the states of Python's, NumPy's (if installed), torch's CPU and CUDA RNGs."""
     state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    try:
+    with contextlib.suppress(ImportError):
         import numpy as np
-    except ImportError:
-        pass
-    else:
+
         kind, keys, pos, has_gauss, cached = np.random.get_state()
         keys = torch.from_numpy(keys.astype(np.int64))
         state["numpy"] = (str(kind), keys, int(pos), int(has_gauss), float(cached))
@@ -82,16 +78,14 @@ def _bytes(value: Any) -> torch.Tensor:
 
 def _set_numpy(value: Any) -> list[str]:
     """Set NumPy's global RNG from its five saved parts (or say it is not installed)."""
-    types = (str, torch.Tensor, int, int, float)
-    if not isinstance(value, tuple | list) or len(value) != len(types):
-        raise TypeError(f"expected a tuple of 5 parts, but it is a {type(value).__qualname__}")
-    if not all(isinstance(part, kind) for part, kind in zip(value, types, strict=True)):
+    parts = list(value) if isinstance(value, tuple | list) else []
+    if len(parts) != 5 or not all(map(isinstance, parts, (str, torch.Tensor, int, int, float))):
         raise TypeError(f"expected (str, Tensor, int, int, float), but got {value!r:.80}")
     try:
         import numpy as np
     except ImportError:
         return [f"the checkpoint holds a NumPy RNG state but NumPy is not installed; {_NOT_EXACT}"]
-    kind, keys, pos, has_gauss, cached = value
+    kind, keys, pos, has_gauss, cached = parts
     np.random.set_state((kind, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
     return []
 
@@ -101,8 +95,8 @@ def _set_cuda(states: Any) -> list[str]:
     if not isinstance(states, list | tuple):
         raise TypeError(f"expected a list of uint8 tensors, but it is a {type(states).__name__}")
     states = [_bytes(state) for state in states]
-    if not torch.cuda.is_available() or len(states) != torch.cuda.device_count():
-        visible = torch.cuda.device_count() if torch.cuda.is_available() else "no CUDA device"
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else "no CUDA device"
+    if len(states) != visible:  # always so without CUDA
         return [
             f"the checkpoint holds the CUDA RNG states of {len(states)} device(s) but "
             f"{visible} are visible here; they were not restored, {_NOT_EXACT}"
@@ -111,59 +105,31 @@ def _set_cuda(states: Any) -> list[str]:
     return []
 
 
-def _part(name: str, attempt: Callable[[], list[str] | None]) -> list[str]:
-    """Run ``attempt``; raise ValueError naming the ``name`` RNG state if it fails."""
-    try:
-        return attempt() or []
-    except Exception as error:  # any failure means the saved state cannot be restored
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-        raise ValueError(f"the {name} RNG state in the file cannot be restored: {reason}") from None
-
-
 def _restore_rng(state: Any) -> list[str]:
-    """Restore the states :func:`_capture_rng` wrote; return each part that could not be, and why.
-
-    A malformed part raises ValueError naming it, after the parts before it were set: the
-    caller puts back what it captured before. The returned messages say which generator
-    was left as it was here (NumPy not installed, CUDA not available).
-    """
+    """Restore what :func:`_capture_rng` saved; return why parts were skipped (bad ones raise)."""
     if not isinstance(state, dict):
         raise ValueError(f"the RNG state in the file must be a dict, not {type(state).__name__}")
-    _part("Python", lambda: random.setstate(state.get("python")))
-    _part("torch", lambda: torch.set_rng_state(_bytes(state.get("torch"))))
-    notes = _part("NumPy", lambda: _set_numpy(state["numpy"])) if "numpy" in state else []
-    return notes + (_part("CUDA", lambda: _set_cuda(state["cuda"])) if "cuda" in state else [])
+    setters: dict[str, Callable[[Any], list[str] | None]] = {
+        "Python": random.setstate,
+        "torch": lambda value: torch.set_rng_state(_bytes(value)),
+        "NumPy": _set_numpy,
+        "CUDA": _set_cuda,
+    }
+    notes: list[str] = []
+    for name, restore in setters.items():
+        if name in ("Python", "torch") or name.lower() in state:  # NumPy, CUDA only if saved
+            try:
+                notes += restore(state.get(name.lower())) or []
+            except Exception as error:  # any failure means the saved state cannot be restored
+                problem = f"the {name} RNG state in the file cannot be restored"
+                raise ValueError(f"{problem}: {_first_line(error)}") from None
+    return notes
 
 
-# --- writing a file atomically ------------------------------------------------------------
+def write_atomically(target: Path, write: Callable[[BinaryIO], None]) -> int:
+    """Run ``write`` on a temp file beside ``target``, fsync it, rename it over it; return its size.
 
-
-def _temp_names(target: Path) -> re.Pattern[str]:
-    """Match the names of the temporary files that saves of ``target`` create."""
-    return re.compile(rf"\.{re.escape(target.name)}\.[0-9a-f]{{16}}\.tmp")
-
-
-def _remove_orphans(target: Path, started: float) -> None:
-    """Delete temp files that killed saves of ``target`` left: older than ``started``, unlocked."""
-    names = _temp_names(target)
-    with contextlib.suppress(OSError):
-        orphans = [e.path for e in os.scandir(target.parent) if names.fullmatch(e.name)]
-        for orphan in orphans:
-            with contextlib.suppress(OSError), open(orphan, "rb") as probe:
-                if os.stat(probe.fileno()).st_mtime >= started:
-                    continue
-                if fcntl is not None:  # fails while the writing process is alive
-                    fcntl.flock(probe.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-                os.unlink(orphan)
-
-
-def write_atomically(target: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Run ``write`` on a temporary file beside ``target``, fsync it, rename it over ``target``.
-
-    A crash at any moment leaves either the old ``target`` or the new one. The temporary
-    file is removed if ``write`` fails, and holds a lock while it is written so that no
-    other save takes it for an orphan; a new file gets the mode ``open()`` gives, an
-    existing one keeps its own.
+    The temp file is locked while written and removed if ``write`` fails; ``target`` keeps its mode.
     """
     started = time.time()
     temp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
@@ -178,9 +144,8 @@ def write_atomically(target: Path, write: Callable[[BinaryIO], None]) -> None:
             os.fsync(handle.fileno())
             with contextlib.suppress(FileNotFoundError):
                 os.chmod(temp, stat.S_IMODE(os.stat(target).st_mode))
-            if os.name != "nt":  # renamed while locked
-                os.replace(temp, target)
-        if os.name == "nt":  # Windows cannot rename an open file
+            if os.name == "nt":  # Windows cannot rename an open file; elsewhere, still locked
+                handle.close()
             os.replace(temp, target)
     except BaseException as error:
         written = temp.stat().st_size if temp.exists() else 0
@@ -199,21 +164,23 @@ def write_atomically(target: Path, write: Callable[[BinaryIO], None]) -> None:
         folder = os.open(target.parent, os.O_RDONLY)
         os.fsync(folder)
         os.close(folder)
-    _remove_orphans(target, started)
-
-
-# --- checking arguments ---------------------------------------------------------------------
+    names = re.compile(rf"\.{re.escape(target.name)}\.[0-9a-f]{{16}}\.tmp")
+    with contextlib.suppress(OSError):  # what killed saves of target left: older, unlocked
+        for orphan in [e.path for e in os.scandir(target.parent) if names.fullmatch(e.name)]:
+            with contextlib.suppress(OSError), open(orphan, "rb") as probe:
+                if os.stat(probe.fileno()).st_mtime >= started:
+                    continue
+                if fcntl is not None:  # fails while the writing process is alive
+                    fcntl.flock(probe.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+                os.unlink(orphan)
+    return target.stat().st_size
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
     """Return the plain model inside DDP/DataParallel and ``torch.compile`` wrappers."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    inner = model.module if isinstance(model, wrappers) else getattr(model, "_orig_mod", None)
+    return _unwrap(inner) if isinstance(inner, nn.Module) else model
 
 
 def _check_plain(value: Any, where: str, inside: tuple[int, ...] = ()) -> None:
@@ -226,18 +193,13 @@ def _check_plain(value: Any, where: str, inside: tuple[int, ...] = ()) -> None:
         )
     if type(value) in _PLAIN:
         return
-    if type(value) in (list, tuple, torch.Size, dict, OrderedDict) and id(value) in inside:
-        raise TypeError(f"{where} contains itself (a cycle); a checkpoint holds trees of data")
-    inside = (*inside, id(value))
-    if type(value) in (list, tuple, torch.Size):
-        for index, item in enumerate(value):
-            _check_plain(item, f"{where}[{index}]", inside)
-        return
-    if type(value) in (dict, OrderedDict):
-        for key, item in value.items():
+    if type(value) in (list, tuple, torch.Size, dict, OrderedDict):
+        if id(value) in inside:
+            raise TypeError(f"{where} contains itself (a cycle); a checkpoint holds trees of data")
+        for key, item in value.items() if isinstance(value, dict) else enumerate(value):
             if type(key) not in (bool, int, float, str, type(None)):
                 raise TypeError(f"{where} must have str or number keys, but has the key {key!r}")
-            _check_plain(item, f"{where}[{key!r}]", inside)
+            _check_plain(item, f"{where}[{key!r}]", (*inside, id(value)))
         return
     raise TypeError(
         f"{where} must hold only plain data (None, bool, int, float, str, tensors, dtypes, "
@@ -247,12 +209,7 @@ def _check_plain(value: Any, where: str, inside: tuple[int, ...] = ()) -> None:
 
 
 def _digest(payload: dict[str, Any]) -> int:
-    """Return a checksum of everything in ``payload`` but its digest: tensor bytes, plain data.
-
-    Each tensor adds the sum, modulo 2**64, of its bytes read as 64-bit words (any one
-    changed byte changes it), its dtype and shape; everything else adds its ``repr``.
-    Computed where the tensors are, at a fraction of ``torch.load``'s own time.
-    """
+    """Return a CRC of ``payload`` but its digest: a tensor by dtype, shape, sum of 64-bit words."""
     seen: list[Any] = []
 
     def walk(value: Any) -> None:
@@ -275,19 +232,6 @@ def _digest(payload: dict[str, Any]) -> int:
 
     walk({key: value for key, value in payload.items() if key != "digest"})
     return zlib.crc32(repr(seen).encode())
-
-
-def _check_count(name: str, value: Any) -> None:
-    """Raise unless ``value`` is a non-negative int."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"'{name}' must be a non-negative int, but got {value!r}")
-
-
-def _mapping(name: str, value: Any) -> dict[str, Any]:
-    """Return ``value`` (None for empty) as a dict; raise TypeError naming ``name`` otherwise."""
-    if value is not None and not isinstance(value, Mapping):
-        raise TypeError(f"'{name}' must be a mapping or None, but got {type_name(value)}")
-    return dict(value or {})
 
 
 def _check_objects(model: Any, optimizer: Any, scheduler: Any, scaler: Any) -> None:
@@ -316,10 +260,7 @@ def _as_path(path: Any) -> Path:
 
 
 def _check_is_file(target: Path, must_exist: bool, folder: bool = False) -> None:
-    """Raise unless ``target`` is a file, or with ``folder`` a sharded checkpoint's folder.
-
-    For saving, a free name in an existing folder will do.
-    """
+    """Raise unless ``target`` is a file (or with ``folder`` a sharded checkpoint's folder)."""
     if target.is_dir() and not (folder and (target / ".metadata").is_file()):
         kind = "a sharded checkpoint" if folder else "a checkpoint file"
         raise CheckpointError(f"'path' {str(target)!r} is a folder, not {kind}")
@@ -331,12 +272,8 @@ def _check_is_file(target: Path, must_exist: bool, folder: bool = False) -> None
     if must_exist and not target.exists():
         raise FileNotFoundError(errno.ENOENT, f"no checkpoint at 'path' {str(target)!r}")
     if not target.parent.is_dir():
-        raise FileNotFoundError(
-            errno.ENOENT, f"the folder of 'path' does not exist: {str(target.parent)!r}"
-        )
-
-
-# --- saving ---------------------------------------------------------------------------------
+        folder = str(target.parent)
+        raise FileNotFoundError(errno.ENOENT, f"the folder of 'path' does not exist: {folder!r}")
 
 
 def save_checkpoint(
@@ -353,14 +290,11 @@ def save_checkpoint(
 ) -> SavedCheckpoint:
     """Write a complete, resumable checkpoint atomically; return what was written.
 
-    The file holds the model state (unwrapped from DDP and ``torch.compile``), the
-    optimizer, scheduler and GradScaler states, epoch, step, metrics, your ``extra``
-    plain data, and the RNG states of Python, NumPy, torch and CUDA. It is written to a
-    temporary file in the same folder, fsynced and renamed over ``path``, so a crash at
-    any moment leaves either the old file or the new one, never a torn one; temporary
-    files that killed saves of ``path`` left behind are removed. A new file gets the
-    permissions ``open()`` would give it; an existing one keeps its own. Everything in it
-    is checked to load with ``torch.load(..., weights_only=True)`` before it is written.
+    The file holds the model state (unwrapped from DDP and ``torch.compile``), the optimizer,
+    scheduler and GradScaler states, epoch, step, metrics, your ``extra`` plain data, and the
+    RNG states of Python, NumPy, torch and CUDA, all checked to load with
+    ``torch.load(..., weights_only=True)``. It is written to a temporary file, fsynced and
+    renamed over ``path``: a crash leaves the old file or the new one, never a torn one.
 
     Args:
         path: the file to write (its folder must exist).
@@ -394,44 +328,38 @@ def save_checkpoint(
     sharded.refuse_fsdp1(model, "the checkpoint")
     shards = sharded.is_sharded(model)
     _check_is_file(target, must_exist=False, folder=shards)
-    _check_count("epoch", epoch)
-    _check_count("step", step)
+    for name, value in (("epoch", epoch), ("step", step)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"'{name}' must be a non-negative int, but got {value!r}")
+    for name, value in (("metrics", metrics), ("extra", extra)):
+        if value is not None and not isinstance(value, Mapping):
+            raise TypeError(f"'{name}' must be a mapping or None, but got {type_name(value)}")
     payload = {"format": FORMAT, "version": VERSION, "torch_version": str(torch.__version__)}
     for name, obj in zip(_STATES, (optimizer, scheduler, scaler), strict=True):
-        payload[name] = (
-            None if obj is None or (shards and name == "optimizer") else obj.state_dict()
-        )
+        skip = obj is None or (shards and name == "optimizer")
+        payload[name] = None if skip else obj.state_dict()
         payload[f"{name}_class"] = None if obj is None else type(obj).__qualname__
     states = distributed.all_gather(_capture_rng())  # every rank's, for an exact resume
-    payload.update(
-        rng=states[0],
-        epoch=epoch,
-        step=step,
-        metrics=_mapping("metrics", metrics),
-        extra=_mapping("extra", extra),
-    )
+    payload.update(rng=states[0], epoch=epoch, step=step, metrics=dict(metrics or {}))
+    payload["extra"] = dict(extra or {})
     if len(states) > 1:
         payload["rng_ranks"] = states
     for key, value in payload.items():
         _check_plain(value, _LABELS.get(key, f"'{key}' state"))
     if shards:  # each rank writes its own shards: nothing is gathered
-        payload["model"], payload["optimizer"] = sharded.states(model, optimizer)
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        payload["model"], payload["optimizer"] = get_state_dict(model, optimizer or [])
         _check_plain(payload["optimizer"] and payload["optimizer"]["param_groups"], "'optimizer'")
         size = sharded.save(target, payload)
-        return SavedCheckpoint(path=target, size=size, epoch=epoch, step=step)
-    payload["model"] = _unwrap(model).state_dict()
-    _check_plain(payload["model"], "'model' state")
-    payload["digest"] = _digest(payload)
-
-    def write() -> int:  # rank 0 only: the other ranks never touch the file
-        write_atomically(target, lambda handle: torch.save(payload, handle))
-        return target.stat().st_size
-
-    size = distributed.on_main(write)
+    else:
+        payload["model"] = _unwrap(model).state_dict()
+        _check_plain(payload["model"], "'model' state")
+        payload["digest"] = _digest(payload)
+        size = distributed.on_main(
+            lambda: write_atomically(target, lambda f: torch.save(payload, f))
+        )
     return SavedCheckpoint(path=target, size=size, epoch=epoch, step=step)
-
-
-# --- loading --------------------------------------------------------------------------------
 
 
 def _check_map_location(value: Any, where: str = "'map_location'") -> None:
@@ -443,44 +371,34 @@ def _check_map_location(value: Any, where: str = "'map_location'") -> None:
             _check_map_location(device, f"'map_location'[{key!r}]")
         return
     if not isinstance(value, str | torch.device):
-        raise TypeError(
-            f"{where} must be a str, torch.device, dict, callable or None, but got "
-            f"{type_name(value)}"
-        )
+        kinds = "a str, torch.device, dict, callable or None"
+        raise TypeError(f"{where} must be {kinds}, but got {type_name(value)}")
     try:
         device = torch.device(value)
     except (RuntimeError, TypeError):
-        raise ValueError(
-            f"{where} must name a device such as 'cpu' or 'cuda:0', not {value!r}"
-        ) from None
+        example = "such as 'cpu' or 'cuda:0'"
+        raise ValueError(f"{where} must name a device {example}, not {value!r}") from None
     available = getattr(getattr(torch, device.type, None), "is_available", None)
     if callable(available) and not available():
         raise ValueError(f"{where} is {value!r}, but {device.type} is not available here")
 
 
-def _first_line(error: BaseException) -> str:
-    """Return the first line of an error's message (its repr when it has none)."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else repr(error)
-
-
 def _read(target: Path, map_location: MapLocation) -> Any:
     """Load ``target`` with ``weights_only=True``; a failure of the file is a CheckpointError."""
     raised: list[BaseException] = []
-    located = map_location
-    if callable(map_location):
 
-        def located(storage: Any, location: str) -> Any:
-            try:
-                return map_location(storage, location)  # type: ignore[operator]
-            except Exception as error:
-                raised.append(error)
-                raise
+    def located(storage: Any, location: str) -> Any:
+        try:
+            return map_location(storage, location)  # type: ignore[operator]
+        except Exception as error:  # the user's function failed, not the file
+            raised.append(error)
+            raise
 
+    where = located if callable(map_location) else map_location
     try:
-        return torch.load(target, map_location=located, weights_only=True)
+        return torch.load(target, map_location=where, weights_only=True)
     except Exception as error:
-        if raised:  # the user's function failed, not the file
+        if raised:
             raise reword(raised[0], prefix=f"'map_location' raised for {str(target)!r}: ") from None
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
         if "weights only load failed" in text.lower():
@@ -543,37 +461,20 @@ def _normalise(payload: Any, target: Path) -> dict[str, Any]:
     return payload
 
 
-def _variants(state: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """Yield ``state``, then ``state`` with each further shared wrapper prefix stripped."""
-    while True:
-        yield state
-        prefix = next(
-            (p for p in _WRAPPER_PREFIXES if state and all(k.startswith(p) for k in state)), None
-        )
-        if prefix is None:
-            return
-        state = {key[len(prefix) :]: value for key, value in state.items()}
-
-
-def _model_problems(
-    saved: Mapping[str, Any], current: Mapping[str, Any], strict: bool
-) -> list[str]:
+def _model_problems(saved: dict[str, Any], current: dict[str, Any], strict: bool) -> list[str]:
     """List every difference between the file's and the model's keys and tensor shapes."""
     problems = []
-    missing = [key for key in current if key not in saved]
-    unexpected = [key for key in saved if key not in current]
-    if strict and missing:
-        problems.append(f"missing in the file: {', '.join(map(repr, missing))}")
-    if strict and unexpected:
-        problems.append(f"unexpected in the file: {', '.join(map(repr, unexpected))}")
+    for label, keys, others in (("missing in", current, saved), ("unexpected in", saved, current)):
+        absent = [repr(key) for key in keys if key not in others]
+        if strict and absent:
+            problems.append(f"{label} the file: {', '.join(absent)}")
     for key, value in saved.items():
         other = current.get(key)
+        tensors = isinstance(value, torch.Tensor) and isinstance(other, torch.Tensor)
         if isinstance(value, torch.Tensor) and (value.is_meta or value.layout != torch.strided):
             kind = "meta" if value.is_meta else "sparse"
             problems.append(f"key {key!r} is a {kind} tensor in the file, not a dense one")
-            continue
-        tensors = isinstance(value, torch.Tensor) and isinstance(other, torch.Tensor)
-        if tensors and tuple(value.shape) != tuple(other.shape):
+        elif tensors and tuple(value.shape) != tuple(other.shape):
             problems.append(
                 f"key {key!r} has shape {tuple(value.shape)} in the file but "
                 f"{tuple(other.shape)} in the model"
@@ -586,19 +487,11 @@ def _optimizer_problems(saved: dict[str, Any], optimizer: torch.optim.Optimizer)
     groups, current = saved.get("param_groups"), optimizer.param_groups
     if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
         return ["the optimizer state in the file has not the form of Optimizer.state_dict()"]
-    sizes = [len(g.get("params", ())) for g in groups]
-    if sizes != [len(g["params"]) for g in current]:
-        return [
-            f"the optimizer in the file has param groups of sizes {sizes} but 'optimizer' "
-            f"has {[len(g['params']) for g in current]}"
-        ]
-    params = dict(
-        zip(
-            (i for g in groups for i in g["params"]),
-            (p for g in current for p in g["params"]),
-            strict=True,
-        )
-    )
+    sizes, own = [len(g.get("params", ())) for g in groups], [len(g["params"]) for g in current]
+    if sizes != own:
+        return [f"the file's optimizer has param groups of sizes {sizes} but 'optimizer' has {own}"]
+    indices = (i for g in groups for i in g["params"])
+    params = dict(zip(indices, (p for g in current for p in g["params"]), strict=True))
     state = saved.get("state") if isinstance(saved.get("state"), dict) else {}
     return [
         f"optimizer state {name!r} of parameter {index} has shape {tuple(value.shape)} in "
@@ -614,12 +507,12 @@ def _state_problems(payload: dict[str, Any], given: dict[str, Any]) -> list[str]
     """List why the file's optimizer, scheduler and scaler states cannot go into those given."""
     problems: list[str] = []
     for name, obj in given.items():
-        saved, saved_class = payload.get(name), payload.get(f"{name}_class")
+        saved, saved_class, kind = payload.get(name), payload.get(f"{name}_class"), type(obj)
         if saved is None:
             problems.append(f"'{name}' was given but the file holds no {name} state")
-        elif saved_class is not None and saved_class != type(obj).__qualname__:
+        elif saved_class is not None and saved_class != kind.__qualname__:
             problems.append(
-                f"'{name}' is {type(obj).__qualname__} but the file holds {saved_class} state"
+                f"'{name}' is {kind.__qualname__} but the file holds {saved_class} state"
             )
         elif not isinstance(saved, dict):
             problems.append(f"the {name} state in the file is a {type_name(saved)}, not a dict")
@@ -634,16 +527,11 @@ def _state_problems(payload: dict[str, Any], given: dict[str, Any]) -> list[str]
 
 
 def _custom_loading(model: nn.Module) -> bool:
-    """Tell whether loading ``model`` runs code beyond torch's (hooks, extra state).
-
-    Keys, shapes and layouts are checked before; torch's own modules cannot fail after
-    that, so only such code needs the model's old state kept for a rollback.
-    """
+    """Tell whether loading ``model`` runs non-torch code (hooks, extra state) that may fail."""
     for module in model.modules():
         kind = type(module)
-        custom = not kind.__module__.startswith("torch.") and (
-            kind._load_from_state_dict is not nn.Module._load_from_state_dict
-        )
+        own = kind._load_from_state_dict is not nn.Module._load_from_state_dict
+        custom = own and not kind.__module__.startswith("torch.")
         hooks = module._load_state_dict_pre_hooks or module._load_state_dict_post_hooks
         if custom or hooks or kind.set_extra_state is not nn.Module.set_extra_state:
             return True
@@ -665,59 +553,6 @@ def _rng_state(payload: dict[str, Any]) -> tuple[Any, list[str]]:
     ]
 
 
-def _load_model(model: nn.Module, state: dict[str, Any], strict: bool) -> Any:
-    """Load ``state`` into ``model``; full tensors into a sharded model are sharded first."""
-    if not sharded.is_sharded(model) or any(_is_dtensor(v) for v in state.values()):
-        return model.load_state_dict(state, strict=strict)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    options = StateDictOptions(full_state_dict=True, strict=strict)
-    return set_model_state_dict(model, dict(state), options=options)  # it replaces values
-
-
-def _is_dtensor(value: Any) -> bool:
-    """Tell whether ``value`` is a DTensor."""
-    return isinstance(value, torch.Tensor) and type(value).__name__ == "DTensor"
-
-
-def _apply(
-    payload: dict[str, Any],
-    model: nn.Module,
-    model_state: dict[str, Any],
-    given: dict[str, Any],
-    strict: bool,
-    restore_rng: bool,
-) -> tuple[Any, list[str]]:
-    """Load every state in place, the model last; on any failure put everything back.
-
-    The RNG, optimizer, scheduler and scaler states are small or replaced wholesale by
-    ``load_state_dict``, so what they were is kept by reference and restored on failure;
-    the model's keys and shapes were checked before, so its load does not fail midway.
-    """
-    undo: list[Callable[[], object]] = []
-    notes: list[str] = []
-    try:
-        state, notes = _rng_state(payload) if restore_rng else (None, [])
-        if state is not None:
-            before = _capture_rng()
-            undo.append(lambda: _restore_rng(before))
-            notes = _restore_rng(state)
-        for name, obj in given.items():
-            kept = copy.deepcopy(obj.state_dict()) if name != "optimizer" else obj.state_dict()
-            undo.append(lambda obj=obj, kept=kept: obj.load_state_dict(kept))
-            obj.load_state_dict(payload[name])
-        if _custom_loading(model):  # code that may fail after earlier keys were copied
-            kept = {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
-                    for k, v in model.state_dict().items()}  # fmt: skip
-            undo.append(lambda: model.load_state_dict(kept, strict=False))
-        keys = _load_model(model, model_state, strict)
-    except Exception as error:
-        for step in reversed(undo):
-            step()
-        raise CheckpointError(f"nothing was loaded: {_first_line(error)}") from error
-    return keys, notes
-
-
 def load_checkpoint(
     path: PathLike,
     model: nn.Module,
@@ -731,14 +566,11 @@ def load_checkpoint(
 ) -> Checkpoint:
     """Restore a checkpoint into ``model`` (and optimizer, scheduler, scaler) in place.
 
-    The file is read with ``torch.load(..., weights_only=True)``, so a pickle that would
-    run code is refused. Nothing changes unless everything loads: missing and unexpected
-    keys and shape mismatches are reported together before anything is touched, an
-    optimizer or scheduler of another class is refused, and if any state fails to load,
-    the model, optimizer, scheduler, scaler and RNG states are put back as they were.
-    A bare ``model.state_dict()`` saved with ``torch.save`` loads too (its epoch is None),
-    and ``module.``/``_orig_mod.`` prefixes from DDP or ``torch.compile`` are handled on
-    both sides.
+    The file is read with ``torch.load(..., weights_only=True)``, so a pickle that would run
+    code is refused. Nothing changes unless everything loads: mismatched keys and shapes are
+    reported together before anything is touched, and if any state fails to load, every state
+    is put back as it was. A bare ``model.state_dict()`` saved with ``torch.save`` loads too
+    (its epoch is None); ``module.``/``_orig_mod.`` prefixes are handled on both sides.
 
     Args:
         path: the checkpoint file.
@@ -746,20 +578,16 @@ def load_checkpoint(
         optimizer: restored when given; the file must hold a state of the same class.
         scheduler: an LR scheduler, restored when given.
         scaler: a ``torch.amp.GradScaler``, restored when given.
-        map_location: where tensors are loaded first, as for ``torch.load`` (a device,
-            a dict of location strings, or a function); the model's and optimizer's own
-            devices are kept.
+        map_location: where tensors are loaded first, as for ``torch.load``; the model's and
+            optimizer's own devices are kept.
         strict: require the file's model keys to match the model's exactly; with False,
             the keys that were skipped are returned.
-        restore_rng: restore the RNG states saved in the file, for a bit-exact resume.
-            None (the default) restores them when ``optimizer`` is given (resuming a run)
-            and leaves them alone otherwise (loading weights, e.g. ``best.pt`` in the
-            middle of a run). A RuntimeWarning says when one cannot be restored here
-            (NumPy not installed, CUDA not available).
+        restore_rng: restore the file's RNG states, for a bit-exact resume; None (the default)
+            does so only when ``optimizer`` is given (resuming, not loading ``best.pt``). A
+            RuntimeWarning says when one cannot be (NumPy not installed, CUDA not available).
 
     Returns:
-        A frozen ``Checkpoint(path, epoch, step, metrics, extra, missing_keys,
-        unexpected_keys)``.
+        A frozen ``Checkpoint(path, epoch, step, metrics, extra, missing_keys, unexpected_keys)``.
 
     Raises:
         TypeError: an argument has the wrong type.
@@ -791,32 +619,48 @@ def load_checkpoint(
             )
     plain = _unwrap(model)
     current = plain.state_dict()
-    wanted = set(current)  # the variant with the most keys in common with the model
-    model_state = max(_variants(dict(payload["model"])), key=lambda v: len(wanted.intersection(v)))
-    given = {
-        n: o for n, o in zip(_STATES, (optimizer, scheduler, scaler), strict=True) if o is not None
-    }
+    wanted = set(current)  # the state or, each shared wrapper prefix stripped, what fits it best
+    model_state = keyed = dict(payload["model"])
+    while cut := [p for p in _WRAPPER_PREFIXES if keyed and all(k.startswith(p) for k in keyed)]:
+        keyed = {key[len(cut[0]) :]: value for key, value in keyed.items()}
+        if len(wanted.intersection(keyed)) > len(wanted.intersection(model_state)):
+            model_state = keyed
+    objects = dict(zip(_STATES, (optimizer, scheduler, scaler), strict=True))
+    given = {name: obj for name, obj in objects.items() if obj is not None}
     problems = _model_problems(model_state, current, strict) + _state_problems(payload, given)
+    unfit = f"{str(target)!r} does not fit what was given; nothing was loaded:"
     if problems:
-        listed = "\n  ".join(problems)
-        raise CheckpointError(
-            f"{str(target)!r} does not fit what was given; nothing was loaded:\n  {listed}"
-        )
+        raise CheckpointError("\n  ".join([unfit, *problems]))
+    undo: list[Callable[[], object]] = []  # load every state, the model last; on failure undo
     try:
-        restore = optimizer is not None if restore_rng is None else bool(restore_rng)
-        keys, notes = _apply(payload, plain, model_state, given, strict, restore)
-    except CheckpointError as error:
-        raise CheckpointError(
-            f"{str(target)!r} does not fit what was given; {error}"
-        ) from error.__cause__
+        restore = optimizer is not None if restore_rng is None else restore_rng
+        state, notes = _rng_state(payload) if restore else (None, [])
+        if state is not None:
+            before = _capture_rng()
+            undo.append(lambda: _restore_rng(before))
+            notes = _restore_rng(state)
+        for name, obj in given.items():
+            kept = copy.deepcopy(obj.state_dict()) if name != "optimizer" else obj.state_dict()
+            undo.append(lambda obj=obj, kept=kept: obj.load_state_dict(kept))
+            obj.load_state_dict(payload[name])
+        if _custom_loading(plain):  # code that may fail after earlier keys were copied
+            kept = {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+                    for k, v in plain.state_dict().items()}  # fmt: skip
+            undo.append(lambda: plain.load_state_dict(kept, strict=False))
+        found = (v for v in model_state.values() if isinstance(v, torch.Tensor))
+        if not sharded.is_sharded(plain) or any(type(v).__name__ == "DTensor" for v in found):
+            keys = plain.load_state_dict(model_state, strict=strict)
+        else:  # full tensors into a sharded model: sharded first
+            import torch.distributed.checkpoint.state_dict as dsd
+
+            options = dsd.StateDictOptions(full_state_dict=True, strict=strict)
+            keys = dsd.set_model_state_dict(plain, dict(model_state), options=options)  # a copy
+    except Exception as error:
+        for put_back in reversed(undo):
+            put_back()
+        raise CheckpointError(f"{unfit} {_first_line(error)}") from error
     for note in notes:
         warnings.warn(note, RuntimeWarning, stacklevel=2)
-    return Checkpoint(
-        path=target,
-        epoch=payload.get("epoch"),
-        step=payload.get("step"),
-        metrics=payload.get("metrics"),
-        extra=payload.get("extra"),
-        missing_keys=keys.missing_keys,
-        unexpected_keys=keys.unexpected_keys,
-    )
+    stored = {name: payload.get(name) for name in ("epoch", "step", "metrics", "extra")}
+    missing, unexpected = keys.missing_keys, keys.unexpected_keys
+    return Checkpoint(path=target, **stored, missing_keys=missing, unexpected_keys=unexpected)

@@ -121,40 +121,24 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _check_same_layout(size: int, checksum: float, device: torch.device) -> None:
-    """Raise on every rank, not hang, unless all ranks are about to reduce the same parts.
-
-    One tiny MAX all-reduce of ``[n, c, -n, -c]`` gives each value's maximum and minimum
-    over the ranks; they agree only if every rank has the same parts.
-    """
-    header = torch.tensor([size, checksum, -size, -checksum], dtype=torch.float64)
-    header = header.to(device)
-    dist.all_reduce(header, op=dist.ReduceOp.MAX)
-    most, least = header[:2].cpu(), -header[2:].cpu()
-    if not torch.equal(most, least):
-        raise RuntimeError(
-            "the ranks computed different metric or loss parts: every rank must pass the "
-            "same 'metrics', and every rank's loader must yield at least one batch"
-        )
-
-
 def all_reduce_totals(
     totals: dict[Hashable, torch.Tensor], names: Iterable[str] = ()
 ) -> dict[Hashable, torch.Tensor]:
     """Sum every total over all ranks in one all-reduce; return CPU tensors, dtypes kept.
 
-    All totals travel as float64 in one flat tensor (exact for counts below 2**53). A tiny
-    header all-reduce first checks that every rank has the same parts and metric
-    ``names`` (torchmetrics objects sync themselves next), so a mismatch is an error on
-    every rank rather than a hang.
+    All totals travel as float64 in one flat tensor (exact for counts below 2**53). First
+    the ranks compare a checksum of their parts, shapes and metric ``names`` (torchmetrics
+    objects sync themselves next), so a mismatch is an error on every rank, not a hang.
     """
+    layout = [(key, tuple(total.shape)) for key, total in totals.items()], sorted(names)
+    if len(set(all_gather(zlib.crc32(repr(layout).encode())))) > 1:
+        raise RuntimeError(
+            "the ranks computed different metric or loss parts: every rank must pass the "
+            "same 'metrics', and every rank's loader must yield at least one batch"
+        )
     keys = list(totals)
     parts = [totals[key].reshape(-1).to(torch.float64) for key in keys]
-    device = _collective_device()
-    layout = "|".join(map(repr, [*keys, *sorted(names)]))
-    checksum = float(zlib.crc32(layout.encode()))  # equal for equal parts
-    _check_same_layout(sum(p.numel() for p in parts), checksum, device)
-    flat = torch.cat(parts).to(device)
+    flat = torch.cat(parts).to(_collective_device())
     dist.all_reduce(flat)
     pieces = flat.cpu().split([part.numel() for part in parts])
     return {

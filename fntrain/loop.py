@@ -11,20 +11,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from fntrain import distributed, sharded
+from fntrain import data, distributed, sharded
 from fntrain import metrics as metric_lib
-from fntrain.data import (
-    as_device,
-    check_lengths,
-    check_model_on,
-    concat,
-    count,
-    describe,
-    float_dtypes,
-    inputs_and_targets,
-    pair,
-    to_device,
-)
 from fntrain.progress import Progress
 from fntrain.records import EvalResult, NonFiniteLossError, Predictions, Step, TrainResult, reword
 from fntrain.restore import BatchGuard, mode
@@ -34,27 +22,26 @@ from fntrain.sums import Tally
 LossFn = Callable[[Any, Any], torch.Tensor]
 Forward = Callable[[nn.Module, Any], tuple[Any, Any]]
 OnStep = Callable[[Step], object]
+_NO_BATCHES = (
+    "'loader' yielded no batches; expected at least one (is the dataset empty, or is "
+    "drop_last=True with fewer samples than batch_size?)"
+)
 
 
 def _run(
     model: nn.Module, forward: Forward | None, batch: Any, index: int, device: torch.device
 ) -> tuple[Any, Any, int]:
-    """Move a batch to ``device`` and run the model on it; return outputs, targets, samples.
-
-    Without ``forward`` the batch is ``(inputs, targets)`` and the model is called as
-    ``model(inputs)``; a batch whose targets hold no samples is not run at all.
-    """
+    """Run one batch on ``device``; return outputs, targets, samples (0: empty targets, not run)."""
     if forward is not None:
-        result = _call(model, lambda: forward(model, to_device(batch, device)), batch, index)
-        outputs, targets = pair(result, index, "'forward' must return")
-        return outputs, targets, count(outputs, targets, index)
-    inputs, targets = pair(batch, index)
-    targets = to_device(targets, device)
+        outputs, targets = _outputs(model, forward, batch, index, device)
+        return outputs, targets, data.count(outputs, targets, index)
+    inputs, targets = data.pair(batch, index)
+    targets = data.to_device(targets, device)
     if isinstance(targets, torch.Tensor) and targets.dim() and not targets.shape[0]:
         return None, targets, 0
-    outputs = _call(model, lambda: model(to_device(inputs, device)), inputs, index)
-    check_lengths(inputs, outputs, targets, index)
-    return outputs, targets, count(outputs, targets, index)
+    outputs = _call(model, lambda: model(data.to_device(inputs, device)), inputs, index)
+    data.check_lengths(inputs, outputs, targets, index)
+    return outputs, targets, data.count(outputs, targets, index)
 
 
 def _call(model: nn.Module, run: Callable[[], Any], inputs: Any, index: int) -> Any:
@@ -63,7 +50,7 @@ def _call(model: nn.Module, run: Callable[[], Any], inputs: Any, index: int) -> 
         return run()
     except RuntimeError as error:
         wanted = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-        found = float_dtypes(inputs) - {wanted}
+        found = data.float_dtypes(inputs) - {wanted}
         if wanted is None or not found or "type" not in str(error).lower():
             raise
         raise reword(error, suffix=(
@@ -77,7 +64,7 @@ def _mean_loss(loss: Any, samples: int, index: int) -> torch.Tensor:
     """Return the batch's mean loss from a scalar or a per-sample loss vector."""
     if not isinstance(loss, torch.Tensor) or not loss.is_floating_point():
         raise TypeError(
-            f"'loss_fn' must return a floating-point tensor, but returned {describe(loss)} "
+            f"'loss_fn' must return a floating-point tensor, but returned {data.describe(loss)} "
             f"for batch {index}"
         )
     if loss.dim() == 0:
@@ -99,8 +86,8 @@ def _check_args(model: Any, loader: Any, device: torch.device | str) -> torch.de
             f"'loader' must be an iterable of batches (e.g. a DataLoader), "
             f"but got {type(loader).__name__}"
         )
-    resolved = as_device(device)
-    check_model_on(model, resolved)
+    resolved = data.as_device(device)
+    data.check_model_on(model, resolved)
     return resolved
 
 
@@ -110,12 +97,13 @@ def _check_callable(name: str, value: Any, shape: str, optional: bool = True) ->
         raise TypeError(f"'{name}' must be callable as {shape}, but got {type(value).__name__}")
 
 
-def _no_batches() -> ValueError:
-    """Return the error for a loader that yielded nothing."""
-    return ValueError(
-        "'loader' yielded no batches; expected at least one (is the dataset empty, or is "
-        "drop_last=True with fewer samples than batch_size?)"
-    )
+def _totals(tally: Tally, start: float, skipped: int = 0) -> dict[str, Any]:
+    """End a pass: return the record fields all passes share; raise if it had no batches."""
+    loss, metrics = tally.finish()  # an all-reduce under DDP: every rank reaches it
+    if tally.batches == 0 and skipped == 0:
+        raise ValueError(_NO_BATCHES)
+    samples, batches, seconds = tally.samples, tally.batches, time.perf_counter() - start
+    return dict(loss=loss, metrics=metrics, samples=samples, batches=batches, seconds=seconds)
 
 
 def train_epoch(
@@ -138,45 +126,34 @@ def train_epoch(
 ) -> TrainResult:
     """Train ``model`` for one pass over ``loader``; return the epoch's loss and metrics.
 
-    Per batch, exactly as the hand-written loop: ``optimizer.zero_grad()``, forward,
-    loss, ``backward()``, ``optimizer.step()``, in train mode. Every submodule's own
-    train/eval flag is restored afterwards. The loss and metrics are averaged over
-    samples, so an uneven last batch counts by its size. Each loss is read on the host
-    once (``.item()``), before its backward pass; that is the one host sync per batch.
+    Per batch, as the hand-written loop: ``optimizer.zero_grad()``, forward, loss, ``backward()``,
+    ``optimizer.step()``, in train mode; every submodule's train/eval flag is restored afterwards.
+    Loss and metrics are averaged over samples (an uneven last batch counts by its size). Each
+    loss is read on the host once (``.item()``) before its backward: one host sync per batch.
 
     Args:
         model: the model, already on ``device``.
-        loader: yields ``(inputs, targets)``; inputs may be a tensor, a tuple/list or a
-            mapping of tensors, moved to ``device`` and passed as ``model(inputs)``.
-            With ``forward``, any batch structure.
-        loss_fn: ``loss_fn(outputs, targets)`` returning the batch's mean loss (a scalar)
-            or per-sample losses (shape ``(batch,)``, from ``reduction="none"``).
+        loader: yields ``(inputs, targets)``; inputs (a tensor, tuple/list or mapping of tensors)
+            are moved to ``device`` and passed as ``model(inputs)``. With ``forward``, any batch.
+        loss_fn: ``loss_fn(outputs, targets)``: a scalar mean loss or per-sample losses (batch,).
         optimizer: the optimizer over the model's parameters.
         device: where the model is and the batches go.
         metrics: name to metric (``ft.accuracy()``, a torchmetrics object, ...).
-        forward: ``forward(model, batch) -> (outputs, targets)``, called with the whole
-            batch already on ``device``, for every other call shape: keyword models
-            (``model(**batch)``), several inputs, mixup, a teacher's outputs as targets.
-            Samples are counted from the targets, or from the outputs when the targets
-            hold no tensor with a batch dimension.
-        on_step: ``on_step(step)``, called after every optimizer step (and scheduler
-            step) with a frozen ``ft.Step``: log every N steps, update an EMA. An
-            exception from it ends the epoch with that step fully applied.
-        on_nonfinite: ``"raise"`` a ``NonFiniteLossError`` before the step, or ``"skip"``
-            such batches (counted in ``TrainResult.skipped_batches``).
+        forward: ``forward(model, batch) -> (outputs, targets)`` on the whole batch on ``device``,
+            for other call shapes (``model(**batch)``, several inputs, mixup, distillation).
+            Samples are counted from the targets, or the outputs if no target has a batch dim.
+        on_step: ``on_step(step)`` with a frozen ``ft.Step`` after every optimizer (and scheduler)
+            step, to log or update an EMA; an exception from it ends the epoch, that step applied.
+        on_nonfinite: ``"raise"`` a ``NonFiniteLossError`` before the step, or ``"skip"`` the batch.
         progress: show a tqdm progress bar (hidden when output is not a terminal).
-        accumulate: add up the gradients of this many batches before each step; the
-            step's gradient is that of the sample-weighted mean loss over the window, and
-            a partial window at the end of the epoch is stepped too.
-        autocast: ``torch.bfloat16`` or ``torch.float16`` to run forward and loss under
-            ``torch.autocast``; None for full precision.
-        scaler: a ``torch.amp.GradScaler`` for float16; steps it skips for inf/NaN
-            gradients are counted in ``TrainResult.skipped_steps``.
-        clip_grad_norm: clip the total gradient norm to this before each step (after
-            unscaling); the largest norm before clipping is ``TrainResult.grad_norm``.
-            The norm is read on the host once per step.
-        scheduler: an LR scheduler stepped after every optimizer step (warmup,
-            OneCycleLR, cosine per step). Step per-epoch schedulers yourself.
+        accumulate: add up the gradients of this many batches per step (the gradient of their
+            sample-weighted mean loss); a partial window at the end is stepped too.
+        autocast: ``torch.bfloat16`` or ``torch.float16`` to run forward and loss under autocast.
+        scaler: a ``torch.amp.GradScaler`` for float16 (its skipped steps: ``.skipped_steps``).
+        clip_grad_norm: clip the total gradient norm (after unscaling) to this before each step,
+            read on the host once per step; the largest before clipping is ``.grad_norm``.
+        scheduler: an LR scheduler stepped after every optimizer step (warmup, OneCycleLR,
+            cosine per step). Step per-epoch schedulers yourself.
 
     Returns:
         A frozen ``TrainResult``.
@@ -199,8 +176,8 @@ def train_epoch(
         raise ValueError(f"'on_nonfinite' must be 'raise' or 'skip', but got {on_nonfinite!r}")
     if clip_grad_norm is not None:
         sharded.refuse_fsdp1(model, "the gradient norm clipped by")
-    options = StepOptions(accumulate, autocast, scaler, clip_grad_norm, scheduler)
-    stepper = Stepper(optimizer, options.check(optimizer, resolved), resolved, on_step is not None)
+    options = StepOptions(accumulate, autocast, scaler, clip_grad_norm, scheduler, on_nonfinite)
+    stepper = Stepper(optimizer, options, resolved)
     tally = Tally(metrics, resolved)
     guard = BatchGuard(model)
     skipped = 0
@@ -219,10 +196,8 @@ def train_epoch(
                     loss = _mean_loss(loss_fn(outputs, targets), samples, index)
                 stepper.check_loss(loss, index)
                 value = loss.item()  # the one host sync per batch
-                finite = math.isfinite(value)
-                if together:
-                    finite = not distributed.any_rank(not finite)
-                if not finite:
+                nonfinite = not math.isfinite(value)
+                if distributed.any_rank(nonfinite) if together else nonfinite:
                     if on_nonfinite == "raise":
                         raise NonFiniteLossError(index, value)
                     guard.restore()
@@ -230,39 +205,31 @@ def train_epoch(
                     continue
                 parts = tally.stage(metric_lib.parts(tally.metrics, outputs, targets, guard.undo))
                 stepper.backward(loss, value, samples)
-                step = stepper.step(index, guard, on_nonfinite) if stepper.full else None
+                step = stepper.step(index, guard)  # None until the window is full
             del outputs, loss  # free this batch's outputs before the next forward
             tally.add(value, samples, parts)  # checked by stage(): cannot fail
             bar.tick(samples, tally.running_loss)
             if step is not None and on_step is not None:
                 on_step(step)
         with guard:
-            last = stepper.step(index, guard, on_nonfinite)  # a partial window at the end
+            last = stepper.step(index, guard, final=True)  # a partial window at the end
         if last is not None and on_step is not None:
             on_step(last)
-    loss_mean, values = tally.finish()  # an all-reduce under DDP: every rank reaches it
-    if tally.batches == 0 and skipped == 0:
-        raise _no_batches()
     return TrainResult(
-        loss=loss_mean,
-        metrics=values,
-        samples=tally.samples,
-        batches=tally.batches,
+        **_totals(tally, start, skipped),
         steps=stepper.steps,
-        seconds=time.perf_counter() - start,
         lr=float(optimizer.param_groups[0]["lr"]),
         skipped_batches=skipped,
         skipped_steps=stepper.skipped_steps,
-        grad_norm=stepper.grad_norm(),
+        grad_norm=None if clip_grad_norm is None else stepper.largest_norm,
     )
 
 
 def _check_optimizer(model: nn.Module, optimizer: Any) -> None:
     """Raise unless ``optimizer`` is an optimizer over (at least some of) the model's parameters."""
     if not all(hasattr(optimizer, name) for name in ("param_groups", "zero_grad", "step")):
-        raise TypeError(
-            f"'optimizer' must be a torch.optim.Optimizer, but got {type(optimizer).__name__}"
-        )
+        kind = type(optimizer).__name__
+        raise TypeError(f"'optimizer' must be a torch.optim.Optimizer, but got {kind}")
     owned = {id(p) for p in model.parameters()}
     params = [p for group in optimizer.param_groups for p in group["params"]]
     foreign = sum(id(p) not in owned for p in params)
@@ -276,7 +243,6 @@ def _check_optimizer(model: nn.Module, optimizer: Any) -> None:
         warnings.warn(
             f"{foreign} of the {len(params)} parameters of 'optimizer' are not the model's; "
             f"they train only if 'loss_fn' or 'forward' uses them (a loss with parameters)",
-            UserWarning,
             stacklevel=3,
         )
 
@@ -294,11 +260,9 @@ def evaluate(
 ) -> EvalResult:
     """Measure ``model``'s loss and metrics over ``loader`` without changing the model.
 
-    Runs in eval mode under ``torch.no_grad()`` (or ``torch.inference_mode()`` with
-    ``inference_mode=True``): parameters, buffers such as BatchNorm statistics, and
-    ``.grad`` are left bit-identical, and every submodule's own train/eval flag is
-    restored afterwards. A non-finite loss is reported, not raised. On an accelerator
-    the sums stay on the device until the end: no host sync per batch.
+    In eval mode under ``torch.no_grad()`` (or ``torch.inference_mode()``): parameters, buffers
+    (BatchNorm statistics) and ``.grad`` stay bit-identical, every module's train/eval flag is
+    restored, a non-finite loss is reported, not raised, and no host sync happens per batch.
 
     Args:
         model: the model, already on ``device``.
@@ -337,27 +301,18 @@ def evaluate(
             loss = _mean_loss(loss_fn(outputs, targets), samples, index)
             tally.add(loss, samples, tally.stage(metric_lib.parts(tally.metrics, outputs, targets)))
             bar.tick(samples, tally.running_loss)
-    loss_mean, values = tally.finish()  # an all-reduce under DDP: every rank reaches it
-    if tally.batches == 0:
-        raise _no_batches()
-    return EvalResult(
-        loss=loss_mean,
-        metrics=values,
-        samples=tally.samples,
-        batches=tally.batches,
-        seconds=time.perf_counter() - start,
-    )
+    return EvalResult(**_totals(tally, start))
 
 
-def _predict_batch(
+def _outputs(
     model: nn.Module, forward: Forward | None, batch: Any, index: int, device: torch.device
 ) -> tuple[Any, Any]:
-    """Return one prediction batch's outputs and targets (None when it has none)."""
+    """Return a batch's outputs and targets (None when a prediction batch has none)."""
     if forward is None:
-        inputs, targets = inputs_and_targets(batch, index)
-        return _call(model, lambda: model(to_device(inputs, device)), inputs, index), targets
-    result = _call(model, lambda: forward(model, to_device(batch, device)), batch, index)
-    return pair(result, index, "'forward' must return")
+        inputs, targets = data.inputs_and_targets(batch, index)
+        return _call(model, lambda: model(data.to_device(inputs, device)), inputs, index), targets
+    result = _call(model, lambda: forward(model, data.to_device(batch, device)), batch, index)
+    return data.pair(result, index, "'forward' must return")
 
 
 def predict(
@@ -371,16 +326,15 @@ def predict(
 ) -> Predictions:
     """Return ``model``'s outputs over ``loader``, in loader order, on the CPU.
 
-    Runs in eval mode under ``torch.no_grad()`` and changes nothing in the model. The
-    loader may yield bare inputs (a tensor or mapping), ``(inputs,)`` or
-    ``(inputs, targets)``; a tuple or list of two is always read as inputs and targets.
+    Runs in eval mode under ``torch.no_grad()`` and changes nothing in the model. The loader may
+    yield bare inputs (a tensor or mapping), ``(inputs,)`` or ``(inputs, targets)``; a tuple or
+    list of two is always read as inputs and targets.
 
     Args:
         model: the model, already on ``device``.
         loader: yields inputs, ``(inputs,)`` or ``(inputs, targets)``.
         device: where the model is and the inputs go.
-        forward: ``forward(model, batch) -> (outputs, targets or None)``, called with the
-            whole batch on ``device``, for any other batch or call shape.
+        forward: ``forward(model, batch) -> (outputs, targets or None)``, as for ``train_epoch``.
         progress: show a tqdm progress bar (hidden when output is not a terminal).
         gather: under torch.distributed, collect every rank's outputs in data set order
             (padding removed) on rank 0 (``"main"``; the other ranks get None outputs and
@@ -410,21 +364,21 @@ def predict(
     batches = distributed.in_step(loader) if sharded.is_sharded(model) else loader
     with mode(model, False), torch.no_grad(), Progress(progress, loader, "predict") as bar:
         for index, batch in enumerate(batches):
-            batch_outputs, batch_targets = _predict_batch(model, forward, batch, index, resolved)
+            batch_outputs, batch_targets = _outputs(model, forward, batch, index, resolved)
             if index and (batch_targets is None) != (not targets):
                 raise TypeError(
                     f"'loader' must yield targets in every batch or in none, but batch "
                     f"{index} {'has none' if batch_targets is None else 'has targets'} "
                     f"and batch 0 {'has targets' if targets else 'has none'}"
                 )
-            samples += count(batch_outputs, None, index)
-            outputs.append(to_device(batch_outputs, cpu))
+            samples += data.count(batch_outputs, None, index)
+            outputs.append(data.to_device(batch_outputs, cpu))
             if batch_targets is not None:
-                targets.append(to_device(batch_targets, cpu))
+                targets.append(data.to_device(batch_targets, cpu))
             bar.tick()
-    local = (concat(outputs) if outputs else None, concat(targets) if targets else None)
+    local = (data.concat(outputs) if outputs else None, data.concat(targets) if targets else None)
     if gathering:  # a collective: every rank reaches it, also with no batches
         return Predictions(*distributed.gather_in_order(*local, indices, samples, gather))
     if not outputs:
-        raise _no_batches()
+        raise ValueError(_NO_BATCHES)
     return Predictions(outputs=local[0], targets=local[1], samples=samples)

@@ -1,11 +1,4 @@
-"""Metrics as summable state: built-ins, and torchmetrics objects as they are.
-
-A :class:`Metric` is two pure functions. ``state(outputs, targets)`` maps one batch to a
-tuple of parts (tensors or numbers) that add up across batches and across processes;
-``compute(totals)`` maps the summed parts, as CPU tensors, to the metric's value.
-Accuracy's state is ``(correct, total)``. Parts on a GPU stay there during the epoch and
-reach the host once, at its end.
-"""
+"""Metrics as summable state (see :class:`Metric`): built-ins, and torchmetrics objects as is."""
 
 from __future__ import annotations
 
@@ -54,9 +47,6 @@ _REFUSALS = (
 )
 
 
-_CLEAN = (0, 0, 0)  # no target that cannot be judged
-
-
 def _refuse(name: str, bad: tuple[Part, ...]) -> None:
     """Raise ValueError for the first kind of target in ``bad`` that ``name`` cannot judge."""
     for count, message in zip(bad, _REFUSALS, strict=False):  # none when checked at once
@@ -66,9 +56,6 @@ def _refuse(name: str, bad: tuple[Part, ...]) -> None:
 
 def _check_shapes(outputs: Any, targets: Any, name: str) -> None:
     """Raise unless outputs and targets are tensors of shapes a classification metric reads."""
-    tensors = isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor)
-    if tensors and outputs.dim() == 2 and targets.dim() == 1 and len(targets) == len(outputs):
-        return  # the common case: (N, C) scores, (N,) indices
     if not isinstance(outputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
         raise TypeError(
             f"{name} needs the outputs as a tensor of class scores and the targets as a "
@@ -95,28 +82,21 @@ def _plainly_in_range(targets: torch.Tensor, classes: int) -> bool:
 def _judge(
     outputs: torch.Tensor, targets: torch.Tensor, name: str, threshold: float, k: int = 1
 ) -> tuple[torch.Tensor, tuple[Part, Part, Part]]:
-    """Return per-position hits and counts of targets ``name`` cannot judge (see _REFUSALS).
-
-    One output column (or 1-D outputs) is binary: a score above ``threshold`` predicts 1
-    and targets must be 0 or 1. Otherwise dim 1 holds class scores and targets are class
-    indices, or one value per class: a probability row counts by its argmax.
-    """
+    """Return per-position hits and counts of targets ``name`` cannot judge (see _REFUSALS)."""
     if outputs.dim() == 1 or outputs.shape[1] == 1:
         if k > 1 or name.startswith("top_k"):
             raise ValueError(f"{name} needs class scores in dim 1, but got one output column")
         labels = targets.reshape(outputs.shape)
-        binary = (labels == 0) | (labels == 1)
-        return (outputs > threshold) == (labels == 1), (0, 0, (~binary).sum())
+        return (outputs > threshold) == (labels == 1), (0, 0, ((labels != 0) & (labels != 1)).sum())
     classes = outputs.shape[1]
     if targets.shape == outputs.shape:  # one value per class: probabilities or multi-hot
-        total = targets.sum(dim=1)
         inside = ((targets >= 0) & (targets <= 1)).all(dim=1)
-        probability = inside & ((total - 1).abs() <= 1e-3)
+        probability = inside & ((targets.sum(dim=1) - 1).abs() <= 1e-3)
         multi_hot = ((targets == 0) | (targets == 1)).all(dim=1) & ~probability
         bad = (0, multi_hot.sum(), (~probability & ~multi_hot).sum())
         labels = targets.argmax(dim=1)
     elif _plainly_in_range(targets, classes):  # the common case on the CPU: one reduction
-        bad, labels = _CLEAN, targets
+        bad, labels = (0, 0, 0), targets
     else:
         outside = (targets < 0) | (targets >= classes)
         if targets.is_floating_point():
@@ -130,29 +110,23 @@ def _judge(
     return (outputs.topk(k, dim=1).indices == labels.unsqueeze(1)).any(dim=1), bad
 
 
-def _classification(
-    name: str, threshold: float = 0.0, ignore_index: int | None = None, k: int = 1
-) -> Metric:
+def _classification(name: str, threshold: float, ignore_index: int | None, k: int) -> Metric:
     """Return the Metric ``name``: the fraction of hits over the targets that count."""
 
     def state(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[Part, ...]:
         _check_shapes(outputs, targets, name)
-        keep = None
-        if ignore_index is not None:
+        if ignore_index is None:
+            hits, bad = _judge(outputs, targets, name, threshold, k)
+            counted: Part = hits.numel()
+        else:  # ignored targets are judged as 0, then stop counting
             keep = targets != ignore_index
-            targets = targets.masked_fill(~keep, 0)
-        hits, bad = _judge(outputs, targets, name, threshold, k)
-        if keep is not None:  # ignored targets were judged as 0; now they stop counting
+            hits, bad = _judge(outputs, targets.masked_fill(~keep, 0), name, threshold, k)
             keep = keep.reshape(hits.shape) if keep.numel() == hits.numel() else keep.all(dim=1)
             hits, counted = hits & keep, keep.sum()
-        else:
-            counted = hits.numel()
-        if bad is _CLEAN:
-            return hits.sum(), counted
-        if all(isinstance(b, int) or b.is_cpu for b in bad):  # no sync here: refuse at once
-            _refuse(name, bad)
-            return hits.sum(), counted
-        return (hits.sum(), counted, *bad)  # on a device: counted, refused by compute
+        if any(isinstance(b, torch.Tensor) and not b.is_cpu for b in bad):
+            return (hits.sum(), counted, *bad)  # on a device: counted, refused by compute
+        _refuse(name, bad)  # on the host: no sync, so refuse at once
+        return hits.sum(), counted
 
     def compute(total: tuple[torch.Tensor, ...]) -> float:
         _refuse(name, total[2:])
@@ -164,14 +138,11 @@ def _classification(
 def accuracy(threshold: float = 0.0, ignore_index: int | None = None) -> Metric:
     """Return the fraction of predictions that are right: top class, or score above a threshold.
 
-    With class scores in dim 1 (as for ``CrossEntropyLoss``), the highest score is the
-    prediction; targets are class indices (of any dense shape, e.g. per pixel) or one
-    value per class, where a probability row (mixup, label smoothing) counts by its most
-    likely class. With one output column or 1-D outputs (``BCEWithLogitsLoss``), a score
-    above ``threshold`` predicts 1: keep 0.0 for logits, use 0.5 after a sigmoid.
-    Targets it cannot judge are refused with the metric to use instead: values that are
-    not 0/1 for one column (regression), multi-hot rows (multi-label), indices out of
-    range. ``ignore_index`` skips targets with that value, as the loss does.
+    With class scores in dim 1, targets are class indices (of any dense shape) or one value
+    per class, a probability row counting by its argmax. With one output column or 1-D
+    outputs, a score above ``threshold`` predicts 1 (0.0 for logits, 0.5 after a sigmoid).
+    Targets it cannot judge (regression values, multi-hot rows, indices out of range) are
+    refused, naming the metric to use. ``ignore_index`` skips targets as the loss does.
 
     Example:
         >>> import torch, fntrain as ft
@@ -181,7 +152,7 @@ def accuracy(threshold: float = 0.0, ignore_index: int | None = None) -> Metric:
         >>> ft.accuracy().state(torch.tensor([2.0, -1.0]), torch.tensor([1.0, 1.0]))[:2]
         (tensor(1), 2)
     """
-    return _classification("accuracy()", threshold, ignore_index)
+    return _classification("accuracy()", threshold, ignore_index, 1)
 
 
 def top_k_accuracy(k: int) -> Metric:
@@ -195,7 +166,7 @@ def top_k_accuracy(k: int) -> Metric:
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"'k' must be a positive int, but got {k!r}")
-    return _classification(f"top_k_accuracy({k})", k=k)
+    return _classification(f"top_k_accuracy({k})", 0.0, None, k)
 
 
 def prepare(metrics: Mapping[str, Any] | None, device: torch.device) -> dict[str, Any]:
@@ -207,16 +178,16 @@ def prepare(metrics: Mapping[str, Any] | None, device: torch.device) -> dict[str
     for name, metric in (metrics or {}).items():
         if not isinstance(name, str):
             raise TypeError(f"'metrics' keys must be str, but got {name!r}")
-        stateful = all(callable(getattr(metric, m, None)) for m in ("update", "compute", "reset"))
-        if not (isinstance(metric, Metric) or stateful):
+        if isinstance(metric, Metric):
+            continue
+        if not all(callable(getattr(metric, m, None)) for m in ("update", "compute", "reset")):
             raise TypeError(
                 f"metrics[{name!r}] must be an fntrain.Metric (e.g. ft.accuracy()) or a "
                 f"torchmetrics Metric, but got {type(metric).__name__}"
             )
-        if stateful and not isinstance(metric, Metric):
-            metric.reset()
-            if isinstance(metric, torch.nn.Module):
-                metric.to(device)
+        metric.reset()
+        if isinstance(metric, torch.nn.Module):
+            metric.to(device)
     return dict(metrics or {})
 
 
@@ -253,6 +224,7 @@ def _named(name: str, run: Callable[[], Any]) -> Any:
         raise reword(error, prefix=f"metrics[{name!r}]: ") from None
 
 
+@torch.no_grad()
 def parts(
     metrics: Mapping[str, Any],
     outputs: Any,
@@ -261,13 +233,9 @@ def parts(
 ) -> dict[Hashable, Part]:
     """Return one batch's metric parts keyed ``(name, position)``; torchmetrics update themselves.
 
-    Runs without autograd, so no metric builds a graph, even in ``train_epoch``. An error
-    names the metric. With ``undo``, a function that takes back each torchmetrics update
-    is added to it (``train_epoch`` runs them if the batch fails before its step).
+    An error names the metric. ``undo`` gets a function per torchmetrics update that takes it
+    back (``train_epoch`` runs them if the batch fails before its step).
     """
-    if torch.is_grad_enabled() and metrics:  # train_epoch; evaluate is under no_grad already
-        with torch.no_grad():
-            return parts(metrics, outputs, targets, undo)
     found: dict[Hashable, Part] = {}
     for name, metric in metrics.items():
         if not isinstance(metric, Metric):
@@ -283,31 +251,22 @@ def parts(
 
 def _value(result: Any) -> MetricValue:
     """Turn a metric's result into a float, or a CPU tensor when it is not a scalar."""
-    if isinstance(result, torch.Tensor):
-        return float(result) if result.numel() == 1 else result.detach().cpu().clone()
+    if isinstance(result, torch.Tensor) and result.numel() != 1:
+        return result.detach().cpu().clone()
     return float(result)
 
 
-def _flatten(name: str, result: Any) -> dict[str, MetricValue]:
-    """Turn a metric's result into entries; a dict (MetricCollection) gives name/key."""
-    if isinstance(result, Mapping):
-        return {f"{name}/{key}": _value(value) for key, value in result.items()}
-    return {name: _value(result)}
-
-
-def finish(
-    metrics: Mapping[str, Any], totals: Mapping[Any, torch.Tensor]
-) -> dict[str, MetricValue]:
+def finish(metrics: Mapping[str, Any], totals: dict[Any, torch.Tensor]) -> dict[str, MetricValue]:
     """Return each metric's value from the summed parts (already on the host)."""
     values: dict[str, MetricValue] = {}
     for name, metric in metrics.items():
-        if isinstance(metric, Metric):
-            # by position: host-summed numbers and device-summed tensors arrive apart
-            positions = sorted(position for owner, position in totals if owner == name)
-            parts = tuple(totals[name, position] for position in positions)
-            compute = metric.compute if parts else lambda _: float("nan")
-            result = _named(name, lambda compute=compute, parts=parts: compute(parts))
+        if isinstance(metric, Metric):  # by position: host and device sums arrive apart
+            found = tuple(totals[key] for key in sorted(key for key in totals if key[0] == name))
+            result = _named(name, lambda m=metric, f=found: m.compute(f) if f else float("nan"))
         else:
             result = _named(name, metric.compute)
-        values.update(_flatten(name, result))
+        if isinstance(result, Mapping):  # a MetricCollection: one entry per member
+            values.update({f"{name}/{key}": _value(value) for key, value in result.items()})
+        else:
+            values[name] = _value(result)
     return values

@@ -20,12 +20,10 @@ _DECAYED_LAYERS: tuple[type[nn.Module], ...] = (
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Split trainable parameters into a weight-decay group and a no-decay group.
 
-    Decay goes to the weight matrices and kernels (parameters with two or more
-    dimensions) of Linear, Conv, Embedding, attention and recurrent layers. Biases,
-    normalisation layers (BatchNorm, LayerNorm, GroupNorm, ...) and parameters of any
-    other module get no decay. The decision is by module type and parameter shape, not
-    by name. Every trainable parameter appears once (tied weights too); frozen ones
-    (``requires_grad=False``) are left out. Empty groups are dropped.
+    Decay goes to the weight matrices and kernels (two or more dimensions) of Linear, Conv,
+    Embedding, attention and recurrent layers, chosen by module type and shape, not name;
+    biases, norm layers and other modules get none. Every trainable parameter appears once
+    (tied weights too); frozen ones are left out, and so are empty groups.
 
     Args:
         model: the model whose parameters to group.
@@ -48,18 +46,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         raise ValueError(f"'weight_decay' must be >= 0, but got {weight_decay!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"'model' must be a torch.nn.Module, but got {type(model).__name__}")
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    seen: set[int] = set()
+    decayed: dict[nn.Parameter, bool] = {}  # by identity, first use wins: tied weights once
     for module in model.modules():
         for param in module.parameters(recurse=False):
-            if not param.requires_grad or id(param) in seen:
-                continue
-            seen.add(id(param))
-            decayed = isinstance(module, _DECAYED_LAYERS) and param.dim() >= 2
-            (decay if decayed else no_decay).append(param)
+            if param.requires_grad:
+                decayed.setdefault(param, isinstance(module, _DECAYED_LAYERS) and param.dim() >= 2)
     groups = [
-        {"params": decay, "weight_decay": float(weight_decay)},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": [p for p, d in decayed.items() if d], "weight_decay": float(weight_decay)},
+        {"params": [p for p, d in decayed.items() if not d], "weight_decay": 0.0},
     ]
     return [group for group in groups if group["params"]]

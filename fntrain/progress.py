@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 from fntrain import distributed
 
 
-class Progress:
+class Progress(AbstractContextManager["Progress"]):
     """A per-pass progress bar that does nothing unless ``enabled`` (private, per call)."""
-
-    refresh_seconds = 0.5
 
     def __init__(self, enabled: bool, loader: Any, desc: str) -> None:
         self.bar: Any = None
-        self.shown = 0.0
-        self.samples = 0
-        self.started = time.monotonic()
+        self.shown, self.samples, self.started = 0.0, 0, time.monotonic()
         if enabled and distributed.is_main():  # one bar, on rank 0
             from tqdm import tqdm
 
@@ -26,24 +23,17 @@ class Progress:
             self.bar = tqdm(total=total, desc=desc, unit="batch", disable=None, leave=False)
 
     def tick(self, samples: int = 0, running_loss: Callable[[], float] | None = None) -> None:
-        """Advance one batch; show loss and samples/s at most every ``refresh_seconds``.
-
-        ``running_loss`` is called only when the bar refreshes, so reading it (a device
-        sync on a GPU) happens a few times a second, not once per batch.
-        """
+        """Advance one batch; at most twice a second, show ``running_loss()`` and samples/s."""
         if self.bar is None:
             return
         self.bar.update(1)
         self.samples += samples
         now = time.monotonic()
-        if running_loss is not None and now - self.shown >= self.refresh_seconds:
+        if running_loss is not None and now - self.shown >= 0.5:
             self.shown = now
             rate = self.samples / max(now - self.started, 1e-9)
             loss = f"{running_loss():.4f}"
             self.bar.set_postfix(loss=loss, samples_per_s=f"{rate:.0f}", refresh=False)
-
-    def __enter__(self) -> Progress:
-        return self
 
     def __exit__(self, *_: object) -> None:
         if self.bar is not None:

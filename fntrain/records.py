@@ -62,8 +62,7 @@ class TrainResult:
         lr: learning rate of the first param group at the end of the epoch.
         skipped_batches: batches skipped for a non-finite loss (``on_nonfinite="skip"``).
         skipped_steps: optimizer steps a GradScaler skipped for inf/NaN gradients.
-        grad_norm: the largest total gradient norm before clipping over the epoch's steps
-            (only with ``clip_grad_norm``; None otherwise).
+        grad_norm: the largest total gradient norm before clipping; None without clipping.
     """
 
     loss: float
@@ -83,15 +82,12 @@ class Step:
     """One optimizer step of ``train_epoch``, as given to its ``on_step`` function.
 
     Attributes:
-        index: the step's index within the epoch, from 0 (steps a GradScaler skipped
-            are not counted).
+        index: the step's index within the epoch, from 0 (GradScaler-skipped steps not counted).
         batch_index: the loader index of the step's last batch, from 0.
-        loss: the sample-weighted mean loss over the step's batches (several with
-            ``accumulate``), already on the host.
+        loss: the sample-weighted mean loss over the step's batches, already on the host.
         samples: the number of samples in the step's batches.
         lr: the learning rate of the first param group that the step used.
-        grad_norm: the total gradient norm before clipping (only with
-            ``clip_grad_norm``; None otherwise).
+        grad_norm: the total gradient norm before clipping (``clip_grad_norm`` only, else None).
     """
 
     index: int
@@ -126,8 +122,7 @@ class Predictions:
     """Model outputs of ``predict``, in loader order, on the CPU.
 
     Attributes:
-        outputs: the model's outputs concatenated along the batch dimension (a tensor, or
-            the same tuple/dict structure the model returns).
+        outputs: the outputs concatenated along the batch dimension, in the model's structure.
         targets: the loader's targets concatenated likewise, or None when it gave none.
         samples: number of samples predicted.
     """
@@ -164,10 +159,8 @@ class Checkpoint:
         step: the step stored (None for a bare state_dict).
         metrics: the metrics stored, read-only.
         extra: the user's extra data stored, read-only at the top level.
-        missing_keys: model keys the file did not hold, left as they were (only with
-            ``strict=False``; empty otherwise).
-        unexpected_keys: keys in the file the model does not have, ignored (only with
-            ``strict=False``; empty otherwise).
+        missing_keys: model keys the file did not hold, left as they were (``strict=False`` only).
+        unexpected_keys: file keys the model does not have, ignored (``strict=False`` only).
     """
 
     path: Path
@@ -188,8 +181,7 @@ class NonFiniteLossError(FloatingPointError):
     Attributes:
         batch_index: the index of the offending batch in the loader (0-based).
         loss: the value that was not finite.
-        what: ``"loss"``, or ``"gradient norm"`` when clipping measured a finite loss's
-            gradients as non-finite.
+        what: ``"loss"``, or ``"gradient norm"`` when clipping found non-finite gradients.
     """
 
     def __init__(self, batch_index: int, loss: float, what: str = "loss") -> None:

@@ -11,11 +11,7 @@ from torch import nn
 
 @contextmanager
 def mode(model: nn.Module, training: bool) -> Iterator[None]:
-    """Put ``model`` in train or eval mode; restore every submodule's own flag on exit.
-
-    A submodule the user had put in eval mode (a frozen BatchNorm) is in eval mode again
-    afterwards, also when an exception escapes.
-    """
+    """Set ``model``'s train/eval mode; restore every submodule's own flag on exit or error."""
     before = [(module, module.training) for module in model.modules()]
     model.train(training)
     try:
@@ -28,11 +24,8 @@ def mode(model: nn.Module, training: bool) -> Iterator[None]:
 class BatchGuard:
     """What one training batch may change before its optimizer step, to put back (private).
 
-    A bad batch can change BatchNorm's running statistics during the forward pass, and
-    torchmetrics objects in their update, before its loss or step fails. Used as ``with
-    guard:`` around one batch: one fused copy of the persistent buffers on entry (not of
-    non-persistent caches); on an error before the step, the buffers are put back and the
-    ``undo`` functions run. Once ``committed`` (the optimizer stepped), nothing is undone.
+    ``with guard:`` copies the persistent buffers (BatchNorm statistics) on entry; an error before
+    the step (not ``committed``) puts them back and runs ``undo`` (torchmetrics updates).
     """
 
     def __init__(self, model: nn.Module) -> None:

@@ -17,6 +17,7 @@ import secrets
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -61,19 +62,17 @@ def refuse_fsdp1(model: nn.Module, what: str) -> None:
         )
 
 
-def states(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[Any, Any]:
-    """Return the model's and optimizer's sharded state dicts (FQN-keyed, DTensors)."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    model_state, optimizer_state = get_state_dict(model, [] if optimizer is None else optimizer)
-    return model_state, optimizer_state if optimizer is not None else None
-
-
 def _pack(value: Any) -> torch.Tensor:
     """Return ``value`` serialised by ``torch.save`` as a uint8 tensor."""
     buffer = io.BytesIO()
     torch.save(value, buffer)
     return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+
+
+def _split(entry: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split one parameter's optimizer state into its tensors and everything else."""
+    tensors = {name: value for name, value in entry.items() if isinstance(value, torch.Tensor)}
+    return tensors, {name: value for name, value in entry.items() if name not in tensors}
 
 
 def _exchange(first: Path, second: Path) -> bool:
@@ -119,19 +118,14 @@ def save(target: Path, payload: dict[str, Any]) -> int:
     meta = {key: value for key, value in payload.items() if key not in ("model", "optimizer")}
     tensors: dict[str, Any] = {"model": payload["model"]}
     optimizer = payload.get("optimizer")
-    if optimizer is not None:
-        state = optimizer["state"]
-        tensors["optimizer"] = {fqn: {name: value for name, value in entry.items()
-                                      if isinstance(value, torch.Tensor)}
-                                for fqn, entry in state.items()}  # fmt: skip
-        meta["optimizer"] = {
-            "param_groups": optimizer["param_groups"],
-            "state": {fqn: {name: value for name, value in entry.items()
-                            if not isinstance(value, torch.Tensor)}
-                      for fqn, entry in state.items()},
-        }  # fmt: skip
-        meta["optimizer_tensors"] = [[fqn, name] for fqn, entry in tensors["optimizer"].items()
-                                     for name in entry]  # fmt: skip
+    if optimizer:  # tensors to DCP; the rest, and where the tensors were, packed
+        split = {fqn: _split(entry) for fqn, entry in optimizer["state"].items()}
+        tensors["optimizer"] = {fqn: parts[0] for fqn, parts in split.items()}
+        state = {fqn: parts[1] for fqn, parts in split.items()}
+        meta["optimizer"] = {"param_groups": optimizer["param_groups"], "state": state}
+        meta["optimizer_tensors"] = [
+            [fqn, name] for fqn, (kept, _) in split.items() for name in kept
+        ]
     tensors[_PACKED] = _pack(meta)
     started = time.time()
     temp = target.with_name(
@@ -174,25 +168,29 @@ def _metadata(target: Path) -> Any:
         ) from None
 
 
-def _reader(target: Path) -> Any:
-    """Return a FileSystemReader of ``target`` that reads its metadata through the allow-list."""
-    from torch.distributed.checkpoint import FileSystemReader
+def _load(target: Path, state: dict[str, Any]) -> None:
+    """Load ``state`` in place from ``target``, its metadata read through the allow-list."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import StorageMeta
 
-    class Reader(FileSystemReader):
+    class Reader(dcp.FileSystemReader):
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
             metadata = _metadata(target)
-            metadata.storage_meta = metadata.storage_meta or _storage_meta()
+            metadata.storage_meta = metadata.storage_meta or StorageMeta()
             metadata.storage_meta.load_id = self.load_id
             return metadata
 
-    return Reader(target)
-
-
-def _storage_meta() -> Any:
-    """Return an empty StorageMeta, as FileSystemReader gives a metadata file without one."""
-    from torch.distributed.checkpoint.metadata import StorageMeta
-
-    return StorageMeta()
+    try:
+        with warnings.catch_warnings():  # "torch.distributed is disabled": loading alone is meant
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            dcp.load(state, storage_reader=Reader(target), no_dist=not distributed.active())
+    except (Exception, dcp.api.CheckpointException) as error:  # the latter is a BaseException
+        lines = [line for line in str(error).splitlines() if "Error" in line] or [repr(error)]
+        first = lines[-1].strip()
+        raise CheckpointError(
+            f"{str(target)!r} is not a loadable sharded checkpoint (a shard missing or "
+            f"truncated?); nothing was loaded: {first}"
+        ) from error
 
 
 def _blank(like: torch.Tensor | None, entry: Any) -> torch.Tensor:
@@ -206,48 +204,34 @@ def _blank(like: torch.Tensor | None, entry: Any) -> torch.Tensor:
 def read(target: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     """Read a sharded folder into fresh tensors laid out as ``model``'s; return the payload.
 
-    Nothing in ``model`` or ``optimizer`` changes here. Keys of the folder the model lacks,
-    or whose shapes differ, come back as stand-ins of the saved shape, for the caller to
-    report before anything loads.
+    Nothing in ``model`` or ``optimizer`` changes here: the caller checks keys and shapes
+    against the model's, then loads.
     """
-    import torch.distributed.checkpoint as dcp
-
     if not (target / _METADATA).is_file():
         raise CheckpointError(f"'path' {str(target)!r} is a folder but not a sharded checkpoint")
     entries = _metadata(target).state_dict_metadata
     if _PACKED not in entries:
         raise CheckpointError(f"{str(target)!r} is a sharded checkpoint not written by fntrain")
     head = {_PACKED: _blank(None, entries[_PACKED])}
-    alone = not distributed.active()
-    dcp.load(head, storage_reader=_reader(target), no_dist=alone)
+    _load(target, head)
     payload = torch.load(io.BytesIO(head[_PACKED].numpy().tobytes()), weights_only=True)
-    current = model.state_dict()
-    model_keys = [key[len("model.") :] for key in entries if key.startswith("model.")]
-    wanted: dict[str, Any] = {"model": {}}
-    stand_ins = {}
-    for key in model_keys:
-        entry = entries[f"model.{key}"]
-        if key in current and tuple(current[key].shape) == tuple(entry.size):
-            wanted["model"][key] = _blank(current[key], entry)
-        else:
-            stand_ins[key] = torch.empty(()).expand(tuple(entry.size))
+    current = model.state_dict()  # keys it lacks or shapes that differ load as plain tensors
+    weights = {key[6:]: _blank(current.get(key[6:]), entry)
+               for key, entry in entries.items() if key.startswith("model.")}  # fmt: skip
+    wanted: dict[str, Any] = {"model": weights}
     saved = payload.get("optimizer")
-    fits = (
-        optimizer is not None
-        and saved
-        and payload.get("optimizer_class") == type(optimizer).__qualname__
-    )
-    if fits:
+    kind = type(optimizer).__qualname__
+    fits = optimizer is not None and saved and payload.get("optimizer_class") == kind
+    if fits:  # the file's parameter names, in order, to this optimizer's parameters
         names = [fqn for group in saved["param_groups"] for fqn in group["params"]]
-        params = dict(
-            zip(names, (p for g in optimizer.param_groups for p in g["params"]), strict=False)
-        )
+        ours = (p for group in optimizer.param_groups for p in group["params"])
+        params = dict(zip(names, ours, strict=False))
         wanted["optimizer"] = {}
         for fqn, name in payload.get("optimizer_tensors", []):
             entry = entries[f"optimizer.{fqn}.{name}"]
             wanted["optimizer"].setdefault(fqn, {})[name] = _blank(params.get(fqn), entry)
-    dcp.load(wanted, storage_reader=_reader(target), no_dist=alone)
-    payload["model"] = {**wanted["model"], **stand_ins}
+    _load(target, wanted)
+    payload["model"] = weights
     if fits:
         for fqn, tensors in wanted["optimizer"].items():
             saved["state"].setdefault(fqn, {}).update(tensors)

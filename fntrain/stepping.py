@@ -10,6 +10,7 @@ from typing import Any
 
 import attrs
 import torch
+from torch.optim import Optimizer
 
 from fntrain.records import NonFiniteLossError, Step, reword
 from fntrain.restore import BatchGuard
@@ -27,25 +28,18 @@ def _required(method: Callable[..., Any]) -> list[str]:
 
 @attrs.frozen
 class StepOptions:
-    """train_epoch's stepping options, checked once per call.
-
-    Attributes:
-        accumulate: batches whose gradients add up before each optimizer step.
-        autocast: dtype for ``torch.autocast`` over forward and loss, or None.
-        scaler: a ``torch.amp.GradScaler``, or None.
-        clip_grad_norm: the largest total gradient norm allowed, or None.
-        scheduler: an LR scheduler stepped after every optimizer step, or None.
-    """
+    """train_epoch's stepping options (its arguments of the same names), checked once per call."""
 
     accumulate: int = 1
     autocast: torch.dtype | None = None
     scaler: Any = None
     clip_grad_norm: float | None = None
     scheduler: Any = None
+    on_nonfinite: str = "raise"
 
-    def check(self, optimizer: torch.optim.Optimizer, device: torch.device) -> StepOptions:
-        """Raise a ValueError/TypeError naming the first bad option; return self."""
-        accumulate, autocast, scaler, clip, scheduler = attrs.astuple(self, recurse=False)
+    def check(self, optimizer: Optimizer, device: torch.device) -> StepOptions:
+        """Raise naming the first bad option (train_epoch checks on_nonfinite); return self."""
+        accumulate, autocast, scaler, clip, scheduler, _ = attrs.astuple(self, recurse=False)
         if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
             raise ValueError(f"'accumulate' must be an int >= 1, but got {accumulate!r}")
         if autocast not in (None, torch.bfloat16, torch.float16):
@@ -57,12 +51,10 @@ class StepOptions:
                 "'autocast' is torch.float16 on CUDA but 'scaler' is None; float16 gradients "
                 "underflow without loss scaling: pass scaler=torch.amp.GradScaler('cuda')"
             )
-        if scaler is not None and not all(
-            hasattr(scaler, name) for name in ("scale", "step", "update", "unscale_")
-        ):
-            raise TypeError(
-                f"'scaler' must be a torch.amp.GradScaler, but got {type(scaler).__name__}"
-            )
+        methods = ("scale", "step", "update", "unscale_")
+        if scaler is not None and not all(hasattr(scaler, name) for name in methods):
+            kind = type(scaler).__name__
+            raise TypeError(f"'scaler' must be a torch.amp.GradScaler, but got {kind}")
         if clip is not None and (isinstance(clip, bool) or not isinstance(clip, int | float)):
             raise TypeError(f"'clip_grad_norm' must be a positive number, but got {clip!r}")
         if clip is not None and not clip > 0:
@@ -72,8 +64,7 @@ class StepOptions:
             raise TypeError(f"'scheduler' must be an LR scheduler with .step(), but got {kind}")
         if getattr(scheduler, "optimizer", optimizer) is not optimizer:
             raise ValueError("'scheduler' schedules another optimizer than 'optimizer'")
-        needs = _required(scheduler.step) if scheduler is not None else []
-        if needs:
+        if scheduler is not None and (needs := _required(scheduler.step)):
             raise TypeError(
                 f"'scheduler' is a {type(scheduler).__name__}, whose step() needs "
                 f"{', '.join(map(repr, needs))}, so it cannot be stepped per batch; step it in "
@@ -89,31 +80,17 @@ class StepOptions:
 
 
 class Stepper:
-    """Adds up a window of batches and takes its optimizer step (private to one call)."""
+    """Adds up a window of batches and takes its optimizer step (private; checks ``options``)."""
 
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        options: StepOptions,
-        device: torch.device,
-        report: bool,
-    ) -> None:
-        self.optimizer = optimizer
-        self.options = options
-        self.report = report  # build a Step record per step (for on_step)
-        self.autocast: AbstractContextManager[Any] = (
-            nullcontext()
-            if options.autocast is None
-            else torch.autocast(device_type=device.type, dtype=options.autocast)
-        )
+    def __init__(self, optimizer: Optimizer, options: StepOptions, device: torch.device) -> None:
+        self.optimizer, self.options = optimizer, options.check(optimizer, device)
+        self.autocast: AbstractContextManager[Any] = nullcontext()
+        if options.autocast is not None:
+            self.autocast = torch.autocast(device_type=device.type, dtype=options.autocast)
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
-        self.window_batches = 0
-        self.window_samples = 0
-        self.window_loss = 0.0  # sum of samples * mean loss over the window's batches
-        self.steps = 0
-        self.skipped_steps = 0
-        self.largest_norm: float | None = None
-        self.norms_seen = 0
+        self.window_batches, self.window_samples, self.window_loss = 0, 0, 0.0  # loss: sum(n*mean)
+        self.steps = self.skipped_steps = 0
+        self.largest_norm = math.nan  # the largest finite norm before clipping (inf: none was)
         self.cleared: bool | None = None  # zero_grad() sets .grad to None
         self.probe: torch.Tensor | None = None  # a parameter the first backward gave a grad
 
@@ -131,10 +108,8 @@ class Stepper:
                 f"'loss_fn' returned a loss that does not require grad for batch {index}; was "
                 f"it detached or computed under torch.no_grad(), or are all parameters frozen?"
             )
-        if self.window_batches or not self.cleared:
-            return
         probes = self.params if self.probe is None else (self.probe,)  # O(1) after batch 0
-        if any(p.grad is not None for p in probes):
+        if not self.window_batches and self.cleared and any(p.grad is not None for p in probes):
             raise ValueError(
                 f"'loss_fn' called backward() itself for batch {index} (or 'forward' did): the "
                 f"gradients are already set, and train_epoch's own backward() would double "
@@ -154,11 +129,6 @@ class Stepper:
         self.window_samples += samples
         self.window_loss += value * samples
 
-    @property
-    def full(self) -> bool:
-        """Tell whether the window holds ``accumulate`` batches."""
-        return self.window_batches == self.options.accumulate
-
     def _clip(self) -> float | None:
         """Average an accumulated window's gradients; clip them; return the norm before clipping."""
         options, scaler = self.options, self.options.scaler
@@ -172,33 +142,31 @@ class Stepper:
             scaler.unscale_(self.optimizer)
         total = torch.nn.utils.clip_grad_norm_(self.params, options.clip_grad_norm)
         norm = float(getattr(total, "full_tensor", lambda: total)())  # FSDP2: a DTensor
-        self.norms_seen += 1
+        largest = self.largest_norm
         if math.isfinite(norm):
-            self.largest_norm = max(norm, self.largest_norm or 0.0)
+            self.largest_norm = max(norm, largest) if math.isfinite(largest) else norm
+        elif math.isnan(largest):
+            self.largest_norm = math.inf
         return norm
 
-    def step(self, batch_index: int, guard: BatchGuard, on_nonfinite: str) -> Step | None:
-        """Step the optimizer (and scheduler) on the window; return its Step if reporting.
+    def step(self, batch_index: int, guard: BatchGuard, final: bool = False) -> Step | None:
+        """Step the optimizer (and scheduler) on a full window, or a non-empty one if ``final``.
 
-        An empty window takes no step. A non-finite gradient norm (known when clipping,
-        and not left to a GradScaler) raises before the step, or skips it. A step the
-        GradScaler skips for inf/NaN gradients is counted in ``skipped_steps`` and does not
-        step the scheduler. Once ``optimizer.step()`` changed the weights, ``guard`` is
-        marked committed: a later error keeps the batch applied and says so.
+        Returns the Step taken, if any. A non-finite clipped norm (no enabled GradScaler) raises or
+        skips; skipped steps count in ``skipped_steps``. Once ``optimizer.step()`` changed the
+        weights, ``guard`` is committed: a later error keeps the batch applied and says so.
         """
-        if self.window_batches == 0:
+        if self.window_batches < (1 if final else self.options.accumulate):
             return None
         norm, scaler = self._clip(), self.options.scaler
         samples, loss = self.window_samples, self.window_loss / self.window_samples
-        self.window_batches = self.window_samples = 0
-        self.window_loss = 0.0
+        self.window_batches, self.window_samples, self.window_loss = 0, 0, 0.0
         if norm is not None and not math.isfinite(norm) and not (scaler and scaler.is_enabled()):
-            if on_nonfinite == "raise":
+            if self.options.on_nonfinite == "raise":
                 raise NonFiniteLossError(batch_index, norm, "gradient norm")
             self.skipped_steps += 1
             return None
-        lr = float(self.optimizer.param_groups[0]["lr"])
-        probe = self.probe
+        probe, lr = self.probe, float(self.optimizer.param_groups[0]["lr"])
         version = probe._version if probe is not None else 0  # bumped by in-place updates
         try:
             taken = self._optimizer_step(scaler)
@@ -216,7 +184,7 @@ class Stepper:
             self.skipped_steps += 1
             return None
         self.steps += 1
-        return Step(self.steps - 1, batch_index, loss, samples, lr, norm) if self.report else None
+        return Step(self.steps - 1, batch_index, loss, samples, lr, norm)
 
     def _optimizer_step(self, scaler: Any) -> bool:
         """Step the optimizer (through the scaler); return False if the scaler skipped it."""
@@ -228,11 +196,3 @@ class Stepper:
         found_inf = scaler._found_inf_per_device(self.optimizer) if scaler.is_enabled() else {}
         scaler.update()
         return not any(bool(flag) for flag in found_inf.values())
-
-    def grad_norm(self) -> float | None:
-        """Return the largest finite gradient norm seen before clipping, if clipping."""
-        if self.options.clip_grad_norm is None:
-            return None
-        if self.largest_norm is None:
-            return float("inf") if self.norms_seen else float("nan")
-        return self.largest_norm

@@ -20,37 +20,32 @@ _BATCHES = (None, "batches")
 class Tally:
     """Sums over one pass, private to one call: on the host where that is free, else on the device.
 
-    A Python number, or a one-element CPU tensor (whose ``.item()`` costs less than a
-    tensor add), is summed on the host. Any other tensor is summed where it lives, so
-    values on a GPU stay there until :meth:`finish` brings everything over at once.
+    Numbers and one-element CPU tensors (``.item()`` costs less than a tensor add) are summed
+    on the host; other tensors where they live, until :meth:`finish` brings all over at once.
     """
 
     def __init__(self, metrics: Mapping[str, Any] | None, device: torch.device) -> None:
         self.metrics = metric_lib.prepare(metrics, device)  # checked, torchmetrics reset
         self.totals: dict[Hashable, Any] = {}
-        self.samples = 0
-        self.batches = 0
+        self.samples = self.batches = 0
 
     def stage(self, parts: dict[Hashable, Part]) -> dict[Hashable, Part]:
         """Return one batch's metric parts ready to add; raise naming a part that cannot add up.
 
-        Small CPU tensors become numbers; a tensor must have the shape of its running sum
-        and a dtype that sum can take, so that :meth:`add` cannot fail after the step.
+        Small CPU tensors become numbers; a tensor needs its sum's shape and a dtype that sum
+        takes, so that :meth:`add` cannot fail after the step.
         """
         staged: dict[Hashable, Part] = {}
         for key, part in parts.items():
             if isinstance(part, torch.Tensor):
                 part = part.item() if part.is_cpu and part.numel() == 1 else part.detach()
-            total = self.totals.get(key)
-            if (
-                isinstance(total, torch.Tensor)
-                and isinstance(part, torch.Tensor)
-                and (part.shape != total.shape or torch.result_type(total, part) != total.dtype)
-            ):
+            had = self.totals.get(key)
+            both = isinstance(had, torch.Tensor) and isinstance(part, torch.Tensor)
+            if both and (part.shape, torch.result_type(had, part)) != (had.shape, had.dtype):
                 raise ValueError(
                     f"metrics[{key[0]!r}]: part {key[1]} of its state is a {part.dtype} tensor "
-                    f"of shape {tuple(part.shape)} in this batch but a {total.dtype} of shape "
-                    f"{tuple(total.shape)} in the ones before; each part must keep its shape"
+                    f"of shape {tuple(part.shape)} in this batch but a {had.dtype} of shape "
+                    f"{tuple(had.shape)} in the ones before; each part must keep its shape"
                 )
             staged[key] = part
         return staged
@@ -67,10 +62,8 @@ class Tally:
 
     def add(self, loss: float | torch.Tensor, samples: int, parts: dict[Hashable, Part]) -> None:
         """Add one batch: its mean loss (a float, or a device scalar), samples, staged parts."""
-        if not isinstance(loss, torch.Tensor):
-            self._add(_LOSS, loss * samples)
-        elif loss.is_cpu:
-            self._add(_LOSS, loss.item() * samples)
+        if not isinstance(loss, torch.Tensor) or loss.is_cpu:
+            self._add(_LOSS, float(loss) * samples)
         elif _LOSS in self.totals:  # one kernel: total += samples * loss, on the device
             self.totals[_LOSS].add_(loss.detach(), alpha=samples)
         else:  # float64 where the device has it (not MPS)
@@ -83,20 +76,18 @@ class Tally:
 
     def running_loss(self) -> float:
         """Mean loss per sample so far (NaN before any sample; syncs on an accelerator)."""
-        total = self.totals.get(_LOSS)
-        return float(total) / self.samples if self.samples else float("nan")
+        return float(self.totals[_LOSS]) / self.samples if self.samples else float("nan")
 
     def _host(self) -> dict[Hashable, torch.Tensor]:
         """Return every sum as a CPU tensor: numbers directly, device sums one transfer a dtype."""
-        out = {  # host sums, without losing precision
-            k: torch.tensor(t, dtype=torch.float64 if isinstance(t, float) else torch.int64)
-            for k, t in self.totals.items()
-            if not isinstance(t, torch.Tensor)
-        }
+        out: dict[Hashable, torch.Tensor] = {}
         on_device: dict[torch.dtype, list[tuple[Hashable, torch.Tensor]]] = {}
         for key, total in self.totals.items():
             if isinstance(total, torch.Tensor):
                 on_device.setdefault(total.dtype, []).append((key, total))
+            else:  # host sums, without losing precision
+                wide = torch.float64 if isinstance(total, float) else torch.int64
+                out[key] = torch.tensor(total, dtype=wide)
         for group in on_device.values():
             flat = torch.cat([total.reshape(-1) for _, total in group]).cpu()
             pieces = flat.split([total.numel() for _, total in group])
@@ -105,11 +96,7 @@ class Tally:
         return out
 
     def finish(self) -> tuple[float, dict[str, MetricValue]]:
-        """Return the mean loss and metric values, over all ranks when distributed.
-
-        The sums come to the host once; under torch.distributed they travel, with the
-        sample and batch counts, in a single all-reduce, so every rank gets the same.
-        """
+        """Return the mean loss and metric values; distributed, over all ranks in one all-reduce."""
         totals = self._host()
         if distributed.active():
             totals.setdefault(_LOSS, torch.tensor(0.0, dtype=torch.float64))

@@ -91,6 +91,27 @@ def test_ddp_example_runs_on_two_ranks_with_torchrun(tmp_path: Path) -> None:
     assert resumed[0] == "resumed" and resumed[6] == resumed[8].rstrip(")")
 
 
+def test_fsdp_example_checkpoints_sharded_and_converts_to_one_file(tmp_path: Path) -> None:
+    """examples/fsdp.py --quick: FSDP2 on 2 gloo ranks, sharded save, resume, one-file copy."""
+    pytest.importorskip("sklearn")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", str(EXAMPLES / "fsdp.py"), "--quick"]  # fmt: skip
+    out = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("2 ranks") and "FSDP2" in lines[0]
+    assert sum(line.startswith("epoch") for line in lines) == 2
+    resumed = next(line for line in lines if line.startswith("resumed")).split()
+    assert resumed[6] == resumed[8].rstrip(")")
+    assert sorted(p.name for p in (tmp_path / "fsdp_last").iterdir()) == [
+        ".metadata",
+        "__0_0.distcp",
+        "__1_0.distcp",
+    ]
+    plain = ft.load_checkpoint(tmp_path / "fsdp_last.pt", _digits_cnn())
+    assert plain.epoch == 1 and lines[-1].startswith("one file for inference")
+
+
 def test_tensorboard_logging_writes_events_and_csv_per_epoch(tmp_path: Path) -> None:
     """The logging example writes every record's numbers to TensorBoard and to a CSV."""
     pytest.importorskip("sklearn")

@@ -232,3 +232,18 @@ def test_fsdp1_models_are_refused_with_a_pointer_to_fully_shard(tmp_path: Path) 
         ft.train_epoch(model, [(torch.randn(2, 4), torch.randn(2, 2))], nn.MSELoss(), optimizer,
                        "cpu", clip_grad_norm=1.0)  # fmt: skip
     assert not list(tmp_path.iterdir())
+
+
+def test_a_truncated_shard_is_an_error_and_changes_nothing(one_rank: None, tmp_path: Path) -> None:
+    """A shard file cut short on disk: CheckpointError naming the folder; the model is as before."""
+    target = tmp_path / "run.ckpt"
+    ft.save_checkpoint(target, shard(dropout_model()), epoch=1)
+    shard_file = target / "__0_0.distcp"
+    shard_file.write_bytes(shard_file.read_bytes()[:100])
+    model = shard(dropout_model())
+    with torch.no_grad():
+        for param in model.parameters():
+            param.fill_(7.0)
+    with pytest.raises(ft.CheckpointError, match="not a loadable sharded checkpoint"):
+        ft.load_checkpoint(target, model)
+    assert all(float(p.full_tensor().min()) == 7.0 for p in model.parameters())
