@@ -51,8 +51,7 @@ def type_name(value: Any) -> str:
 
 def _first_line(error: BaseException) -> str:
     """Return the first line of an error's message (its repr when it has none)."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else repr(error)
+    return (str(error).strip().splitlines() or [repr(error)])[0]
 
 
 def _capture_rng() -> dict[str, Any]:
@@ -85,8 +84,7 @@ def _set_numpy(value: Any) -> list[str]:
         import numpy as np
     except ImportError:
         return [f"the checkpoint holds a NumPy RNG state but NumPy is not installed; {_NOT_EXACT}"]
-    kind, keys, pos, has_gauss, cached = parts
-    np.random.set_state((kind, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
+    np.random.set_state((parts[0], parts[1].cpu().numpy().astype(np.uint32), *parts[2:]))
     return []
 
 
@@ -127,10 +125,7 @@ def _restore_rng(state: Any) -> list[str]:
 
 
 def write_atomically(target: Path, write: Callable[[BinaryIO], None]) -> int:
-    """Run ``write`` on a temp file beside ``target``, fsync it, rename it over it; return its size.
-
-    The temp file is locked while written and removed if ``write`` fails; ``target`` keeps its mode.
-    """
+    """Run ``write`` on a locked temp file, fsync it, rename it over ``target``; return its size."""
     started = time.time()
     temp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
@@ -154,11 +149,9 @@ def write_atomically(target: Path, write: Callable[[BinaryIO], None]) -> int:
         full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
         if full or "unexpected pos" in str(error):  # torch's writer after a short write
             old = f"the old {target.name!r} is intact" if target.exists() else "nothing was saved"
-            raise OSError(
-                errno.ENOSPC,
-                f"no space left in {str(target.parent)!r} (or a quota reached) after writing "
-                f"{written} bytes of {target.name!r}; {old} and the partial file was removed",
-            ) from error
+            where = f"in {str(target.parent)!r} (or a quota reached) after writing {written} bytes"
+            why = f"no space left {where} of {target.name!r}; {old}, the partial file was removed"
+            raise OSError(errno.ENOSPC, why) from error
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable
         folder = os.open(target.parent, os.O_RDONLY)
@@ -188,8 +181,7 @@ def _check_plain(value: Any, where: str, inside: tuple[int, ...] = ()) -> None:
     if isinstance(value, torch.Tensor) and (value.is_meta or value.layout != torch.strided):
         raise TypeError(
             f"{where} is a {'meta' if value.is_meta else 'sparse'} tensor, which would not load "
-            f"back into a model's dense tensors; save a dense tensor with real values "
-            f"(.to_dense(), or materialise the model first)"
+            f"into a model; save a dense tensor (.to_dense(), or materialise the model first)"
         )
     if type(value) in _PLAIN:
         return
@@ -202,9 +194,8 @@ def _check_plain(value: Any, where: str, inside: tuple[int, ...] = ()) -> None:
             _check_plain(item, f"{where}[{key!r}]", (*inside, id(value)))
         return
     raise TypeError(
-        f"{where} must hold only plain data (None, bool, int, float, str, tensors, dtypes, "
-        f"devices, and lists, tuples and dicts of them) so that it loads with "
-        f"weights_only=True, but it is a {type_name(value)}"
+        f"{where} must hold only plain data (None, bool, int, float, str, tensors, dtypes, devices"
+        f" and lists, tuples, dicts of them) for weights_only=True, but it is a {type_name(value)}"
     )
 
 
@@ -265,10 +256,8 @@ def _check_is_file(target: Path, must_exist: bool, folder: bool = False) -> None
         kind = "a sharded checkpoint" if folder else "a checkpoint file"
         raise CheckpointError(f"'path' {str(target)!r} is a folder, not {kind}")
     if folder and not must_exist and target.is_file():
-        raise CheckpointError(
-            f"'path' {str(target)!r} is a file, but a sharded (FSDP2) model is saved as a "
-            f"folder of shards; give another path"
-        )
+        problem = "a sharded (FSDP2) model is saved as a folder of shards; give another path"
+        raise CheckpointError(f"'path' {str(target)!r} is a file, but {problem}")
     if must_exist and not target.exists():
         raise FileNotFoundError(errno.ENOENT, f"no checkpoint at 'path' {str(target)!r}")
     if not target.parent.is_dir():
@@ -288,13 +277,7 @@ def save_checkpoint(
     metrics: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> SavedCheckpoint:
-    """Write a complete, resumable checkpoint atomically; return what was written.
-
-    The file holds the model state (unwrapped from DDP and ``torch.compile``), the optimizer,
-    scheduler and GradScaler states, epoch, step, metrics, your ``extra`` plain data, and the
-    RNG states of Python, NumPy, torch and CUDA, all checked to load with
-    ``torch.load(..., weights_only=True)``. It is written to a temporary file, fsynced and
-    renamed over ``path``: a crash leaves the old file or the new one, never a torn one.
+    """Write a complete, resumable checkpoint atomically (never torn); return what was written.
 
     Args:
         path: the file to write (its folder must exist).
@@ -305,29 +288,29 @@ def save_checkpoint(
         epoch: the number of epochs completed.
         step: the number of optimizer steps completed.
         metrics: name to value (floats or tensors), e.g. ``EvalResult.metrics``.
-        extra: your own plain data (ints, floats, str, tensors, lists and dicts of them),
-            e.g. a DataLoader generator's state ``gen.get_state()``.
+        extra: your own plain data (numbers, str, tensors, lists and dicts of them).
 
     Returns:
         A frozen ``SavedCheckpoint(path, size, epoch, step)``.
 
     Raises:
-        TypeError: an argument has the wrong type, or a state holds something that
-            ``weights_only=True`` would not load (the message names where).
+        TypeError: an argument has the wrong type, or a state would not load with weights_only=True.
         ValueError: ``epoch`` or ``step`` is not a non-negative int.
 
     Example:
         >>> import tempfile, os, torch, fntrain as ft
-        >>> model = torch.nn.Linear(4, 2)
         >>> path = os.path.join(tempfile.mkdtemp(), "last.pt")
-        >>> ft.save_checkpoint(path, model, epoch=3, metrics={"acc": 0.9}).epoch
+        >>> ft.save_checkpoint(path, torch.nn.Linear(4, 2), epoch=3, metrics={"acc": 0.9}).epoch
         3
     """
     target = _as_path(path)
     _check_objects(model, optimizer, scheduler, scaler)
     sharded.refuse_fsdp1(model, "the checkpoint")
     shards = sharded.is_sharded(model)
-    _check_is_file(target, must_exist=False, folder=shards)
+    distributed.everywhere(  # a folder is every rank's, a file rank 0's (node-local disks)
+        lambda: _check_is_file(target, must_exist=False, folder=shards)
+        if shards or distributed.is_main() else None
+    )  # fmt: skip
     for name, value in (("epoch", epoch), ("step", step)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"'{name}' must be a non-negative int, but got {value!r}")
@@ -347,11 +330,15 @@ def save_checkpoint(
     for key, value in payload.items():
         _check_plain(value, _LABELS.get(key, f"'{key}' state"))
     if shards:  # each rank writes its own shards: nothing is gathered
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+        import torch.distributed.checkpoint.state_dict as dsd
 
-        payload["model"], payload["optimizer"] = get_state_dict(model, optimizer or [])
-        _check_plain(payload["optimizer"] and payload["optimizer"]["param_groups"], "'optimizer'")
-        size = sharded.save(target, payload)
+        payload["model"] = dsd.get_model_state_dict(model)
+        if optimizer is not None:  # DSD would step an optimizer without state to make one
+            state = dsd.get_optimizer_state_dict if optimizer.state else lambda _, o: o.state_dict()
+            payload["optimizer"] = state(model, optimizer)
+        tensors, meta = sharded.split(payload)
+        _check_plain(meta, "the checkpoint's non-tensor state")
+        size = sharded.save(target, tensors, meta)
     else:
         payload["model"] = _unwrap(model).state_dict()
         _check_plain(payload["model"], "'model' state")
@@ -376,8 +363,7 @@ def _check_map_location(value: Any, where: str = "'map_location'") -> None:
     try:
         device = torch.device(value)
     except (RuntimeError, TypeError):
-        example = "such as 'cpu' or 'cuda:0'"
-        raise ValueError(f"{where} must name a device {example}, not {value!r}") from None
+        raise ValueError(f"{where} must name a device such as 'cuda:0', not {value!r}") from None
     available = getattr(getattr(torch, device.type, None), "is_available", None)
     if callable(available) and not available():
         raise ValueError(f"{where} is {value!r}, but {device.type} is not available here")
@@ -402,14 +388,11 @@ def _read(target: Path, map_location: MapLocation) -> Any:
             raise reword(raised[0], prefix=f"'map_location' raised for {str(target)!r}: ") from None
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
         if "weights only load failed" in text.lower():
-            found = re.search(r"GLOBAL ([\w.]+)", text)
+            found = (re.findall(r"GLOBAL ([\w.]+)", text) or ["object"])[0]
             raise CheckpointError(
-                f"refused to load {str(target)!r}: it holds a pickled "
-                f"{found.group(1) if found else 'object'} (a whole model saved with "
-                f"torch.save(model)?), not only tensors and plain data, and unpickling it "
-                f"could run code. If you trust the file, turn it into a state dict once: "
-                f"torch.save(torch.load({str(target)!r}, weights_only=False).state_dict(), "
-                f"'weights.pt')"
+                f"refused to load {str(target)!r}: it holds a pickled {found} (a whole model saved "
+                f"with torch.save(model)?), which could run code. If you trust it, convert it once:"
+                f" torch.save(torch.load({str(target)!r}, weights_only=False).state_dict(), 'w.pt')"
             ) from None
         raise CheckpointError(
             f"{str(target)!r} is not a loadable checkpoint (empty, truncated, or not a file "
@@ -507,22 +490,17 @@ def _state_problems(payload: dict[str, Any], given: dict[str, Any]) -> list[str]
     """List why the file's optimizer, scheduler and scaler states cannot go into those given."""
     problems: list[str] = []
     for name, obj in given.items():
-        saved, saved_class, kind = payload.get(name), payload.get(f"{name}_class"), type(obj)
+        saved, theirs, own = payload.get(name), payload.get(f"{name}_class"), type(obj).__qualname__
         if saved is None:
             problems.append(f"'{name}' was given but the file holds no {name} state")
-        elif saved_class is not None and saved_class != kind.__qualname__:
-            problems.append(
-                f"'{name}' is {kind.__qualname__} but the file holds {saved_class} state"
-            )
+        elif theirs not in (None, own):
+            problems.append(f"'{name}' is {own} but the file holds {theirs} state")
         elif not isinstance(saved, dict):
             problems.append(f"the {name} state in the file is a {type_name(saved)}, not a dict")
         elif name == "optimizer":
             problems += _optimizer_problems(saved, obj)
         elif name == "scaler" and obj.is_enabled() and not saved:
-            problems.append(
-                "'scaler' is enabled but the file's GradScaler state is empty (it was saved "
-                "from a disabled GradScaler)"
-            )
+            problems.append("'scaler' is enabled but the file's GradScaler state is empty")
     return problems
 
 
@@ -564,27 +542,17 @@ def load_checkpoint(
     strict: bool = True,
     restore_rng: bool | None = None,
 ) -> Checkpoint:
-    """Restore a checkpoint into ``model`` (and optimizer, scheduler, scaler) in place.
-
-    The file is read with ``torch.load(..., weights_only=True)``, so a pickle that would run
-    code is refused. Nothing changes unless everything loads: mismatched keys and shapes are
-    reported together before anything is touched, and if any state fails to load, every state
-    is put back as it was. A bare ``model.state_dict()`` saved with ``torch.save`` loads too
-    (its epoch is None); ``module.``/``_orig_mod.`` prefixes are handled on both sides.
+    """Restore a checkpoint into ``model`` and the states given, in place, all or nothing.
 
     Args:
-        path: the checkpoint file.
+        path: the checkpoint file (a bare ``model.state_dict()`` saved with torch.save loads too).
         model: the model to restore into (plain, DDP-wrapped or compiled).
         optimizer: restored when given; the file must hold a state of the same class.
         scheduler: an LR scheduler, restored when given.
         scaler: a ``torch.amp.GradScaler``, restored when given.
-        map_location: where tensors are loaded first, as for ``torch.load``; the model's and
-            optimizer's own devices are kept.
-        strict: require the file's model keys to match the model's exactly; with False,
-            the keys that were skipped are returned.
-        restore_rng: restore the file's RNG states, for a bit-exact resume; None (the default)
-            does so only when ``optimizer`` is given (resuming, not loading ``best.pt``). A
-            RuntimeWarning says when one cannot be (NumPy not installed, CUDA not available).
+        map_location: where tensors load first, as for ``torch.load``; the model keeps its devices.
+        strict: require the model keys to match exactly; with False, skipped keys are returned.
+        restore_rng: restore the RNG states (bit-exact resume); None: if ``optimizer`` is given.
 
     Returns:
         A frozen ``Checkpoint(path, epoch, step, metrics, extra, missing_keys, unexpected_keys)``.
@@ -593,7 +561,7 @@ def load_checkpoint(
         TypeError: an argument has the wrong type.
         ValueError: ``map_location`` names no device available here.
         FileNotFoundError: ``path`` does not exist.
-        CheckpointError: the file is not a loadable checkpoint, or does not fit.
+        CheckpointError: the file is not a loadable checkpoint (e.g. pickled code), or does not fit.
 
     Example:
         >>> import tempfile, os, torch, fntrain as ft
@@ -614,8 +582,7 @@ def load_checkpoint(
         if optimizer is not None and sharded.is_sharded(model):
             raise CheckpointError(
                 f"{str(target)!r} is a single file: it loads into a sharded (FSDP2) model's "
-                f"weights, not its optimizer; resume a sharded run from the folder that "
-                f"save_checkpoint wrote for it, or load without 'optimizer'"
+                f"weights, not its optimizer; resume from a sharded folder or omit 'optimizer'"
             )
     plain = _unwrap(model)
     current = plain.state_dict()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sized
@@ -33,10 +34,7 @@ def world() -> tuple[int, int]:
 
 
 def on_main(work: Callable[[], T]) -> T:
-    """Run ``work`` on rank 0 only; return its result, or raise its error, on every rank.
-
-    The other ranks never touch what rank 0 worked on (a file on rank 0's own disk).
-    """
+    """Run ``work`` on rank 0 only; return its result, or raise its error, on every rank."""
     if not active():
         return work()
     box: list[Any] = [None]
@@ -50,6 +48,29 @@ def on_main(work: Callable[[], T]) -> T:
     if not done:
         raise value
     return value
+
+
+def everywhere(check: Callable[[], object]) -> None:
+    """Run ``check`` on every rank; if it raises on any rank, raise that error on every rank."""
+    error = None
+    try:
+        check()
+    except Exception as caught:
+        error = caught
+    raised = [e for e in all_gather(error) if e is not None]
+    if raised:
+        raise raised[0]
+
+
+@contextlib.contextmanager
+def told() -> Iterator[None]:
+    """On an error inside, tell the other ranks: they raise at the pass's layout check."""
+    try:
+        yield
+    except Exception as error:
+        if active():
+            all_gather(error)
+        raise
 
 
 def all_gather(value: T) -> list[T]:
@@ -74,13 +95,7 @@ def any_rank(flag: bool) -> bool:
 
 
 def in_step(loader: Iterable[Any]) -> Iterable[Any]:
-    """Return ``loader``, checked to give every rank the same number of batches.
-
-    Lengths that ``len()`` tells are compared before the first batch, in one collective.
-    A loader without a length is watched instead: one tiny all-reduce per batch, so a
-    rank that runs out early raises on every rank rather than leaving the others
-    waiting in their gradient all-reduce.
-    """
+    """Return ``loader``, checked to give every rank as many batches (``len()``, else per batch)."""
     if not active():
         return loader
     try:
@@ -93,8 +108,9 @@ def in_step(loader: Iterable[Any]) -> Iterable[Any]:
     if len(set(counts)) > 1:
         raise ValueError(
             f"'loader' gives the ranks different numbers of batches ({counts}, by rank), so "
-            f"their gradient all-reduces would fall out of step; give every rank the same "
-            f"count, e.g. DistributedSampler(data) (it pads) with the same batch_size"
+            f"their collectives (gradient all-reduces, FSDP2's all-gathers) would fall out of "
+            f"step; give every rank the same count: for training DistributedSampler(data) "
+            f"pads, for evaluation pick a batch_size that splits every shard into as many"
         )
     return loader
 
@@ -124,14 +140,16 @@ def _collective_device() -> torch.device:
 def all_reduce_totals(
     totals: dict[Hashable, torch.Tensor], names: Iterable[str] = ()
 ) -> dict[Hashable, torch.Tensor]:
-    """Sum every total over all ranks in one all-reduce; return CPU tensors, dtypes kept.
+    """Sum every total over all ranks in one float64 all-reduce; return CPU tensors.
 
-    All totals travel as float64 in one flat tensor (exact for counts below 2**53). First
-    the ranks compare a checksum of their parts, shapes and metric ``names`` (torchmetrics
-    objects sync themselves next), so a mismatch is an error on every rank, not a hang.
+    First the ranks compare their parts, shapes and metric ``names``: a mismatch raises.
     """
     layout = [(key, tuple(total.shape)) for key, total in totals.items()], sorted(names)
-    if len(set(all_gather(zlib.crc32(repr(layout).encode())))) > 1:
+    layouts = all_gather(zlib.crc32(repr(layout).encode()))
+    failed = [error for error in layouts if isinstance(error, Exception)]
+    if failed:
+        raise RuntimeError(f"another rank failed in this pass: {failed[0]!r}")
+    if len(set(layouts)) > 1:
         raise RuntimeError(
             "the ranks computed different metric or loss parts: every rank must pass the "
             "same 'metrics', and every rank's loader must yield at least one batch"
@@ -171,11 +189,7 @@ def _unique_order(indices: list[int]) -> torch.Tensor:
 def gather_in_order(
     outputs: Any, targets: Any, indices: list[int], samples: int, where: str
 ) -> tuple[Any, Any, int]:
-    """Collect every rank's outputs and targets in data set order, without the padding.
-
-    Returns ``(outputs, targets, samples)``; with ``where="main"`` ranks other than 0 get
-    ``(None, None, samples)`` with their own sample count.
-    """
+    """Return all ranks' outputs, targets, samples in order (``where="main"``: rank 0's)."""
     if samples != len(indices):
         raise ValueError(
             f"the loader yielded {samples} samples but its sampler gave {len(indices)} "
@@ -200,11 +214,10 @@ def gather_in_order(
 class ShardSampler(Sampler[int]):
     """Give each rank every ``world_size``-th index, without padding, for exact evaluation.
 
-    ``DistributedSampler`` pads the last shard by repeating samples so that every rank gets
-    the same number, which counts those samples twice in a global evaluation. This sampler
-    does not pad: rank ``r`` gets indices ``r, r + world_size, ...``, so the global loss and
-    metrics of ``evaluate`` equal those of one process over the whole data set. Use it for
-    evaluation and prediction only: in training, DDP needs equal batch counts per rank.
+    ``DistributedSampler`` pads the last shard with repeated samples, counted twice in a
+    global evaluation. Rank ``r`` gets ``r, r + world_size, ...`` here, so ``evaluate``'s
+    global loss and metrics equal one process's. For evaluation and prediction only:
+    training needs equal batch counts per rank.
 
     Args:
         data_source: the data set (anything with ``len()``).
@@ -220,10 +233,12 @@ class ShardSampler(Sampler[int]):
     def __init__(
         self, data_source: Sized, num_replicas: int | None = None, rank: int | None = None
     ) -> None:
-        self.size = len(data_source)
-        world = dist.get_world_size() if active() else 1
-        self.num_replicas = num_replicas if num_replicas is not None else world
-        self.rank = rank if rank is not None else (dist.get_rank() if active() else 0)
+        here, size = world()
+        self.size, self.num_replicas = (
+            len(data_source),
+            size if num_replicas is None else num_replicas,
+        )
+        self.rank = here if rank is None else rank
         if not 0 <= self.rank < self.num_replicas:
             raise ValueError(f"'rank' must be in [0, {self.num_replicas}), but got {self.rank!r}")
 

@@ -181,7 +181,7 @@ def train_epoch(
     tally = Tally(metrics, resolved)
     guard = BatchGuard(model)
     skipped = 0
-    together = on_nonfinite == "skip" and distributed.active()  # all ranks skip a batch, or none
+    together = distributed.active()  # every rank skips or raises for a batch, or none does
     batches = distributed.in_step(loader)  # every rank must step as often
     start = time.perf_counter()
     with mode(model, True), Progress(progress, loader, "train") as bar:
@@ -199,7 +199,8 @@ def train_epoch(
                 nonfinite = not math.isfinite(value)
                 if distributed.any_rank(nonfinite) if together else nonfinite:
                     if on_nonfinite == "raise":
-                        raise NonFiniteLossError(index, value)
+                        where = "loss" if nonfinite else "loss on another rank"
+                        raise NonFiniteLossError(index, value if nonfinite else math.nan, where)
                     guard.restore()
                     skipped += 1
                     continue
@@ -293,7 +294,7 @@ def evaluate(
     no_grad = torch.inference_mode() if inference_mode else torch.no_grad()
     start = time.perf_counter()
     batches = distributed.in_step(loader) if sharded.is_sharded(model) else loader
-    with mode(model, False), no_grad, Progress(progress, loader, "eval") as bar:
+    with mode(model, False), no_grad, Progress(progress, loader, "eval") as bar, distributed.told():
         for index, batch in enumerate(batches):
             outputs, targets, samples = _run(model, forward, batch, index, resolved)
             if not samples:

@@ -1,9 +1,7 @@
 """Checkpoints of sharded (FSDP2) models: torch.distributed.checkpoint folders, swapped in whole.
 
-Every rank writes its own shards; nothing is gathered on one rank. Only tensors go through
-``torch.distributed.checkpoint``; everything else (epoch, metrics, optimizer settings,
-every rank's RNG state) travels as one packed tensor read back with ``weights_only=True``,
-and the folder's ``.metadata`` is unpickled with an allow-list, so loading runs no code.
+Each rank writes its own shards. Only tensors go through DCP; the rest is one packed tensor
+read with ``weights_only=True``, and ``.metadata`` is unpickled with an allow-list.
 """
 
 from __future__ import annotations
@@ -46,10 +44,8 @@ _ALLOWED = {(f"{_DCP}metadata", name) for name in _METADATA_CLASSES.split()} | {
 
 def is_sharded(model: nn.Module) -> bool:
     """Tell whether ``model`` holds DTensor parameters (``fully_shard``, FSDP2)."""
-    tensor_lib = sys.modules.get("torch.distributed.tensor")  # no DTensor before its import
-    return tensor_lib is not None and any(
-        isinstance(p, tensor_lib.DTensor) for p in model.parameters()
-    )
+    lib = sys.modules.get("torch.distributed.tensor")  # no DTensor before its import
+    return lib is not None and any(isinstance(p, lib.DTensor) for p in model.parameters())
 
 
 def refuse_fsdp1(model: nn.Module, what: str) -> None:
@@ -69,10 +65,27 @@ def _pack(value: Any) -> torch.Tensor:
     return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
 
 
-def _split(entry: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split one parameter's optimizer state into its tensors and everything else."""
+def _tensors_apart(entry: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a state dict into its tensors and everything else (extra state, step counts)."""
     tensors = {name: value for name, value in entry.items() if isinstance(value, torch.Tensor)}
     return tensors, {name: value for name, value in entry.items() if name not in tensors}
+
+
+def split(payload: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Return ``payload``'s tensors (for DCP) and the plain rest, to check and pack."""
+    tensors, model_rest = _tensors_apart(payload["model"])
+    meta = {key: value for key, value in payload.items() if key not in ("model", "optimizer")}
+    meta["model_rest"], shards = model_rest, {"model": tensors}
+    optimizer = payload.get("optimizer")
+    if optimizer is not None:
+        parts = {fqn: _tensors_apart(entry) for fqn, entry in optimizer["state"].items()}
+        shards["optimizer"] = {fqn: kept for fqn, (kept, _) in parts.items()}
+        rest = {fqn: other for fqn, (_, other) in parts.items()}
+        meta["optimizer"] = {"param_groups": optimizer["param_groups"], "state": rest}
+        meta["optimizer_tensors"] = [
+            [fqn, name] for fqn, (kept, _) in parts.items() for name in kept
+        ]
+    return shards, meta
 
 
 def _exchange(first: Path, second: Path) -> bool:
@@ -90,7 +103,7 @@ def _swap_in(temp: Path, target: Path, started: float) -> int:
     if not target.exists():
         os.rename(temp, target)
     elif not _exchange(temp, target):  # elsewhere: a moment without target, the old kept aside
-        aside = temp.with_suffix(".old")
+        aside = temp.with_name(f"{temp.name}.old")  # swept as an orphan if a crash keeps it
         os.rename(target, aside)
         os.rename(temp, target)
         temp = aside
@@ -99,34 +112,20 @@ def _swap_in(temp: Path, target: Path, started: float) -> int:
         folder = os.open(target.parent, os.O_RDONLY)
         os.fsync(folder)
         os.close(folder)
-    for orphan in target.parent.glob(f".{target.name}.*.tmp"):  # from killed saves
+    for orphan in target.parent.glob(f".{target.name}.*.tmp*"):  # from killed saves
         if orphan.stat().st_mtime < started:
             shutil.rmtree(orphan, ignore_errors=True)
     return size
 
 
-def save(target: Path, payload: dict[str, Any]) -> int:
-    """Write ``payload`` as a sharded folder at ``target`` (a collective); return its bytes.
+def save(target: Path, shards: dict[str, Any], meta: dict[str, Any]) -> int:
+    """Write ``shards`` (every rank its own) and rank 0's packed ``meta``; return the bytes.
 
-    Tensors (the model's and optimizer's shards) go to ``torch.distributed.checkpoint``;
-    the rest is packed into one tensor. The folder is written beside ``target`` under a
-    temporary name and swapped in when every rank has finished, so a crash leaves the old
-    checkpoint whole.
+    A temporary folder beside ``target`` is swapped in once every rank has finished.
     """
     import torch.distributed.checkpoint as dcp
 
-    meta = {key: value for key, value in payload.items() if key not in ("model", "optimizer")}
-    tensors: dict[str, Any] = {"model": payload["model"]}
-    optimizer = payload.get("optimizer")
-    if optimizer:  # tensors to DCP; the rest, and where the tensors were, packed
-        split = {fqn: _split(entry) for fqn, entry in optimizer["state"].items()}
-        tensors["optimizer"] = {fqn: parts[0] for fqn, parts in split.items()}
-        state = {fqn: parts[1] for fqn, parts in split.items()}
-        meta["optimizer"] = {"param_groups": optimizer["param_groups"], "state": state}
-        meta["optimizer_tensors"] = [
-            [fqn, name] for fqn, (kept, _) in split.items() for name in kept
-        ]
-    tensors[_PACKED] = _pack(meta)
+    tensors = {**shards, _PACKED: _pack(meta)} if distributed.is_main() else shards
     started = time.time()
     temp = target.with_name(
         f".{target.name}.{distributed.on_main(lambda: secrets.token_hex(8))}.tmp"
@@ -155,10 +154,14 @@ class _Unpickler(pickle.Unpickler):
 
 
 def _metadata(target: Path) -> Any:
-    """Return the folder's checkpoint metadata, read through the allow-list."""
+    """Return the folder's metadata if allow-listed, all tensors, all files in the folder."""
+    # DCP would unpickle a non-tensor entry with weights_only=False
+    from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
     try:
         with open(target / _METADATA, "rb") as handle:
-            return _Unpickler(handle).load()
+            metadata = _Unpickler(handle).load()
+        entries, files = metadata.state_dict_metadata, metadata.storage_data.values()
     except CheckpointError as error:
         raise CheckpointError(f"{str(target)!r}: {error}") from None
     except Exception as error:
@@ -166,6 +169,15 @@ def _metadata(target: Path) -> Any:
             f"{str(target)!r} is not a loadable sharded checkpoint: its {_METADATA} is "
             f"unreadable ({type(error).__name__}: {error})"
         ) from None
+    odd = [key for key, entry in entries.items() if type(entry) is not TensorStorageMetadata]
+    paths = [getattr(info, "relative_path", None) for info in files]
+    if type(metadata) is not Metadata or odd or any(Path(str(p)).name != p for p in paths):
+        raise CheckpointError(
+            f"refused to load {str(target)!r}: its {_METADATA} lists "
+            f"{f'non-tensor entries {odd[:3]}' if odd else 'files outside the folder'}, "
+            f"which fntrain never writes, and loading them could run code or read other files"
+        )
+    return metadata
 
 
 def _load(target: Path, state: dict[str, Any]) -> None:
@@ -174,7 +186,10 @@ def _load(target: Path, state: dict[str, Any]) -> None:
     from torch.distributed.checkpoint.metadata import StorageMeta
 
     class Reader(dcp.FileSystemReader):
+        """DCP's reader, with the metadata read through :func:`_metadata`."""
+
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            """Return the checked metadata, with the load id DCP expects."""
             metadata = _metadata(target)
             metadata.storage_meta = metadata.storage_meta or StorageMeta()
             metadata.storage_meta.load_id = self.load_id
@@ -202,11 +217,7 @@ def _blank(like: torch.Tensor | None, entry: Any) -> torch.Tensor:
 
 
 def read(target: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-    """Read a sharded folder into fresh tensors laid out as ``model``'s; return the payload.
-
-    Nothing in ``model`` or ``optimizer`` changes here: the caller checks keys and shapes
-    against the model's, then loads.
-    """
+    """Read a sharded folder into fresh tensors laid out as ``model``'s; return the payload."""
     if not (target / _METADATA).is_file():
         raise CheckpointError(f"'path' {str(target)!r} is a folder but not a sharded checkpoint")
     entries = _metadata(target).state_dict_metadata
@@ -214,7 +225,14 @@ def read(target: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
         raise CheckpointError(f"{str(target)!r} is a sharded checkpoint not written by fntrain")
     head = {_PACKED: _blank(None, entries[_PACKED])}
     _load(target, head)
-    payload = torch.load(io.BytesIO(head[_PACKED].numpy().tobytes()), weights_only=True)
+    try:
+        payload = torch.load(io.BytesIO(head[_PACKED].numpy().tobytes()), weights_only=True)
+        rest = dict(payload.pop("model_rest", {}))
+    except Exception as error:
+        raise CheckpointError(
+            f"{str(target)!r} is a malformed sharded checkpoint: its packed entries do not "
+            f"load with weights_only=True ({type(error).__name__})"
+        ) from None
     current = model.state_dict()  # keys it lacks or shapes that differ load as plain tensors
     weights = {key[6:]: _blank(current.get(key[6:]), entry)
                for key, entry in entries.items() if key.startswith("model.")}  # fmt: skip
@@ -231,7 +249,7 @@ def read(target: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
             entry = entries[f"optimizer.{fqn}.{name}"]
             wanted["optimizer"].setdefault(fqn, {})[name] = _blank(params.get(fqn), entry)
     _load(target, wanted)
-    payload["model"] = weights
+    payload["model"] = {**weights, **rest}
     if fits:
         for fqn, tensors in wanted["optimizer"].items():
             saved["state"].setdefault(fqn, {}).update(tensors)

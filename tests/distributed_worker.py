@@ -49,7 +49,15 @@ def desync_cases() -> dict[str, Any]:
     skipped = ft.train_epoch(model, poisoned, loss_fn, optimizer, "cpu", on_nonfinite="skip")
     uneven = batches[: 8 - rank]  # rank 0: 8 batches, rank 1: 7
     extra_metric = {"tm": MulticlassAccuracy(num_classes=3)} if rank == 0 else {}
+    unjudgeable = [(x, y + 5 * rank) for x, y in batches]  # rank 1: classes 5-7 of 3: fails
+    acc = {"acc": ft.accuracy()}
     return {
+        "raise_elsewhere": error_of(
+            lambda: ft.train_epoch(model, poisoned, loss_fn, optimizer, "cpu")
+        ),
+        "eval_fails_on_one_rank": error_of(
+            lambda: ft.evaluate(model, unjudgeable, loss_fn, "cpu", metrics=acc)
+        ),
         "skip": (
             skipped.skipped_batches,
             skipped.steps,
@@ -62,7 +70,6 @@ def desync_cases() -> dict[str, Any]:
         "torchmetrics_on_one_rank": error_of(
             lambda: ft.evaluate(model, batches, loss_fn, "cpu", metrics=extra_metric)
         ),
-        "weights_after_errors": {k: v.clone() for k, v in model.module.state_dict().items()},
     }
 
 
@@ -86,13 +93,15 @@ def rng_case(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> d
 
 
 def node_local_case(out: Path, model: nn.Module) -> dict[str, Any]:
-    """Save to a relative path from each rank's own folder, as node-local disks look."""
+    """Save from each rank's own folder, where only rank 0 made the checkpoint folder."""
     here = Path.cwd()
     local = out / f"node{dist.get_rank()}"
     local.mkdir()
+    if dist.get_rank() == 0:
+        (local / "ckpt").mkdir()
     os.chdir(local)
     try:
-        return {"local_size": ft.save_checkpoint("local.pt", model, epoch=0).size}
+        return {"local_size": ft.save_checkpoint("ckpt/local.pt", model, epoch=0).size}
     finally:
         os.chdir(here)
 

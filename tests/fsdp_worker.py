@@ -111,7 +111,10 @@ def clip_case() -> dict[str, Any]:
     result = ft.train_epoch(
         model, rows, nn.CrossEntropyLoss(), optimizer, "cpu", clip_grad_norm=0.05
     )
-    return {"clipped": full(model), "grad_norm": result.grad_norm}
+    val = make_data(51, 4, 3, 4)  # 26 and 25 samples: 4 batches of 7 on each rank
+    loader = DataLoader(val, batch_size=7, sampler=ft.ShardSampler(val))
+    ev = ft.evaluate(model, loader, nn.CrossEntropyLoss(), "cpu", metrics={"acc": ft.accuracy()})
+    return {"clipped": full(model), "grad_norm": result.grad_norm, "eval": ev}
 
 
 def file_into_sharded_case(out: Path) -> dict[str, Any]:

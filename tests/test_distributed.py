@@ -110,6 +110,20 @@ def test_skipping_a_non_finite_loss_on_one_rank_skips_it_on_every_rank(ranks: An
     assert all(torch.equal(value, second[key]) for key, value in first.items())
 
 
+def test_a_non_finite_loss_on_one_rank_raises_on_every_rank(ranks: Any) -> None:
+    """With on_nonfinite='raise' both ranks raise at the same batch, none waits for a timeout."""
+    _, results = ranks
+    assert "the loss on another rank of batch 2 is nan" in results[0]["raise_elsewhere"]
+    assert "the loss of batch 2 is nan" in results[1]["raise_elsewhere"]
+
+
+def test_an_evaluation_error_on_one_rank_raises_on_every_rank(ranks: Any) -> None:
+    """Targets only rank 1 cannot take: rank 1 says why, rank 0 that another rank failed."""
+    _, results = ranks
+    assert "another rank failed in this pass: IndexError" in results[0]["eval_fails_on_one_rank"]
+    assert "out of bounds" in results[1]["eval_fails_on_one_rank"]
+
+
 def test_different_batch_counts_on_the_ranks_raise_on_every_rank(ranks: Any) -> None:
     """8 batches on rank 0, 7 on rank 1: told by len() before the first batch, or on the way."""
     _, results = ranks
@@ -129,14 +143,14 @@ def test_a_torchmetrics_object_on_one_rank_only_is_an_error_not_a_hang(ranks: An
 
 
 def test_only_rank_0_touches_the_file_so_node_local_disks_work(ranks: Any) -> None:
-    """Each rank saves to its own folder (as on node-local disks): only rank 0's gets the file."""
+    """Each rank saves from its own folder (node-local disks) where only rank 0 made 'ckpt'."""
     out, results = ranks
-    assert sorted(p.name for p in (out / "node0").iterdir()) == ["local.pt"]
+    assert [p.name for p in (out / "node0" / "ckpt").iterdir()] == ["local.pt"]
     assert list((out / "node1").iterdir()) == []
     assert (
         results[0]["local_size"]
         == results[1]["local_size"]
-        == (out / "node0" / "local.pt").stat().st_size
+        == (out / "node0" / "ckpt" / "local.pt").stat().st_size
     )
 
 

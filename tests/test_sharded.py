@@ -14,6 +14,8 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader
 
 import fntrain as ft
@@ -75,8 +77,8 @@ def test_the_sharded_checkpoint_is_one_folder_of_shards_and_nothing_else(ranks: 
     assert results[0]["saved_size"] == sum(p.stat().st_size for p in folder.iterdir())
 
 
-def test_clipping_under_fsdp2_equals_one_process(ranks: Any) -> None:
-    """The clipped norm is the global one: weights and grad_norm equal one process's."""
+def test_clipping_and_evaluation_under_fsdp2_equal_one_process(ranks: Any) -> None:
+    """The clipped norm is the global one; weights, grad_norm and evaluate equal one process's."""
     _, results = ranks
     model = dropout_model()
     model[2].p = 0.0
@@ -89,6 +91,13 @@ def test_clipping_under_fsdp2_equals_one_process(ranks: Any) -> None:
         assert result["grad_norm"] == pytest.approx(single.grad_norm, rel=1e-5)
         for key, value in model.state_dict().items():
             torch.testing.assert_close(result["clipped"][key], value, rtol=1e-5, atol=1e-6)
+    val = make_data(51, 4, 3, 4)
+    ev = ft.evaluate(model, DataLoader(val, batch_size=7), nn.CrossEntropyLoss(), "cpu",
+                     metrics={"acc": ft.accuracy()})  # fmt: skip
+    for result in results:
+        assert result["eval"].samples == 51
+        assert result["eval"].loss == pytest.approx(ev.loss, rel=1e-5)
+        assert result["eval"].metrics["acc"] == pytest.approx(ev.metrics["acc"])
 
 
 def test_a_single_file_loads_into_an_fsdp2_models_weights_only(ranks: Any) -> None:
@@ -151,6 +160,92 @@ def test_a_metadata_file_that_would_run_code_is_refused_unread(tmp_path: Path) -
     assert not marker.exists()
 
 
+def test_a_metadata_file_of_allowed_classes_that_would_run_code_is_refused(
+    one_rank: None, tmp_path: Path
+) -> None:
+    """Allowed classes dressed up as a tensor entry pointing at a pickle: refused, nothing runs."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata,
+        MetadataIndex,
+        TensorProperties,
+    )
+
+    folder, marker = tmp_path / "run.ckpt", tmp_path / "ran"
+    ft.save_checkpoint(folder, shard(dropout_model()), epoch=1)
+    evil = pickle.dumps(_Payload(marker))
+    (folder / "evil.distcp").write_bytes(evil)
+    metadata = pickle.loads((folder / ".metadata").read_bytes())
+    fake = BytesStorageMetadata()  # DCP unpickles such an entry with weights_only=False
+    fake.size, fake.properties = torch.Size([len(evil)]), TensorProperties(dtype=torch.uint8)
+    metadata.state_dict_metadata["fntrain"] = fake
+    metadata.storage_data[MetadataIndex("fntrain")] = _StorageInfo("evil.distcp", 0, len(evil))
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(ft.CheckpointError, match=r"lists non-tensor entries \['fntrain'\]"):
+        ft.load_checkpoint(folder, dropout_model())
+    metadata.state_dict_metadata["fntrain"] = TensorStorageMetadata(
+        TensorProperties(dtype=torch.uint8), torch.Size([3]), []
+    )
+    metadata.storage_data[MetadataIndex("fntrain")] = _StorageInfo("../secret", 0, 3)
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(ft.CheckpointError, match="files outside the folder"):
+        ft.load_checkpoint(folder, dropout_model())
+    assert not marker.exists()
+
+
+def test_saving_before_the_first_step_leaves_the_optimizer_untouched(
+    one_rank: None, tmp_path: Path
+) -> None:
+    """A sharded save of a fresh Adam creates no state: training after it is bit-identical."""
+    data = [(x[None], y[None]) for x, y in make_data(8, 4, 3, 5)]
+    trained = []
+    for save_first in (False, True):
+        model = shard(dropout_model())
+        model[2].p = 0.0
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+        if save_first:
+            ft.save_checkpoint(tmp_path / "fresh.ckpt", model, optimizer, epoch=0)
+            assert not optimizer.state
+        ft.train_epoch(model, data, nn.CrossEntropyLoss(), optimizer, "cpu")
+        trained.append({k: v.full_tensor() for k, v in model.state_dict().items()})
+    assert all(torch.equal(v, trained[1][k]) for k, v in trained[0].items())
+    fresh = shard(dropout_model())
+    fresh_optimizer = torch.optim.Adam(fresh.parameters(), lr=0.1)
+    assert ft.load_checkpoint(tmp_path / "fresh.ckpt", fresh, fresh_optimizer).epoch == 0
+
+
+class _Counted(nn.Module):
+    """A model with extra state (a call count) beside its weights."""
+
+    def __init__(self, note: object = 3) -> None:
+        super().__init__()
+        self.fc, self.note = nn.Linear(4, 2), note
+
+    def get_extra_state(self) -> object:
+        return {"note": self.note}
+
+    def set_extra_state(self, state: dict[str, object]) -> None:
+        self.note = state["note"]
+
+
+def test_non_tensor_state_round_trips_or_is_refused_at_save(one_rank: None, tmp_path: Path) -> None:
+    """Plain extra state loads back; state weights_only would refuse is refused at save time."""
+    model = _Counted(note=[1, "two"])
+    fully_shard(model)
+    ft.save_checkpoint(tmp_path / "a.ckpt", model, epoch=1)
+    other = _Counted()
+    fully_shard(other)
+    ft.load_checkpoint(tmp_path / "a.ckpt", other)
+    assert other.note == [1, "two"]
+    odd = _Counted(note=object())
+    fully_shard(odd)
+    with pytest.raises(
+        TypeError, match=r"state\['model_rest'\]\['_extra_state'\]\['note'\] must hold only"
+    ):
+        ft.save_checkpoint(tmp_path / "b.ckpt", odd, epoch=1)
+    assert not (tmp_path / "b.ckpt").exists()
+
+
 def test_folders_that_are_not_sharded_checkpoints_are_refused(tmp_path: Path) -> None:
     """A plain folder is neither loaded nor overwritten: the error names 'path'."""
     (tmp_path / "data").mkdir()
@@ -181,12 +276,18 @@ def test_a_sharded_save_replaces_the_old_folder_whole(
     one_rank: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exchange: bool
 ) -> None:
     """The new folder is swapped in (atomically where renameat2 exists); no other folder is left."""
-    if not exchange:
-        monkeypatch.setattr(sharded_module, "_exchange", lambda first, second: False)
+    swaps, real = [], sharded_module._exchange
+
+    def swap(first: Path, second: Path) -> bool:
+        swaps.append(exchange and real(first, second))
+        return swaps[-1]
+
+    monkeypatch.setattr(sharded_module, "_exchange", swap)
     model = shard(dropout_model())
     target = tmp_path / "run.ckpt"
     ft.save_checkpoint(target, model, epoch=1)
     ft.save_checkpoint(target, model, epoch=2)
+    assert swaps == [exchange]  # the second save swapped (atomically, where asked)
     assert ft.load_checkpoint(target, shard(dropout_model())).epoch == 2
     assert [p.name for p in tmp_path.iterdir()] == ["run.ckpt"]
 
@@ -246,4 +347,4 @@ def test_a_truncated_shard_is_an_error_and_changes_nothing(one_rank: None, tmp_p
             param.fill_(7.0)
     with pytest.raises(ft.CheckpointError, match="not a loadable sharded checkpoint"):
         ft.load_checkpoint(target, model)
-    assert all(float(p.full_tensor().min()) == 7.0 for p in model.parameters())
+    assert all(float(p.detach().full_tensor().min()) == 7.0 for p in model.parameters())
