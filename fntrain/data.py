@@ -61,12 +61,12 @@ def check_model_on(model: nn.Module, device: torch.device) -> None:
 
 
 def to_device(data: Any, device: torch.device) -> Any:
-    """Move the tensors in nested tuples, lists and mappings to ``device``; the rest stays.
-
-    Copies to CUDA are ``non_blocking``: asynchronous from pinned memory, harmless otherwise.
-    """
-    cuda = device.type == "cuda"
-    return map_tensors(lambda t: t if t.device == device else t.to(device, non_blocking=cuda), data)
+    """Move the tensors in nested tuples, lists and mappings to ``device`` (CUDA: non-blocking)."""
+    if isinstance(data, torch.Tensor):  # the common case, without the structural walk
+        return (
+            data if data.device == device else data.to(device, non_blocking=device.type == "cuda")
+        )
+    return map_tensors(lambda t: to_device(t, device), data)
 
 
 def describe(obj: object) -> str:

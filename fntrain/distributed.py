@@ -52,19 +52,16 @@ def on_main(work: Callable[[], T]) -> T:
 
 def everywhere(check: Callable[[], object]) -> None:
     """Run ``check`` on every rank; if it raises on any rank, raise that error on every rank."""
-    error = None
-    try:
+    with told():  # a rank that raises tells the others here
         check()
-    except Exception as caught:
-        error = caught
-    raised = [e for e in all_gather(error) if e is not None]
+    raised = [error for error in all_gather(None) if error is not None]
     if raised:
         raise raised[0]
 
 
 @contextlib.contextmanager
 def told() -> Iterator[None]:
-    """On an error inside, tell the other ranks: they raise at the pass's layout check."""
+    """On an error inside, tell the other ranks (they raise at their next all_gather)."""
     try:
         yield
     except Exception as error:

@@ -47,6 +47,9 @@ _REFUSALS = (
 )
 
 
+_CLEAN = (0, 0, 0)  # no target that cannot be judged
+
+
 def _refuse(name: str, bad: tuple[Part, ...]) -> None:
     """Raise ValueError for the first kind of target in ``bad`` that ``name`` cannot judge."""
     for count, message in zip(bad, _REFUSALS, strict=False):  # none when checked at once
@@ -96,7 +99,7 @@ def _judge(
         bad = (0, multi_hot.sum(), (~probability & ~multi_hot).sum())
         labels = targets.argmax(dim=1)
     elif _plainly_in_range(targets, classes):  # the common case on the CPU: one reduction
-        bad, labels = (0, 0, 0), targets
+        bad, labels = _CLEAN, targets
     else:
         outside = (targets < 0) | (targets >= classes)
         if targets.is_floating_point():
@@ -123,6 +126,8 @@ def _classification(name: str, threshold: float, ignore_index: int | None, k: in
             hits, bad = _judge(outputs, targets.masked_fill(~keep, 0), name, threshold, k)
             keep = keep.reshape(hits.shape) if keep.numel() == hits.numel() else keep.all(dim=1)
             hits, counted = hits & keep, keep.sum()
+        if bad is _CLEAN:
+            return hits.sum(), counted
         if any(isinstance(b, torch.Tensor) and not b.is_cpu for b in bad):
             return (hits.sum(), counted, *bad)  # on a device: counted, refused by compute
         _refuse(name, bad)  # on the host: no sync, so refuse at once
@@ -224,7 +229,6 @@ def _named(name: str, run: Callable[[], Any]) -> Any:
         raise reword(error, prefix=f"metrics[{name!r}]: ") from None
 
 
-@torch.no_grad()
 def parts(
     metrics: Mapping[str, Any],
     outputs: Any,
@@ -233,9 +237,12 @@ def parts(
 ) -> dict[Hashable, Part]:
     """Return one batch's metric parts keyed ``(name, position)``; torchmetrics update themselves.
 
-    An error names the metric. ``undo`` gets a function per torchmetrics update that takes it
-    back (``train_epoch`` runs them if the batch fails before its step).
+    Runs without autograd. An error names the metric. ``undo`` gets a function per
+    torchmetrics update that takes it back (run if the batch fails before its step).
     """
+    if torch.is_grad_enabled() and metrics:  # train_epoch; evaluate is under no_grad already
+        with torch.no_grad():
+            return parts(metrics, outputs, targets, undo)
     found: dict[Hashable, Part] = {}
     for name, metric in metrics.items():
         if not isinstance(metric, Metric):

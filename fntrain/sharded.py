@@ -1,8 +1,4 @@
-"""Checkpoints of sharded (FSDP2) models: torch.distributed.checkpoint folders, swapped in whole.
-
-Each rank writes its own shards. Only tensors go through DCP; the rest is one packed tensor
-read with ``weights_only=True``, and ``.metadata`` is unpickled with an allow-list.
-"""
+"""Checkpoints of sharded (FSDP2) models: torch.distributed.checkpoint folders, swapped in whole."""
 
 from __future__ import annotations
 
@@ -90,11 +86,10 @@ def split(payload: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def _exchange(first: Path, second: Path) -> bool:
     """Swap two folders in one atomic step (Linux ``renameat2``); False where unsupported."""
-    try:
+    with contextlib.suppress(OSError, AttributeError, TypeError):  # not Linux, an old libc
         libc = ctypes.CDLL(None, use_errno=True)
         return libc.renameat2(-100, os.fsencode(first), -100, os.fsencode(second), 2) == 0
-    except (OSError, AttributeError):  # not Linux, or an old C library
-        return False
+    return False
 
 
 def _swap_in(temp: Path, target: Path, started: float) -> int:
