@@ -181,7 +181,7 @@ def train_epoch(
     tally = Tally(metrics, resolved)
     guard = BatchGuard(model)
     skipped = 0
-    together = distributed.active()  # every rank skips or raises for a batch, or none does
+    together = on_nonfinite == "skip" and distributed.active()  # all ranks skip it, or none
     batches = distributed.in_step(loader)  # every rank must step as often
     start = time.perf_counter()
     with mode(model, True), Progress(progress, loader, "train") as bar:
@@ -199,8 +199,7 @@ def train_epoch(
                 nonfinite = not math.isfinite(value)
                 if distributed.any_rank(nonfinite) if together else nonfinite:
                     if on_nonfinite == "raise":
-                        where = "loss" if nonfinite else "loss on another rank"
-                        raise NonFiniteLossError(index, value if nonfinite else math.nan, where)
+                        raise NonFiniteLossError(index, value)
                     guard.restore()
                     skipped += 1
                     continue

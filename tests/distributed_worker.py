@@ -52,9 +52,6 @@ def desync_cases() -> dict[str, Any]:
     unjudgeable = [(x, y + 5 * rank) for x, y in batches]  # rank 1: classes 5-7 of 3: fails
     acc = {"acc": ft.accuracy()}
     return {
-        "raise_elsewhere": error_of(
-            lambda: ft.train_epoch(model, poisoned, loss_fn, optimizer, "cpu")
-        ),
         "eval_fails_on_one_rank": error_of(
             lambda: ft.evaluate(model, unjudgeable, loss_fn, "cpu", metrics=acc)
         ),
