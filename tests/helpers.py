@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -79,3 +84,14 @@ def assert_bit_identical(
             assert value is other, key
         else:
             assert torch.equal(value, other), key
+
+
+def run_two_ranks(worker: str, out: Path) -> list[dict[str, Any]]:
+    """Run ``python -m worker out`` on 2 gloo ranks under torchrun; load each rank's results."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", "-m", worker, str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]

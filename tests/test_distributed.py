@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +12,7 @@ from torch.utils.data import DataLoader
 
 import fntrain as ft
 from tests.distributed_worker import small_model
-from tests.helpers import make_data
+from tests.helpers import make_data, run_two_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,12 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
     """Run the worker on 2 ranks once (free port chosen by --standalone); load each result."""
     out = tmp_path_factory.mktemp("ddp")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node=2", "-m", "tests.distributed_worker", str(out)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return out, run_two_ranks("tests.distributed_worker", out)
 
 
 def test_global_evaluation_equals_one_process_on_all_the_data(ranks: Any) -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ from torch.utils.data import DataLoader
 import fntrain as ft
 import fntrain.sharded as sharded_module
 from tests.fsdp_worker import dropout_model, shard
-from tests.helpers import make_data
+from tests.helpers import make_data, run_two_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,12 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
     """Run the FSDP2 worker on 2 ranks once; load each rank's results."""
     out = tmp_path_factory.mktemp("fsdp")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node=2", "-m", "tests.fsdp_worker", str(out)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return out, run_two_ranks("tests.fsdp_worker", out)
 
 
 @pytest.fixture
