@@ -285,7 +285,8 @@ def save_checkpoint(
         optimizer: its state is saved when given.
         scheduler: an LR scheduler whose state is saved when given.
         scaler: a ``torch.amp.GradScaler`` whose state is saved when given.
-        epoch: the number of epochs completed.
+        epoch: your epoch counter, stored as given (the README saves the finished epoch's
+            0-based index and resumes at ``ckpt.epoch + 1``).
         step: the number of optimizer steps completed.
         metrics: name to value (floats or tensors), e.g. ``EvalResult.metrics``.
         extra: your own plain data (numbers, str, tensors, lists and dicts of them).
