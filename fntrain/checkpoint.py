@@ -615,8 +615,7 @@ def load_checkpoint(
             kept = {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
                     for k, v in plain.state_dict().items()}  # fmt: skip
             undo.append(lambda: plain.load_state_dict(kept, strict=False))
-        found = (v for v in model_state.values() if isinstance(v, torch.Tensor))
-        if not sharded.is_sharded(plain) or any(type(v).__name__ == "DTensor" for v in found):
+        if not sharded.is_sharded(plain) or any(map(sharded.is_dtensor, model_state.values())):
             keys = plain.load_state_dict(model_state, strict=strict)
         else:  # full tensors into a sharded model: sharded first
             import torch.distributed.checkpoint.state_dict as dsd

@@ -83,7 +83,8 @@ def _agree(flag: bool) -> tuple[bool, bool]:
     """Return whether ``flag`` is true on any rank and whether it is on every rank."""
     both = torch.tensor([float(flag), -float(flag)], device=_collective_device())
     dist.all_reduce(both, op=dist.ReduceOp.MAX)
-    return bool(both[0] > 0), bool(-both[1] > 0)
+    most, least = both.tolist()  # one host transfer
+    return most > 0, -least > 0
 
 
 def any_rank(flag: bool) -> bool:
@@ -107,7 +108,7 @@ def in_step(loader: Iterable[Any]) -> Iterable[Any]:
             f"'loader' gives the ranks different numbers of batches ({counts}, by rank), so "
             f"their collectives (gradient all-reduces, FSDP2's all-gathers) would fall out of "
             f"step; give every rank the same count: for training DistributedSampler(data) "
-            f"pads, for evaluation pick a batch_size that splits every shard into as many"
+            f"pads, for evaluation pick a batch_size that gives every shard as many batches"
         )
     return loader
 
@@ -231,11 +232,8 @@ class ShardSampler(Sampler[int]):
         self, data_source: Sized, num_replicas: int | None = None, rank: int | None = None
     ) -> None:
         here, size = world()
-        self.size, self.num_replicas = (
-            len(data_source),
-            size if num_replicas is None else num_replicas,
-        )
-        self.rank = here if rank is None else rank
+        self.size, self.rank = len(data_source), here if rank is None else rank
+        self.num_replicas = size if num_replicas is None else num_replicas
         if not 0 <= self.rank < self.num_replicas:
             raise ValueError(f"'rank' must be in [0, {self.num_replicas}), but got {self.rank!r}")
 

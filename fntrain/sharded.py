@@ -38,10 +38,15 @@ _ALLOWED = {(f"{_DCP}metadata", name) for name in _METADATA_CLASSES.split()} | {
 }
 
 
+def is_dtensor(value: Any) -> bool:
+    """Tell whether ``value`` is a DTensor (none exists before its module is imported)."""
+    lib = sys.modules.get("torch.distributed.tensor")
+    return lib is not None and isinstance(value, lib.DTensor)
+
+
 def is_sharded(model: nn.Module) -> bool:
     """Tell whether ``model`` holds DTensor parameters (``fully_shard``, FSDP2)."""
-    lib = sys.modules.get("torch.distributed.tensor")  # no DTensor before its import
-    return lib is not None and any(isinstance(p, lib.DTensor) for p in model.parameters())
+    return any(map(is_dtensor, model.parameters()))
 
 
 def refuse_fsdp1(model: nn.Module, what: str) -> None:

@@ -341,3 +341,18 @@ def test_a_truncated_shard_is_an_error_and_changes_nothing(one_rank: None, tmp_p
     with pytest.raises(ft.CheckpointError, match="not a loadable sharded checkpoint"):
         ft.load_checkpoint(target, model)
     assert all(float(p.detach().full_tensor().min()) == 7.0 for p in model.parameters())
+
+
+def test_a_sharded_checkpoint_from_elsewhere_is_refused_by_name(tmp_path: Path) -> None:
+    """A DCP folder another tool wrote (no fntrain entry) is a CheckpointError; nothing loads."""
+    import torch.distributed.checkpoint as dcp
+
+    model = dropout_model()
+    with pytest.warns(UserWarning, match="torch.distributed is disabled"):  # DCP says so alone
+        dcp.save({"model": model.state_dict()}, checkpoint_id=tmp_path / "other", no_dist=True)
+    fresh = dropout_model()
+    with torch.no_grad():
+        fresh[0].weight.fill_(3.0)
+    with pytest.raises(ft.CheckpointError, match="is a sharded checkpoint not written by fntrain"):
+        ft.load_checkpoint(tmp_path / "other", fresh)
+    assert float(fresh[0].weight.detach().min()) == 3.0
