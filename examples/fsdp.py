@@ -6,8 +6,8 @@
 
 Each layer's parameters are split across the ranks (``fully_shard``). ``save_checkpoint``
 writes a folder in which every rank stores its own shards (nothing is gathered on one
-rank); every rank resumes from it; at the end rank 0, alone, loads the folder into a
-plain model and writes one file for inference on a single machine.
+rank); every rank resumes from it; at the end the folder is loaded into a plain model
+and rank 0 writes it as one file for inference on a single machine.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def sharded_cnn(device: torch.device) -> nn.Module:
 
 
 def main() -> None:
-    """Train and checkpoint sharded; resume on every rank; convert to one file on rank 0."""
+    """Train and checkpoint sharded; resume on every rank; convert to one file."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="2 epochs, for smoke tests")
@@ -76,14 +76,12 @@ def main() -> None:
     again = ft.evaluate(fresh, val_loader, loss_fn, device, metrics=metrics)
     say(f"resumed from epoch {ckpt.epoch + 1}: val acc {again.metrics['acc']:.4f} "
         f"(saved {ckpt.metrics['acc']:.4f})")  # fmt: skip
-    dist.barrier()  # every rank is done with the folder
+    plain = small_cnn()  # the shards load into a plain model on every rank; rank 0 writes
+    ft.load_checkpoint(args.out, plain)
+    single = ft.save_checkpoint(f"{args.out}.pt", plain, epoch=ckpt.epoch)
+    say(f"one file for inference: {single.path} ({single.size} bytes)")
+    dist.barrier()  # every rank ends together: none tears the group down while one works on
     dist.destroy_process_group()
-
-    if rank == 0:  # one process, no group: the shards load into the plain model
-        plain = small_cnn()
-        ft.load_checkpoint(args.out, plain)
-        single = ft.save_checkpoint(f"{args.out}.pt", plain, epoch=ckpt.epoch)
-        print(f"one file for inference: {single.path} ({single.size} bytes)")
 
 
 if __name__ == "__main__":

@@ -86,12 +86,20 @@ def assert_bit_identical(
             assert torch.equal(value, other), key
 
 
+def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``args`` on 2 gloo ranks under torchrun; fail with its output (and a crashed
+    rank's Python stack, from faulthandler) unless it exits cleanly."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    env["PYTHONFAULTHANDLER"] = "1"
+    done = subprocess.run(
+        command + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, f"{done.stdout[-1500:]}\n{done.stderr[-4000:]}"
+    return done
+
+
 def run_two_ranks(worker: str, out: Path) -> list[dict[str, Any]]:
     """Run ``python -m worker out`` on 2 gloo ranks under torchrun; load each rank's results."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node=2", "-m", worker, str(out)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    root = Path(__file__).resolve().parent.parent
-    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-4000:]
+    torchrun(["-m", worker, str(out)], Path(__file__).resolve().parent.parent)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fntrain as ft
+from tests.helpers import torchrun
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -80,10 +81,7 @@ def test_digits_full_run_reaches_97_percent_held_out_accuracy(tmp_path: Path) ->
 def test_ddp_example_runs_on_two_ranks_with_torchrun(tmp_path: Path) -> None:
     """examples/ddp.py --quick trains, evaluates, checkpoints and resumes on 2 gloo ranks."""
     pytest.importorskip("sklearn")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node=2", str(EXAMPLES / "ddp.py"), "--quick"]  # fmt: skip
-    out = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = torchrun([str(EXAMPLES / "ddp.py"), "--quick"], tmp_path)
     lines = out.stdout.splitlines()
     assert lines[0].startswith("2 ranks")
     assert sum(line.startswith("epoch") for line in lines) == 2  # printed by rank 0 only
@@ -94,10 +92,7 @@ def test_ddp_example_runs_on_two_ranks_with_torchrun(tmp_path: Path) -> None:
 def test_fsdp_example_checkpoints_sharded_and_converts_to_one_file(tmp_path: Path) -> None:
     """examples/fsdp.py --quick: FSDP2 on 2 gloo ranks, sharded save, resume, one-file copy."""
     pytest.importorskip("sklearn")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node=2", str(EXAMPLES / "fsdp.py"), "--quick"]  # fmt: skip
-    out = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = torchrun([str(EXAMPLES / "fsdp.py"), "--quick"], tmp_path)
     lines = out.stdout.splitlines()
     assert lines[0].startswith("2 ranks") and "FSDP2" in lines[0]
     assert sum(line.startswith("epoch") for line in lines) == 2
