@@ -145,7 +145,8 @@ def train_epoch(
         on_step: ``on_step(step)`` with a frozen ``ft.Step`` after every optimizer (and scheduler)
             step, to log or update an EMA; an exception from it ends the epoch, that step applied.
         on_nonfinite: ``"raise"`` a ``NonFiniteLossError`` before the step, or ``"skip"`` the batch.
-        progress: show a tqdm progress bar (hidden when output is not a terminal).
+        progress: show progress on rank 0: a tqdm bar (terminal, notebook) with the running
+            loss and metrics, kept with the final ones; else plain lines on stderr.
         accumulate: add up the gradients of this many batches per step (the gradient of their
             sample-weighted mean loss); a partial window at the end is stepped too.
         autocast: ``torch.bfloat16`` or ``torch.float16`` to run forward and loss under autocast.
@@ -208,15 +209,17 @@ def train_epoch(
                 step = stepper.step(index, guard)  # None until the window is full
             del outputs, loss  # free this batch's outputs before the next forward
             tally.add(value, samples, parts)  # checked by stage(): cannot fail
-            bar.tick(samples, tally.running_loss)
+            bar.tick(samples, tally.running)
             if step is not None and on_step is not None:
                 on_step(step)
         with guard:
             last = stepper.step(index, guard, final=True)  # a partial window at the end
         if last is not None and on_step is not None:
             on_step(last)
+        totals = _totals(tally, start, skipped)
+        bar.finish(totals)
     return TrainResult(
-        **_totals(tally, start, skipped),
+        **totals,
         steps=stepper.steps,
         lr=float(optimizer.param_groups[0]["lr"]),
         skipped_batches=skipped,
@@ -272,7 +275,8 @@ def evaluate(
         metrics: name to metric (``ft.accuracy()``, a torchmetrics object, ...).
         forward: ``forward(model, batch) -> (outputs, targets)``, as for ``train_epoch``.
         inference_mode: use ``torch.inference_mode()`` instead of ``torch.no_grad()``.
-        progress: show a tqdm progress bar (hidden when output is not a terminal).
+        progress: show progress on rank 0: a tqdm bar (terminal, notebook) with the running
+            loss and metrics, kept with the final ones; else plain lines on stderr.
 
     Returns:
         A frozen ``EvalResult``.
@@ -293,15 +297,19 @@ def evaluate(
     no_grad = torch.inference_mode() if inference_mode else torch.no_grad()
     start = time.perf_counter()
     batches = distributed.in_step(loader) if sharded.is_sharded(model) else loader
-    with mode(model, False), no_grad, Progress(progress, loader, "eval") as bar, distributed.told():
-        for index, batch in enumerate(batches):
-            outputs, targets, samples = _run(model, forward, batch, index, resolved)
-            if not samples:
-                continue
-            loss = _mean_loss(loss_fn(outputs, targets), samples, index)
-            tally.add(loss, samples, tally.stage(metric_lib.parts(tally.metrics, outputs, targets)))
-            bar.tick(samples, tally.running_loss)
-    return EvalResult(**_totals(tally, start))
+    with mode(model, False), no_grad, Progress(progress, loader, "eval") as bar:
+        with distributed.told():
+            for index, batch in enumerate(batches):
+                outputs, targets, samples = _run(model, forward, batch, index, resolved)
+                if not samples:
+                    continue
+                loss = _mean_loss(loss_fn(outputs, targets), samples, index)
+                parts = metric_lib.parts(tally.metrics, outputs, targets)
+                tally.add(loss, samples, tally.stage(parts))
+                bar.tick(samples, tally.running)
+        totals = _totals(tally, start)
+        bar.finish(totals)
+    return EvalResult(**totals)
 
 
 def _outputs(
@@ -335,7 +343,8 @@ def predict(
         loader: yields inputs, ``(inputs,)`` or ``(inputs, targets)``.
         device: where the model is and the inputs go.
         forward: ``forward(model, batch) -> (outputs, targets or None)``, as for ``train_epoch``.
-        progress: show a tqdm progress bar (hidden when output is not a terminal).
+        progress: show progress on rank 0: a tqdm bar (terminal, notebook) with the running
+            loss and metrics, kept with the final ones; else plain lines on stderr.
         gather: under torch.distributed, collect every rank's outputs in data set order
             (padding removed) on rank 0 (``"main"``; the other ranks get None outputs and
             targets), on every rank (``"all"``), or keep each rank's own (``"none"``).
@@ -371,11 +380,13 @@ def predict(
                     f"{index} {'has none' if batch_targets is None else 'has targets'} "
                     f"and batch 0 {'has targets' if targets else 'has none'}"
                 )
-            samples += data.count(batch_outputs, None, index)
+            counted = data.count(batch_outputs, None, index)
+            samples += counted
             outputs.append(data.to_device(batch_outputs, cpu))
             if batch_targets is not None:
                 targets.append(data.to_device(batch_targets, cpu))
-            bar.tick()
+            bar.tick(counted)
+        bar.finish({"samples": samples})
     local = (data.concat(outputs) if outputs else None, data.concat(targets) if targets else None)
     if gathering:  # a collective: every rank reaches it, also with no batches
         return Predictions(*distributed.gather_in_order(*local, indices, samples, gather))

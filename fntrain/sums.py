@@ -74,9 +74,17 @@ class Tally:
         for key, part in parts.items():
             self._add(key, part)
 
-    def running_loss(self) -> float:
-        """Mean loss per sample so far (NaN before any sample; syncs on an accelerator)."""
-        return float(self.totals[_LOSS]) / self.samples if self.samples else float("nan")
+    def running(self) -> dict[str, MetricValue]:
+        """Return the loss and fntrain metrics over this rank's samples so far (syncs; progress)."""
+        if not self.samples:
+            return {}
+        totals = self._host()
+        loss = float(totals.pop(_LOSS)) / self.samples
+        own = {name: m for name, m in self.metrics.items() if isinstance(m, metric_lib.Metric)}
+        try:
+            return {"loss": loss, **metric_lib.finish(own, totals)}
+        except ValueError:  # a target a metric refuses: the end of the pass says which
+            return {"loss": loss}
 
     def _host(self) -> dict[Hashable, torch.Tensor]:
         """Return every sum as a CPU tensor: numbers directly, device sums one transfer a dtype."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import time
 from collections import OrderedDict, UserDict
@@ -465,44 +466,135 @@ def test_bad_arguments_name_the_argument() -> None:
     assert_bit_identical(before, snapshot(model))
 
 
-def test_progress_bar_is_hidden_when_output_is_not_a_terminal(
+class _Terminal(io.StringIO):
+    """A captured stderr that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+class _Unsized:
+    """Eight batches of 4, the first ones 0.3 s apart, and no len()."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        self.batches = [(torch.randn(4, 3), torch.randint(0, 2, (4,))) for _ in range(8)]
+
+    def __iter__(self):
+        for index, batch in enumerate(self.batches):
+            time.sleep(0.3 if index < 3 else 0)
+            yield batch
+
+
+class _Slow(_Unsized):
+    """The same eight batches, with a len()."""
+
+    def __len__(self) -> int:
+        return 8
+
+
+def _epoch(loader: object, **options: object) -> ft.TrainResult:
+    """Train a fresh model one epoch over ``loader`` with accuracy, on the CPU."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    metrics = {"acc": ft.accuracy()}
+    return ft.train_epoch(
+        model, loader, nn.CrossEntropyLoss(), opt, CPU, metrics=metrics, **options
+    )
+
+
+def test_progress_in_a_log_file_is_a_line_per_quarter_and_a_summary(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """progress=True shows nothing when stderr is not a terminal, and changes no result."""
-    model = nn.Linear(3, 2)
-    quiet = ft.evaluate(model, _BATCHES, nn.CrossEntropyLoss(), CPU)
-    shown = ft.evaluate(model, _BATCHES, nn.CrossEntropyLoss(), CPU, progress=True)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    ft.train_epoch(model, _BATCHES, nn.CrossEntropyLoss(), opt, CPU, progress=True)
-    ft.predict(model, _BATCHES, CPU, progress=True)
-    assert quiet.loss == shown.loss
+    """Not a terminal (nohup, CI): a plain line per quarter, then a summary line.
+
+    The lines show the running loss and accuracy, the summary the record's own numbers;
+    without progress nothing is printed, and the record is the same either way.
+    """
+    quiet = _epoch(_Slow())
     assert capsys.readouterr().err == ""
+    shown = _epoch(_Slow(), progress=True)
+    assert attrs.evolve(shown, seconds=0) == attrs.evolve(quiet, seconds=0)
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split()[:2] for line in lines[:3]] == [["train", "2/8"], ["train", "4/8"],
+                                                        ["train", "6/8"]]  # fmt: skip
+    assert all("loss " in line and "acc " in line and "samples/s" in line for line in lines[:3])
+    assert lines[3] == (
+        f"train done: 8 batches, 32 samples, {lines[3].split(', ')[2].split()[0]}  "
+        f"loss {shown.loss:.4f}  acc {shown.metrics['acc']:.4f}"
+    )
+    assert len(lines) == 4
 
 
-def test_progress_bar_shows_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
-    """progress=True draws a tqdm bar with the running loss when output is a terminal."""
-    import io
+def test_progress_without_a_len_prints_by_time(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A loader without len() gets a line every EVERY seconds (a minute), then the summary."""
+    monkeypatch.setattr("fntrain.progress.EVERY", 0.25)
+    _epoch(_Unsized(), progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split()[:2] for line in lines[:3]] == [["train", "1"], ["train", "2"],
+                                                        ["train", "3"]]  # fmt: skip
+    assert lines[-1].startswith("train done: 8 batches, 32 samples")
 
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
 
-    class SlowLoader:
-        def __len__(self) -> int:
-            return 3
+def test_progress_on_a_terminal_keeps_the_bar_with_running_and_final_numbers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a terminal: a tqdm bar with running numbers, kept at the end with the final ones.
 
-        def __iter__(self):
-            for batch in _BATCHES * 3:
-                time.sleep(0.3)
-                yield batch
-
-    screen = Terminal()
+    The postfix shows the running loss and accuracy while it runs; the bar stays on screen
+    with the record's loss and accuracy.
+    """
+    screen = _Terminal()
     monkeypatch.setattr("sys.stderr", screen)
-    model = nn.Linear(3, 2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    ft.train_epoch(model, SlowLoader(), nn.CrossEntropyLoss(), opt, CPU, progress=True)
+    tr = _epoch(_Slow(), progress=True)
     drawn = screen.getvalue()
-    assert "train" in drawn and "0/3" in drawn and "2/3" in drawn and "loss=" in drawn
+    frames = drawn.split("\r")
+    running = [frame for frame in frames if "/8 [" in frame and "acc=" in frame]
+    assert any("8/8" not in frame for frame in running)  # a running value, mid-pass
+    final = frames[-1]
+    assert final.startswith("train: 100%") and "8/8" in final and final.endswith("\n")
+    assert f"loss={tr.loss:.4f}" in final and f"acc={tr.metrics['acc']:.4f}" in final
+    assert drawn.count("\n") == 1  # kept (leave=True), one line per pass
+
+
+def test_progress_in_a_notebook_uses_the_notebook_bar(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In Jupyter the notebook bar is used, kept, with evaluate's final loss and accuracy.
+
+    tqdm.autonotebook picks tqdm.notebook there: a bar, not plain lines, though stderr is
+    no terminal.
+    """
+    import tqdm.auto
+    import tqdm.autonotebook
+
+    made = []
+
+    class NotebookBar:
+        def __init__(self, **kwargs: object) -> None:
+            self.kwargs, self.postfix, self.closed = kwargs, {}, False
+            made.append(self)
+
+        def update(self, n: int) -> None:
+            pass
+
+        def set_postfix(self, values: dict[str, str], refresh: bool) -> None:
+            self.postfix = values
+
+        def close(self) -> None:
+            self.closed = True
+
+    monkeypatch.setattr(tqdm.autonotebook, "tqdm", NotebookBar)
+    monkeypatch.setattr(tqdm.auto, "tqdm", NotebookBar)
+    model = nn.Linear(3, 2)
+    ev = ft.evaluate(model, _Slow(), nn.CrossEntropyLoss(), CPU, metrics={"acc": ft.accuracy()},
+                     progress=True)  # fmt: skip
+    (bar,) = made
+    assert bar.kwargs["leave"] is True and bar.kwargs["total"] == 8 and bar.closed
+    assert (
+        bar.postfix["loss"] == f"{ev.loss:.4f}" and bar.postfix["acc"] == f"{ev.metrics['acc']:.4f}"
+    )
 
 
 def _bad_loss_at(bad_index: int) -> object:
