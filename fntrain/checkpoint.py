@@ -37,6 +37,12 @@ _PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device, torch.Te
 _LABELS = {"metrics": "'metrics'", "extra": "'extra'", "rng": "the RNG state"}
 _STATES = ("optimizer", "scheduler", "scaler")
 _NOT_EXACT = "so resuming will not be bit-exact"
+_LOOP_KEYS = {  # where hand-written loops' checkpoint dicts keep each state
+    "model": ("model", "state_dict", "model_state_dict", "net"),
+    "optimizer": ("optimizer", "optimizer_state_dict"),
+    "scheduler": ("scheduler", "lr_scheduler", "scheduler_state_dict"),
+    "scaler": ("scaler", "scaler_state_dict"),
+}
 
 PathLike = str | os.PathLike[str]
 MapLocation = str | torch.device | dict[str, str] | Callable[..., Any] | None
@@ -413,15 +419,31 @@ def _state_dict_problem(value: Any) -> str | None:
     return None
 
 
+def _from_loop(saved: dict[str, Any]) -> dict[str, Any] | None:
+    """Return a hand-written loop's checkpoint dict as a payload (None if it holds no model)."""
+    found = {name: next((k for k in keys if k in saved), None) for name, keys in _LOOP_KEYS.items()}
+    if found["model"] is None or _state_dict_problem(saved[found["model"]]) is not None:
+        return None
+    payload = {name: saved[key] for name, key in found.items() if key is not None}
+    epoch = saved.get("epoch")
+    payload["epoch"] = epoch if type(epoch) is int else None  # stored as the loop wrote it
+    taken = {*found.values(), "epoch" if payload["epoch"] is not None else None}
+    payload["extra"] = {key: value for key, value in saved.items() if key not in taken}
+    return payload
+
+
 def _normalise(payload: Any, target: Path) -> dict[str, Any]:
-    """Return a checked fntrain payload; a bare state_dict becomes one with no epoch."""
+    """Return a checked fntrain payload; a bare state_dict or a loop's dict becomes one."""
     if not (isinstance(payload, dict) and payload.get("format") == FORMAT):
         if isinstance(payload, dict) and payload and _state_dict_problem(payload) is None:
             return {"model": payload}
+        if isinstance(payload, dict) and (from_loop := _from_loop(payload)) is not None:
+            return from_loop
         kind = f"a dict with keys {list(payload)[:8]}" if isinstance(payload, dict) else None
         raise CheckpointError(
-            f"{str(target)!r} is neither an fntrain checkpoint nor a model state_dict; it "
-            f"holds {kind or 'a ' + type(payload).__name__}"
+            f"{str(target)!r} is neither an fntrain checkpoint nor a model state_dict (bare, "
+            f"or under {', '.join(map(repr, _LOOP_KEYS['model']))}); it holds "
+            f"{kind or 'a ' + type(payload).__name__}"
         )
     if payload.get("version") != VERSION:
         raise CheckpointError(
@@ -466,11 +488,18 @@ def _model_problems(saved: dict[str, Any], current: dict[str, Any], strict: bool
     return problems
 
 
-def _optimizer_problems(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> list[str]:
+def _optimizer_problems(
+    saved: dict[str, Any], optimizer: torch.optim.Optimizer, named: bool
+) -> list[str]:
     """List how the file's optimizer state does not fit ``optimizer`` (torch checks the rest)."""
     groups, current = saved.get("param_groups"), optimizer.param_groups
     if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
         return ["the optimizer state in the file has not the form of Optimizer.state_dict()"]
+    foreign = sorted({key for g in groups for key in g} - {key for g in current for key in g})
+    if foreign and not named:  # a loop's dict does not name the class: its options tell
+        kind = type(optimizer).__name__
+        return [f"'optimizer' is {kind}, but the file's optimizer has options {kind} has not: "
+                f"{', '.join(map(repr, foreign))} (another optimizer class?)"]  # fmt: skip
     sizes, own = [len(g.get("params", ())) for g in groups], [len(g["params"]) for g in current]
     if sizes != own:
         return [f"the file's optimizer has param groups of sizes {sizes} but 'optimizer' has {own}"]
@@ -499,7 +528,7 @@ def _state_problems(payload: dict[str, Any], given: dict[str, Any]) -> list[str]
         elif not isinstance(saved, dict):
             problems.append(f"the {name} state in the file is a {type_name(saved)}, not a dict")
         elif name == "optimizer":
-            problems += _optimizer_problems(saved, obj)
+            problems += _optimizer_problems(saved, obj, named=theirs is not None)
         elif name == "scaler" and obj.is_enabled() and not saved:
             problems.append("'scaler' is enabled but the file's GradScaler state is empty")
     return problems
@@ -546,7 +575,9 @@ def load_checkpoint(
     """Restore a checkpoint into ``model`` and the states given, in place, all or nothing.
 
     Args:
-        path: the checkpoint file (a bare ``model.state_dict()`` saved with torch.save loads too).
+        path: the checkpoint file; a bare ``model.state_dict()`` or a hand-written loop's dict
+            (``{"epoch", "model" or "state_dict", "optimizer", ...}``) saved with torch.save
+            loads too: ``epoch`` as stored, other keys in ``extra``.
         model: the model to restore into (plain, DDP-wrapped or compiled).
         optimizer: restored when given; the file must hold a state of the same class.
         scheduler: an LR scheduler, restored when given.
