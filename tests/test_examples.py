@@ -149,3 +149,40 @@ def test_cifar_fake_test_images_are_not_training_images() -> None:
     for j in range(len(test)):
         image = pil_to_tensor(test[j][0])
         assert not any(torch.equal(image, seen) for seen in train_images), j
+
+
+def test_gan_example_trains_two_optimizers_and_resumes_both(tmp_path: Path) -> None:
+    """examples/gan.py --quick: one file holds G, D, G's optimizer and D's optimizer in extra."""
+    pytest.importorskip("sklearn")
+    checkpoint = tmp_path / "out" / "gan.pt"
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / "gan.py"), "--quick", "--out", str(checkpoint)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=240, check=True,
+    )  # fmt: skip
+    lines = out.stdout.splitlines()
+    epochs = [line.split() for line in lines if line.startswith("epoch")]
+    assert [int(words[1]) for words in epochs] == [1, 2, 3]
+    for words in epochs:  # epoch N  D loss x  G loss y  held-out D acc z
+        assert float(words[4]) > 0 and float(words[7]) > 0
+        assert 0.0 <= float(words[-1]) <= 1.0
+    assert lines[-1].startswith("loaded epoch 3")
+
+    saved_path = sys.path[:]
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        from gan import adam, discriminator, generator
+    finally:
+        sys.path[:] = saved_path  # gan.py adds its own folder too
+    g, d = generator(), discriminator()
+    g_opt, d_opt = adam(g), adam(d)
+    both = torch.nn.ModuleDict({"generator": g, "discriminator": d})
+    ckpt = ft.load_checkpoint(checkpoint, both, g_opt, restore_rng=False)
+    d_opt.load_state_dict(ckpt.extra["d_optimizer"])
+    assert ckpt.epoch == 3
+    assert ckpt.metrics["acc"] == pytest.approx(float(epochs[-1][-1]), abs=5e-5)
+    batches = -(-int(lines[0].split()[2]) // 64)  # one G and one D step per real batch of 64
+    for optimizer in (g_opt, d_opt):
+        steps = {int(s["step"]) for s in optimizer.state_dict()["state"].values()}
+        assert steps == {3 * batches}
+    samples = ft.predict(g, [torch.randn(8, 16)], "cpu").outputs
+    assert samples.shape == (8, 1, 8, 8) and 0.0 <= samples.min() <= samples.max() <= 1.0
