@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.behaviour_doc import COMMAND, render
+
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
@@ -79,3 +81,10 @@ def test_every_test_the_readme_cites_exists() -> None:
         defined |= set(re.findall(r"^def (test_[a-z0-9_]+)", path.read_text(), flags=re.M))
     assert cited, "the README cites no test"
     assert cited <= defined, sorted(cited - defined)
+
+
+def test_the_behaviour_doc_is_generated_from_the_current_tests() -> None:
+    """docs/behaviour.md is exactly what the tests' docstrings generate now."""
+    doc = ROOT / "docs" / "behaviour.md"
+    current = doc.read_text(encoding="utf-8") if doc.exists() else ""
+    assert current == render(), f"docs/behaviour.md is out of date; regenerate it: {COMMAND}"
