@@ -10,94 +10,79 @@ from typing import Any
 
 from fntrain import distributed
 
-Running = Callable[[], Mapping[str, Any]]
-EVERY = 60.0  # seconds between plain lines when the loader has no len()
-
-
-def _numbers(values: Mapping[str, Any]) -> dict[str, str]:
-    """Return the float values of ``values`` formatted for display (tensors left out)."""
-    return {name: f"{value:.4f}" for name, value in values.items() if isinstance(value, float)}
-
 
 class Progress(AbstractContextManager["Progress"]):
     """One pass's progress (private, per call), shown only if ``enabled`` and only on rank 0.
 
-    In a terminal or a notebook: a ``tqdm.auto`` bar with the running loss and metrics, kept
-    at the end with the pass's final numbers. Elsewhere (a log file, nohup, CI): a plain line
-    to stderr at each quarter of the pass (every minute without ``len(loader)``), then one
-    summary line.
+    In a terminal or Jupyter, a ``tqdm.auto`` bar with the running loss and metrics, kept at
+    the end with the pass's final numbers. Elsewhere (a log file, CI), a stderr line at each
+    quarter (at 1, 2, 4, 8... batches without ``len(loader)``) and a summary line.
     """
 
     def __init__(self, enabled: bool, loader: Any, desc: str) -> None:
         self.bar: Any = None
-        self.lines = False
-        self.desc, self.batches, self.samples = desc, 0, 0
-        self.started = self.shown = time.monotonic()
+        self.on, self.desc, self.batches, self.samples = (
+            enabled and distributed.is_main(),
+            desc,
+            0,
+            0,
+        )
+        self.started, self.shown = time.monotonic(), 0.0
         try:
             self.total: int | None = len(loader)
         except TypeError:  # an iterable without len()
             self.total = None
-        if not enabled or not distributed.is_main():
-            return
-        from tqdm.autonotebook import tqdm as auto  # tqdm.notebook's inside Jupyter
-        from tqdm.std import tqdm as plain
+        if self.on:
+            from tqdm.autonotebook import tqdm as auto  # tqdm.notebook's inside Jupyter
+            from tqdm.std import tqdm as plain
 
-        if auto is plain and not sys.stderr.isatty():
-            self.lines = True
+            if auto is not plain or sys.stderr.isatty():
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=self.total, desc=desc, unit="batch", leave=True)
+
+    def _due(self, now: float) -> bool:
+        """Tell whether to show numbers now: twice a second on a bar, else a line's moment."""
+        count, total = self.batches, self.total
+        if self.bar is not None:
+            return now - self.shown >= 0.5
+        if total:  # the last quarter is left to the summary
+            return count < total and count * 4 // total > (count - 1) * 4 // total
+        return count & (count - 1) == 0
+
+    def _show(self, values: Mapping[str, Any], where: str) -> None:
+        """Put ``values`` (floats; tensors left out) and samples/s in the bar or in a line."""
+        self.shown = now = time.monotonic()
+        numbers = {
+            name: f"{value:.4f}" for name, value in values.items() if isinstance(value, float)
+        }
+        numbers["samples/s"] = f"{self.samples / max(now - self.started, 1e-9):.0f}"
+        if self.bar is not None:
+            self.bar.set_postfix(numbers, refresh=False)
         else:
-            from tqdm.auto import tqdm
+            shown = "".join(f"  {name} {value}" for name, value in numbers.items())
+            print(f"{self.desc} {where}{shown}", file=sys.stderr, flush=True)
 
-            self.bar = tqdm(total=self.total, desc=desc, unit="batch", leave=True)
-
-    def _rate(self, now: float) -> str:
-        """Return the samples per second so far."""
-        return f"{self.samples / max(now - self.started, 1e-9):.0f}"
-
-    def _say(self, text: str) -> None:
-        """Write one plain line to stderr at once."""
-        print(text, file=sys.stderr, flush=True)
-
-    def tick(self, samples: int = 0, running: Running | None = None) -> None:
-        """Count one batch; show ``running()`` (loss, metrics so far) twice a second at most."""
-        if self.bar is None and not self.lines:
+    def tick(
+        self, samples: int = 0, running: Callable[[], Mapping[str, Any]] | None = None
+    ) -> None:
+        """Count one batch; now and then show ``running()``, the loss and metrics so far."""
+        if not self.on:
             return
         self.batches += 1
         self.samples += samples
-        now = time.monotonic()
         if self.bar is not None:
             self.bar.update(1)
-            if now - self.shown >= 0.5:
-                self.shown = now
-                shown = {**_numbers(running() if running else {}), "samples/s": self._rate(now)}
-                self.bar.set_postfix(shown, refresh=False)
-            return
-        if self.total:  # a line when a quarter is crossed, the last left to finish()
-            due = (
-                self.batches < self.total
-                and self.batches * 4 // self.total > (self.batches - 1) * 4 // self.total
-            )
-        else:
-            due = now - self.shown >= EVERY
-        if due:
-            self.shown = now
-            numbers = " ".join(
-                f"{k} {v}" for k, v in _numbers(running() if running else {}).items()
-            )
+        if self._due(time.monotonic()):
             of = f"/{self.total}" if self.total else ""
-            self._say(
-                f"{self.desc} {self.batches}{of} batches  {numbers}  {self._rate(now)} samples/s"
-            )
+            self._show(running() if running else {}, f"{self.batches}{of} batches")
 
     def finish(self, totals: Mapping[str, Any]) -> None:
-        """Leave the pass's final (global) numbers: in the kept bar, or as a summary line."""
-        now = time.monotonic()
-        numbers = _numbers({"loss": totals.get("loss"), **totals.get("metrics", {})})
-        if self.bar is not None:
-            self.bar.set_postfix({**numbers, "samples/s": self._rate(now)}, refresh=False)
-        elif self.lines:
-            shown = "".join(f"  {name} {value}" for name, value in numbers.items())
-            took, samples = f"{now - self.started:.1f}s", totals["samples"]
-            self._say(f"{self.desc} done: {self.batches} batches, {samples} samples, {took}{shown}")
+        """Leave the pass's final, global numbers: in the kept bar, or as a summary line."""
+        if self.on:
+            took = f"{time.monotonic() - self.started:.1f}s"
+            where = f"done in {took}: {self.batches} batches, {totals['samples']} samples"
+            self._show({"loss": totals.get("loss"), **totals.get("metrics", {})}, where)
 
     def __exit__(self, *_: object) -> None:
         if self.bar is not None:

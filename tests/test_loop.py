@@ -520,23 +520,23 @@ def test_progress_in_a_log_file_is_a_line_per_quarter_and_a_summary(
     assert [line.split()[:2] for line in lines[:3]] == [["train", "2/8"], ["train", "4/8"],
                                                         ["train", "6/8"]]  # fmt: skip
     assert all("loss " in line and "acc " in line and "samples/s" in line for line in lines[:3])
-    assert lines[3] == (
-        f"train done: 8 batches, 32 samples, {lines[3].split(', ')[2].split()[0]}  "
-        f"loss {shown.loss:.4f}  acc {shown.metrics['acc']:.4f}"
+    summary = lines[3].split("  ")
+    assert summary[0].startswith("train done in ") and summary[0].endswith(
+        ": 8 batches, 32 samples"
     )
+    assert summary[1:3] == [f"loss {shown.loss:.4f}", f"acc {shown.metrics['acc']:.4f}"]
     assert len(lines) == 4
 
 
-def test_progress_without_a_len_prints_by_time(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+def test_progress_without_a_len_prints_at_1_2_4_8_batches(
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """A loader without len() gets a line every EVERY seconds (a minute), then the summary."""
-    monkeypatch.setattr("fntrain.progress.EVERY", 0.25)
+    """A loader without len() gets a line at 1, 2, 4, 8... batches, then the summary."""
     _epoch(_Unsized(), progress=True)
     lines = capsys.readouterr().err.splitlines()
-    assert [line.split()[:2] for line in lines[:3]] == [["train", "1"], ["train", "2"],
-                                                        ["train", "3"]]  # fmt: skip
-    assert lines[-1].startswith("train done: 8 batches, 32 samples")
+    assert [line.split()[:2] for line in lines[:4]] == [["train", "1"], ["train", "2"],
+                                                        ["train", "4"], ["train", "8"]]  # fmt: skip
+    assert lines[4].split(": ")[1].startswith("8 batches, 32 samples") and len(lines) == 5
 
 
 def test_progress_on_a_terminal_keeps_the_bar_with_running_and_final_numbers(
