@@ -305,7 +305,7 @@ def contenders(
     def dataloader() -> DataLoader:
         return DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True, pin_memory=pin)
 
-    tensors = ft.TensorLoader(x, y, batch_size=batch, shuffle=True, pin_memory=pin)
+    tensors = ft.TensorLoader(x.to(dev), y.to(dev), batch_size=batch, shuffle=True)  # no copies
     evaluated = fresh()[0]
     runs: dict[str, tuple[str, Epoch]] = {
         "floor (pre-batched, no loader)": ("train", floor_train(*fresh(), list(dataloader()), dev)),

@@ -194,7 +194,7 @@ class TensorLoader:
     Faster for small models: 32 batches at a time are gathered with one indexing operation
     per tensor, each batch a view of that. With ``shuffle=True`` the permutation is drawn as
     ``DataLoader``'s ``RandomSampler`` draws it, so for the same seed or ``generator`` both
-    yield the same batches. Tensors may be on a GPU, or on the CPU with ``pin_memory=True``.
+    yield the same batches. Put the tensors on the GPU once to train there without copies.
 
     Args:
         *tensors: tensors with the same length in dim 0 (e.g. inputs and targets).
@@ -202,7 +202,6 @@ class TensorLoader:
         shuffle: draw a new permutation every epoch.
         generator: the ``torch.Generator`` for the permutation; the global RNG if None.
         drop_last: drop the last batch if it is smaller than ``batch_size``.
-        pin_memory: yield CPU batches in pinned (page-locked) memory.
 
     Example:
         >>> import torch, fntrain as ft
@@ -219,7 +218,6 @@ class TensorLoader:
         shuffle: bool = False,
         generator: torch.Generator | None = None,
         drop_last: bool = False,
-        pin_memory: bool = False,
     ) -> None:
         if not tensors:
             raise ValueError("TensorLoader needs at least one tensor, but got none")
@@ -239,9 +237,7 @@ class TensorLoader:
                 f"'generator' must be a torch.Generator or None, but got {type(generator).__name__}"
             )
         self.tensors, self.batch_size, self.shuffle = tensors, batch_size, shuffle
-        self.generator, self.drop_last = generator, drop_last
-        self.pin_memory = pin_memory and torch.cuda.is_available()
-        self.chunk_batches = 32
+        self.generator, self.drop_last, self.chunk_batches = generator, drop_last, 32
 
     def __len__(self) -> int:
         """Return the number of batches per epoch."""
@@ -261,13 +257,6 @@ class TensorLoader:
         torch.randperm(samples, generator=self.generator)  # RandomSampler's, at exhaustion
         return order
 
-    def _gather(self, tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """Return ``tensor[index]``, in pinned memory when asked for."""
-        if not self.pin_memory or tensor.is_cuda:  # a blocking copy would wait for the GPU
-            return tensor.index_select(0, index.to(tensor.device, non_blocking=True))
-        out = torch.empty((index.numel(), *tensor.shape[1:]), dtype=tensor.dtype, pin_memory=True)
-        return torch.index_select(tensor, 0, index, out=out)
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         """Yield tuples of batch tensors, sliced from runs of ``chunk_batches`` batches."""
         order, size = self._order(), self.batch_size
@@ -277,8 +266,6 @@ class TensorLoader:
             if order is None:
                 chunk = tuple(t[rows] for t in self.tensors)
             else:
-                chunk = tuple(self._gather(t, order[rows]) for t in self.tensors)
-            if self.pin_memory and not chunk[0].is_pinned():
-                chunk = tuple(t if t.is_cuda else t.pin_memory() for t in chunk)
+                chunk = tuple(t.index_select(0, order[rows].to(t.device)) for t in self.tensors)
             for first in range(0, chunk[0].shape[0], size):
                 yield tuple(t[first : first + size] for t in chunk)
