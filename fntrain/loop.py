@@ -16,7 +16,7 @@ from fntrain import metrics as metric_lib
 from fntrain.progress import Progress
 from fntrain.records import EvalResult, NonFiniteLossError, Predictions, Step, TrainResult, reword
 from fntrain.restore import BatchGuard, mode
-from fntrain.stepping import StepOptions, Stepper
+from fntrain.stepping import StepOptions, Stepper, warn_if_built_for_epochs
 from fntrain.sums import Tally
 
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -154,7 +154,8 @@ def train_epoch(
         clip_grad_norm: clip the total gradient norm (after unscaling) to this before each step,
             read on the host once per step; the largest before clipping is ``.grad_norm``.
         scheduler: an LR scheduler stepped after every optimizer step (warmup, OneCycleLR,
-            cosine per step). Step per-epoch schedulers yourself.
+            cosine over all steps); one built in epochs that runs out in the first (T_max=
+            epochs) warns. Step per-epoch schedulers yourself.
 
     Returns:
         A frozen ``TrainResult``.
@@ -179,6 +180,7 @@ def train_epoch(
         sharded.refuse_fsdp1(model, "the gradient norm clipped by")
     options = StepOptions(accumulate, autocast, scaler, clip_grad_norm, scheduler, on_nonfinite)
     stepper = Stepper(optimizer, options, resolved)
+    warn_if_built_for_epochs(scheduler, loader, options.accumulate)
     tally = Tally(metrics, resolved)
     guard = BatchGuard(model)
     skipped = 0

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
+import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -77,6 +79,22 @@ class StepOptions:
                 f"so write this optimizer's loop by hand"
             )
         return self
+
+
+def warn_if_built_for_epochs(scheduler: Any, loader: Any, accumulate: int) -> None:
+    """Warn if ``scheduler`` would run out within one epoch (T_max=epochs), at its start only."""
+    horizon = getattr(scheduler, "T_max", getattr(scheduler, "total_iters", None))
+    if type(horizon) is not int or scheduler.last_epoch >= horizon:
+        return
+    with contextlib.suppress(TypeError):  # no len(): nothing to compare with
+        if horizon < (steps := len(loader) // accumulate):
+            warnings.warn(
+                f"'scheduler' is a {type(scheduler).__name__} with a horizon of {horizon} "
+                f"steps, shorter than one epoch ({steps} optimizer steps); train_epoch steps it "
+                f"after every optimizer step, so a schedule built in epochs runs out in the "
+                f"first one: build it in steps (T_max=epochs * len(loader)) or step it yourself",
+                stacklevel=3,
+            )
 
 
 class Stepper:

@@ -220,6 +220,38 @@ def test_warmup_scheduler_matches_a_hand_written_loop() -> None:
         assert torch.equal(a, b)
 
 
+def test_a_scheduler_built_for_epochs_gets_a_warning_once() -> None:
+    """A scheduler whose horizon is shorter than one epoch's steps (T_max=epochs) warns.
+
+    CosineAnnealingLR(T_max=3) or LinearLR(total_iters=3) over 5 steps an epoch were built
+    in epochs; fntrain steps them per optimizer step, so it says so, in the first epoch only.
+    A horizon of a whole run in steps (T_max=epochs * len(loader)) does not warn.
+    """
+    import warnings
+
+    data = make_data(40, 4, 3, 0)
+    cosine, linear = torch.optim.lr_scheduler.CosineAnnealingLR, torch.optim.lr_scheduler.LinearLR
+    for build in (lambda o: cosine(o, T_max=3), lambda o: linear(o, total_iters=3)):
+        model = _linear_model(0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        schedule = build(opt)
+        with pytest.warns(UserWarning, match=r"horizon of 3 steps, shorter than one epoch \(5"):
+            ft.train_epoch(
+                model, loader(data, 8), nn.CrossEntropyLoss(), opt, CPU, scheduler=schedule
+            )
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the second epoch: the schedule already ran past
+            ft.train_epoch(
+                model, loader(data, 8), nn.CrossEntropyLoss(), opt, CPU, scheduler=schedule
+            )
+    model = _linear_model(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        whole_run = cosine(opt, T_max=10 * 5)
+        ft.train_epoch(model, loader(data, 8), nn.CrossEntropyLoss(), opt, CPU, scheduler=whole_run)
+
+
 def test_forward_sees_every_batch_on_the_device_and_its_outputs_are_trained_on() -> None:
     """forward(model, batch) gets each whole batch and its (outputs, targets) are trained on."""
     calls: list[int] = []
