@@ -246,6 +246,38 @@ def test_a_per_class_report_equals_scikit_learn(samples: int, batch: int, seed: 
         assert report.metrics[name] == pytest.approx(list(values), abs=1e-6), name
 
 
+@settings(max_examples=15, deadline=None)
+@given(samples=st.integers(1, 40), batch=st.integers(1, 16), seed=st.integers(0, 10**6))
+def test_one_evaluate_pass_gives_the_loss_and_sklearns_classification_report(
+    samples: int, batch: int, seed: int
+) -> None:
+    """One evaluate with a confusion matrix gives its loss and sklearn's whole report.
+
+    The README recipe: rebuild (true, predicted) pairs from the matrix; the printed report
+    equals classification_report on all predictions, the loss the mean over all samples.
+    """
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    from torchmetrics.classification import MulticlassConfusionMatrix
+
+    gen = torch.Generator().manual_seed(seed)
+    outputs = torch.randn(samples, 4, generator=gen)
+    targets = torch.randint(0, 4, (samples,), generator=gen)
+    batches = list(zip(outputs.split(batch), targets.split(batch), strict=True))
+    metrics = {"confusion": MulticlassConfusionMatrix(num_classes=4)}
+    ev = ft.evaluate(nn.Identity(), batches, nn.CrossEntropyLoss(), "cpu", metrics=metrics)
+    counts = ev.metrics["confusion"].flatten()  # rows: true class, columns: predicted
+    pairs = torch.arange(counts.numel())
+    y_true, y_pred = (pairs // 4).repeat_interleave(counts), (pairs % 4).repeat_interleave(counts)
+    names, kw = ["a", "b", "c", "d"], {"labels": range(4), "zero_division": 0, "digits": 4}
+    expected = sklearn_metrics.classification_report(
+        targets, outputs.argmax(1), target_names=names, **kw
+    )
+    assert (
+        sklearn_metrics.classification_report(y_true, y_pred, target_names=names, **kw) == expected
+    )
+    assert ev.loss == pytest.approx(float(nn.functional.cross_entropy(outputs, targets)), abs=1e-6)
+
+
 def test_parts_reach_compute_in_state_order_wherever_they_were_summed() -> None:
     """A vector part (summed as a tensor) before a count (summed on the host) keeps its place.
 
