@@ -81,7 +81,7 @@ def _bytes(value: Any) -> torch.Tensor:
     return value.cpu()
 
 
-def _set_numpy(value: Any) -> list[str]:
+def _set_numpy(value: Any) -> list[str] | None:
     """Set NumPy's global RNG from its five saved parts (or say it is not installed)."""
     parts = list(value) if isinstance(value, tuple | list) else []
     if len(parts) != 5 or not all(map(isinstance, parts, (str, torch.Tensor, int, int, float))):
@@ -91,10 +91,9 @@ def _set_numpy(value: Any) -> list[str]:
     except ImportError:
         return [f"the checkpoint holds a NumPy RNG state but NumPy is not installed; {_NOT_EXACT}"]
     np.random.set_state((parts[0], parts[1].cpu().numpy().astype(np.uint32), *parts[2:]))
-    return []
 
 
-def _set_cuda(states: Any) -> list[str]:
+def _set_cuda(states: Any) -> list[str] | None:
     """Set every CUDA device's RNG; say why not where CUDA or devices are missing."""
     if not isinstance(states, list | tuple):
         raise TypeError(f"expected a list of uint8 tensors, but it is a {type(states).__name__}")
@@ -106,7 +105,6 @@ def _set_cuda(states: Any) -> list[str]:
             f"{visible} are visible here; they were not restored, {_NOT_EXACT}"
         ]
     torch.cuda.set_rng_state_all(states)
-    return []
 
 
 def _restore_rng(state: Any) -> list[str]:
@@ -114,11 +112,9 @@ def _restore_rng(state: Any) -> list[str]:
     if not isinstance(state, dict):
         raise ValueError(f"the RNG state in the file must be a dict, not {type(state).__name__}")
     setters: dict[str, Callable[[Any], list[str] | None]] = {
-        "Python": random.setstate,
-        "torch": lambda value: torch.set_rng_state(_bytes(value)),
-        "NumPy": _set_numpy,
-        "CUDA": _set_cuda,
-    }
+        "Python": random.setstate, "torch": lambda value: torch.set_rng_state(_bytes(value)),
+        "NumPy": _set_numpy, "CUDA": _set_cuda,
+    }  # fmt: skip
     notes: list[str] = []
     for name, restore in setters.items():
         if name in ("Python", "torch") or name.lower() in state:  # NumPy, CUDA only if saved
@@ -231,10 +227,14 @@ def _digest(payload: dict[str, Any]) -> int:
     return zlib.crc32(repr(seen).encode())
 
 
-def _check_objects(model: Any, optimizer: Any, scheduler: Any, scaler: Any) -> None:
-    """Raise TypeError naming the first argument that is not the kind of object expected."""
+def _check_args(path: Any, model: Any, optimizer: Any, scheduler: Any, scaler: Any) -> Path:
+    """Return ``path`` as a Path; raise TypeError naming the first argument of the wrong kind."""
+    target = None
+    with contextlib.suppress(TypeError):  # neither a str nor an os.PathLike of str
+        target = Path(path)
     methods = ("state_dict", "load_state_dict")
     checks = [
+        ("path", path, target is not None, "a str or os.PathLike of str"),
         ("model", model, isinstance(model, nn.Module), "a torch.nn.Module"),
         ("optimizer", optimizer, isinstance(optimizer, torch.optim.Optimizer | None),
          "a torch.optim.Optimizer or None"),
@@ -246,14 +246,7 @@ def _check_objects(model: Any, optimizer: Any, scheduler: Any, scaler: Any) -> N
     for name, value, fits, kind in checks:
         if not fits:
             raise TypeError(f"'{name}' must be {kind}, but got {type_name(value)}")
-
-
-def _as_path(path: Any) -> Path:
-    """Return ``path`` as a Path; raise TypeError naming 'path' if it is not str or PathLike."""
-    if isinstance(path, str | os.PathLike):
-        with contextlib.suppress(TypeError):
-            return Path(path)
-    raise TypeError(f"'path' must be a str or os.PathLike of str, but got {type_name(path)}")
+    return Path(path)
 
 
 def _check_is_file(target: Path, must_exist: bool, folder: bool = False) -> None:
@@ -310,8 +303,7 @@ def save_checkpoint(
         >>> ft.save_checkpoint(path, torch.nn.Linear(4, 2), epoch=3, metrics={"acc": 0.9}).epoch
         3
     """
-    target = _as_path(path)
-    _check_objects(model, optimizer, scheduler, scaler)
+    target = _check_args(path, model, optimizer, scheduler, scaler)
     sharded.refuse_fsdp1(model, "the checkpoint")
     shards = sharded.is_sharded(model)
     distributed.everywhere(  # a folder is every rank's, a file rank 0's (node-local disks)
@@ -425,8 +417,7 @@ def _from_loop(saved: dict[str, Any]) -> dict[str, Any] | None:
     if found["model"] is None or _state_dict_problem(saved[found["model"]]) is not None:
         return None
     payload = {name: saved[key] for name, key in found.items() if key is not None}
-    epoch = saved.get("epoch")
-    payload["epoch"] = epoch if type(epoch) is int else None  # stored as the loop wrote it
+    payload["epoch"] = saved["epoch"] if type(saved.get("epoch")) is int else None  # as written
     taken = {*found.values(), "epoch" if payload["epoch"] is not None else None}
     payload["extra"] = {key: value for key, value in saved.items() if key not in taken}
     return payload
@@ -471,8 +462,7 @@ def _model_problems(saved: dict[str, Any], current: dict[str, Any], strict: bool
     """List every difference between the file's and the model's keys and tensor shapes."""
     problems = []
     for label, keys, others in (("missing in", current, saved), ("unexpected in", saved, current)):
-        absent = [repr(key) for key in keys if key not in others]
-        if strict and absent:
+        if strict and (absent := [repr(key) for key in keys if key not in others]):
             problems.append(f"{label} the file: {', '.join(absent)}")
     for key, value in saved.items():
         other = current.get(key)
@@ -549,8 +539,7 @@ def _custom_loading(model: nn.Module) -> bool:
 def _rng_state(payload: dict[str, Any]) -> tuple[Any, list[str]]:
     """Return this rank's RNG state in the file (None if it has none for it), and why not."""
     rank, size = distributed.world()
-    ranks = payload.get("rng_ranks")
-    if isinstance(ranks, list) and len(ranks) == size:
+    if isinstance(ranks := payload.get("rng_ranks"), list) and len(ranks) == size:
         return ranks[rank], []
     if size == 1 or "rng" not in payload:
         return payload.get("rng"), []
@@ -602,8 +591,7 @@ def load_checkpoint(
         >>> ft.load_checkpoint(path, torch.nn.Linear(4, 2)).epoch
         3
     """
-    target = _as_path(path)
-    _check_objects(model, optimizer, scheduler, scaler)
+    target = _check_args(path, model, optimizer, scheduler, scaler)
     sharded.refuse_fsdp1(model, "the loaded state")
     _check_map_location(map_location)
     _check_is_file(target, must_exist=True, folder=True)
@@ -618,11 +606,10 @@ def load_checkpoint(
             )
     plain = _unwrap(model)
     current = plain.state_dict()
-    wanted = set(current)  # the state or, each shared wrapper prefix stripped, what fits it best
-    model_state = keyed = dict(payload["model"])
+    model_state = keyed = dict(payload["model"])  # or, wrapper prefixes cut, what fits it best
     while cut := [p for p in _WRAPPER_PREFIXES if keyed and all(k.startswith(p) for k in keyed)]:
         keyed = {key[len(cut[0]) :]: value for key, value in keyed.items()}
-        if len(wanted.intersection(keyed)) > len(wanted.intersection(model_state)):
+        if len(current.keys() & keyed.keys()) > len(current.keys() & model_state.keys()):
             model_state = keyed
     objects = dict(zip(_STATES, (optimizer, scheduler, scaler), strict=True))
     given = {name: obj for name, obj in objects.items() if obj is not None}
@@ -659,6 +646,5 @@ def load_checkpoint(
         raise CheckpointError(f"{unfit} {_first_line(error)}") from error
     for note in notes:
         warnings.warn(note, RuntimeWarning, stacklevel=2)
-    stored = {name: payload.get(name) for name in ("epoch", "step", "metrics", "extra")}
-    missing, unexpected = keys.missing_keys, keys.unexpected_keys
-    return Checkpoint(path=target, **stored, missing_keys=missing, unexpected_keys=unexpected)
+    stored = [payload.get(name) for name in ("epoch", "step", "metrics", "extra")]
+    return Checkpoint(target, *stored, *keys)  # keys: (missing_keys, unexpected_keys)

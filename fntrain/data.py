@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+_FORWARD_HINT = "; for other batch shapes pass forward=lambda model, batch: (outputs, targets)"
+
 
 def default_device() -> torch.device:
     """Return the best available device: CUDA, then Apple's MPS, then the CPU.
@@ -80,9 +82,6 @@ def describe(obj: object) -> str:
     return f"a {type(obj).__name__}"
 
 
-_FORWARD_HINT = "; for other batch shapes pass forward=lambda model, batch: (outputs, targets)"
-
-
 def pair(batch: Any, index: int, who: str = "'loader' must yield") -> tuple[Any, Any]:
     """Split a training/evaluation batch into ``(inputs, targets)``."""
     if isinstance(batch, (tuple, list)) and len(batch) == 2:  # a tuple: faster than a union
@@ -125,25 +124,6 @@ def count(outputs: Any, targets: Any, index: int) -> int:
     return found
 
 
-def check_lengths(inputs: Any, outputs: Any, targets: Any, index: int) -> None:
-    """Raise if the model kept the inputs' batch length but the targets have another one."""
-    if all(isinstance(t, torch.Tensor) and t.dim() for t in (inputs, outputs, targets)) and (
-        inputs.shape[0] == outputs.shape[0] != targets.shape[0]
-    ):
-        raise ValueError(
-            f"the inputs and outputs have {inputs.shape[0]} samples but the targets "
-            f"{targets.shape[0]} in batch {index}; 'loader' must yield inputs and targets "
-            f"of one length"
-        )
-
-
-def float_dtypes(data: Any) -> set[torch.dtype]:
-    """Return the floating-point dtypes of the tensors in a (nested) structure."""
-    found: set[torch.dtype] = set()
-    map_tensors(lambda tensor: found.add(tensor.dtype) or tensor, data)
-    return {dtype for dtype in found if dtype.is_floating_point}
-
-
 def concat(parts: list[Any]) -> Any:
     """Concatenate per-batch structures (tensors, tuples, lists, mappings) along dim 0."""
     first = parts[0]
@@ -181,11 +161,6 @@ def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], data: Any) -> Any:
     if isinstance(data, tuple | list):
         return type(data)(map_tensors(fn, value) for value in data)
     return data
-
-
-def take(data: Any, positions: torch.Tensor) -> Any:
-    """Select ``positions`` along dim 0 of every tensor in a (nested) structure."""
-    return map_tensors(lambda tensor: tensor.index_select(0, positions), data)
 
 
 class TensorLoader:

@@ -12,7 +12,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler, Sampler
 
-from fntrain.data import concat, take
+from fntrain.data import concat, map_tensors
+
+T = TypeVar("T")
+_UNEVEN = "every rank must get the same number of batches; shard the data evenly"
 
 
 def active() -> bool:
@@ -23,9 +26,6 @@ def active() -> bool:
 def is_main() -> bool:
     """Tell whether this process is rank 0 (or the only process)."""
     return not active() or dist.get_rank() == 0
-
-
-T = TypeVar("T")
 
 
 def world() -> tuple[int, int]:
@@ -54,8 +54,7 @@ def everywhere(check: Callable[[], object]) -> None:
     """Run ``check`` on every rank; if it raises on any rank, raise that error on every rank."""
     with told():  # a rank that raises tells the others here
         check()
-    raised = [error for error in all_gather(None) if error is not None]
-    if raised:
+    if raised := [error for error in all_gather(None) if error is not None]:
         raise raised[0]
 
 
@@ -79,17 +78,12 @@ def all_gather(value: T) -> list[T]:
     return values
 
 
-def _agree(flag: bool) -> tuple[bool, bool]:
-    """Return whether ``flag`` is true on any rank and whether it is on every rank."""
+def agree(flag: bool) -> tuple[bool, bool]:
+    """Return whether ``flag`` is true on any rank and whether on every rank (needs a group)."""
     both = torch.tensor([float(flag), -float(flag)], device=_collective_device())
     dist.all_reduce(both, op=dist.ReduceOp.MAX)
     most, least = both.tolist()  # one host transfer
     return most > 0, -least > 0
-
-
-def any_rank(flag: bool) -> bool:
-    """Return whether ``flag`` is true on any rank (``flag`` without a process group)."""
-    return _agree(flag)[0] if active() else flag
 
 
 def in_step(loader: Iterable[Any]) -> Iterable[Any]:
@@ -100,8 +94,7 @@ def in_step(loader: Iterable[Any]) -> Iterable[Any]:
         mine: int | None = len(loader)  # type: ignore[arg-type]
     except TypeError:
         mine = None
-    counts = all_gather(mine)
-    if None in counts:
+    if None in (counts := all_gather(mine)):
         return _watched(loader)
     if len(set(counts)) > 1:
         raise ValueError(
@@ -117,15 +110,12 @@ def _watched(loader: Iterable[Any]) -> Iterator[Any]:
     """Yield ``loader``'s batches while every rank still has one; raise if one runs out first."""
     index = 0
     for batch in loader:
-        if not _agree(True)[1]:
+        if not agree(True)[1]:
             raise ValueError(f"'loader' ran out on another rank before batch {index} ({_UNEVEN})")
         yield batch
         index += 1
-    if _agree(False)[0]:
+    if agree(False)[0]:
         raise ValueError(f"'loader' ran out on this rank after {index} batches ({_UNEVEN})")
-
-
-_UNEVEN = "every rank must get the same number of batches; shard the data evenly"
 
 
 def _collective_device() -> torch.device:
@@ -138,28 +128,23 @@ def _collective_device() -> torch.device:
 def all_reduce_totals(
     totals: dict[Hashable, torch.Tensor], names: Iterable[str] = ()
 ) -> dict[Hashable, torch.Tensor]:
-    """Sum every total over all ranks in one float64 all-reduce; return CPU tensors.
-
-    First the ranks compare their parts, shapes and metric ``names``: a mismatch raises.
-    """
+    """Sum every total over all ranks in one float64 all-reduce; ranks whose parts differ raise."""
     layout = [(key, tuple(total.shape)) for key, total in totals.items()], sorted(names)
     layouts = all_gather(zlib.crc32(repr(layout).encode()))
-    failed = [error for error in layouts if isinstance(error, Exception)]
-    if failed:
+    if failed := [error for error in layouts if isinstance(error, Exception)]:
         raise RuntimeError(f"another rank failed in this pass: {failed[0]!r}")
     if len(set(layouts)) > 1:
         raise RuntimeError(
             "the ranks computed different metric or loss parts: every rank must pass the "
             "same 'metrics', and every rank's loader must yield at least one batch"
         )
-    keys = list(totals)
-    parts = [totals[key].reshape(-1).to(torch.float64) for key in keys]
+    parts = [total.reshape(-1).to(torch.float64) for total in totals.values()]
     flat = torch.cat(parts).to(_collective_device())
     dist.all_reduce(flat)
     pieces = flat.cpu().split([part.numel() for part in parts])
     return {
         key: piece.reshape(totals[key].shape).to(totals[key].dtype)
-        for key, piece in zip(keys, pieces, strict=True)
+        for key, piece in zip(totals, pieces, strict=True)
     }
 
 
@@ -174,14 +159,6 @@ def sampler_indices(loader: Any) -> list[int]:
             "gather='none' to keep each rank's own outputs"
         )
     return list(sampler)
-
-
-def _unique_order(indices: list[int]) -> torch.Tensor:
-    """Return positions that put ``indices`` in ascending order, first occurrences only."""
-    ordered, positions = torch.sort(torch.tensor(indices, dtype=torch.long), stable=True)
-    first = torch.ones_like(ordered, dtype=torch.bool)
-    first[1:] = ordered[1:] != ordered[:-1]
-    return positions[first]
 
 
 def gather_in_order(
@@ -201,12 +178,14 @@ def gather_in_order(
         dist.gather_object(mine, received if dist.get_rank() == 0 else None, dst=0)
         if dist.get_rank() != 0:
             return None, None, samples
-    parts = [part for part in received if part[2]]
-    if not parts:
+    if not (parts := [part for part in received if part[2]]):
         raise ValueError("'loader' yielded no batches on any rank")
-    keep = _unique_order([index for part in parts for index in part[2]])
-    gathered_targets = None if parts[0][1] is None else take(concat([p[1] for p in parts]), keep)
-    return take(concat([p[0] for p in parts]), keep), gathered_targets, int(keep.numel())
+    ordered, positions = torch.sort(torch.tensor([i for p in parts for i in p[2]]), stable=True)
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    keep = positions[first]  # data set order, each index once (DistributedSampler pads)
+    outputs, targets = map_tensors(lambda t: t[keep], concat([part[:2] for part in parts]))
+    return outputs, None if parts[0][1] is None else targets, int(keep.numel())
 
 
 class ShardSampler(Sampler[int]):

@@ -40,7 +40,14 @@ def _run(
     if isinstance(targets, torch.Tensor) and targets.dim() and not targets.shape[0]:
         return None, targets, 0
     outputs = _call(model, lambda: model(data.to_device(inputs, device)), inputs, index)
-    data.check_lengths(inputs, outputs, targets, index)
+    if all(isinstance(t, torch.Tensor) and t.dim() for t in (inputs, outputs, targets)) and (
+        inputs.shape[0] == outputs.shape[0] != targets.shape[0]  # the model kept the length
+    ):
+        raise ValueError(
+            f"the inputs and outputs have {inputs.shape[0]} samples but the targets "
+            f"{targets.shape[0]} in batch {index}; 'loader' must yield inputs and targets "
+            f"of one length"
+        )
     return outputs, targets, data.count(outputs, targets, index)
 
 
@@ -50,7 +57,9 @@ def _call(model: nn.Module, run: Callable[[], Any], inputs: Any, index: int) -> 
         return run()
     except RuntimeError as error:
         wanted = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-        found = data.float_dtypes(inputs) - {wanted}
+        dtypes: set[torch.dtype] = set()
+        data.map_tensors(lambda tensor: dtypes.add(tensor.dtype) or tensor, inputs)
+        found = {dtype for dtype in dtypes if dtype.is_floating_point} - {wanted}
         if wanted is None or not found or "type" not in str(error).lower():
             raise
         raise reword(error, suffix=(
@@ -181,9 +190,7 @@ def train_epoch(
     options = StepOptions(accumulate, autocast, scaler, clip_grad_norm, scheduler, on_nonfinite)
     stepper = Stepper(optimizer, options, resolved)
     warn_if_built_for_epochs(scheduler, loader, options.accumulate)
-    tally = Tally(metrics, resolved)
-    guard = BatchGuard(model)
-    skipped = 0
+    tally, guard, skipped = Tally(metrics, resolved), BatchGuard(model), 0
     together = on_nonfinite == "skip" and distributed.active()  # all ranks skip it, or none
     batches = distributed.in_step(loader)  # every rank must step as often
     start = time.perf_counter()
@@ -200,7 +207,7 @@ def train_epoch(
                 stepper.check_loss(loss, index)
                 value = loss.item()  # the one host sync per batch
                 nonfinite = not math.isfinite(value)
-                if distributed.any_rank(nonfinite) if together else nonfinite:
+                if distributed.agree(nonfinite)[0] if together else nonfinite:
                     if on_nonfinite == "raise":
                         raise NonFiniteLossError(index, value)
                     guard.restore()
@@ -277,8 +284,7 @@ def evaluate(
         metrics: name to metric (``ft.accuracy()``, a torchmetrics object, ...).
         forward: ``forward(model, batch) -> (outputs, targets)``, as for ``train_epoch``.
         inference_mode: use ``torch.inference_mode()`` instead of ``torch.no_grad()``.
-        progress: show progress on rank 0: a tqdm bar (terminal, notebook) with the running
-            loss and metrics, kept with the final ones; else plain lines on stderr.
+        progress: show progress on rank 0, as for ``train_epoch``.
 
     Returns:
         A frozen ``EvalResult``.
@@ -295,9 +301,8 @@ def evaluate(
     resolved = _check_args(model, loader, device)
     _check_callable("loss_fn", loss_fn, "loss_fn(outputs, targets)", optional=False)
     _check_callable("forward", forward, "forward(model, batch) -> (outputs, targets)")
-    tally = Tally(metrics, resolved)
+    tally, start = Tally(metrics, resolved), time.perf_counter()
     no_grad = torch.inference_mode() if inference_mode else torch.no_grad()
-    start = time.perf_counter()
     batches = distributed.in_step(loader) if sharded.is_sharded(model) else loader
     with mode(model, False), no_grad, Progress(progress, loader, "eval") as bar:
         with distributed.told():
@@ -345,8 +350,7 @@ def predict(
         loader: yields inputs, ``(inputs,)`` or ``(inputs, targets)``.
         device: where the model is and the inputs go.
         forward: ``forward(model, batch) -> (outputs, targets or None)``, as for ``train_epoch``.
-        progress: show progress on rank 0: a tqdm bar (terminal, notebook) with the running
-            loss and metrics, kept with the final ones; else plain lines on stderr.
+        progress: show progress on rank 0, as for ``train_epoch``.
         gather: under torch.distributed, collect every rank's outputs in data set order
             (padding removed) on rank 0 (``"main"``; the other ranks get None outputs and
             targets), on every rank (``"all"``), or keep each rank's own (``"none"``).
@@ -368,10 +372,9 @@ def predict(
         raise ValueError(f"'gather' must be 'main', 'all' or 'none', but got {gather!r}")
     gathering = distributed.active() and gather != "none"
     indices = distributed.sampler_indices(loader) if gathering else []
-    cpu = torch.device("cpu")
     outputs: list[Any] = []
     targets: list[Any] = []
-    samples = 0
+    cpu, samples = torch.device("cpu"), 0
     batches = distributed.in_step(loader) if sharded.is_sharded(model) else loader
     with mode(model, False), torch.no_grad(), Progress(progress, loader, "predict") as bar:
         for index, batch in enumerate(batches):

@@ -11,6 +11,15 @@ import torch
 from fntrain.records import MetricValue, reword
 
 Part = torch.Tensor | int | float
+_REFUSALS = (
+    "{n} target(s) are not class indices in [0, number of classes); pass ignore_index= "
+    "for a label the loss ignores",
+    "{n} target row(s) hold several classes (multi-label); use "
+    "torchmetrics.classification.MultilabelAccuracy",
+    "{n} target(s) are real values, neither classes nor 0/1 labels (regression?); use "
+    "torchmetrics.MeanAbsoluteError or MeanSquaredError, or give the model one output per class",
+)
+_CLEAN = (0, 0, 0)  # no target that cannot be judged
 
 
 @attrs.frozen
@@ -37,41 +46,11 @@ class Metric:
     compute: Callable[[tuple[torch.Tensor, ...]], MetricValue]
 
 
-_REFUSALS = (
-    "{n} target(s) are not class indices in [0, number of classes); pass ignore_index= "
-    "for a label the loss ignores",
-    "{n} target row(s) hold several classes (multi-label); use "
-    "torchmetrics.classification.MultilabelAccuracy",
-    "{n} target(s) are real values, neither classes nor 0/1 labels (regression?); use "
-    "torchmetrics.MeanAbsoluteError or MeanSquaredError, or give the model one output per class",
-)
-
-
-_CLEAN = (0, 0, 0)  # no target that cannot be judged
-
-
 def _refuse(name: str, bad: tuple[Part, ...]) -> None:
     """Raise ValueError for the first kind of target in ``bad`` that ``name`` cannot judge."""
     for count, message in zip(bad, _REFUSALS, strict=False):  # none when checked at once
         if int(count):
             raise ValueError(f"{name} cannot judge {message.format(n=int(count))}")
-
-
-def _check_shapes(outputs: Any, targets: Any, name: str) -> None:
-    """Raise unless outputs and targets are tensors of shapes a classification metric reads."""
-    if not isinstance(outputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
-        raise TypeError(
-            f"{name} needs the outputs as a tensor of class scores and the targets as a "
-            f"tensor, but got {type(outputs).__name__} and {type(targets).__name__}; for a "
-            f"model with several outputs, write an ft.Metric whose state picks the logits"
-        )
-    dense = outputs.shape[:1] + outputs.shape[2:]
-    if outputs.dim() == 0 or targets.shape not in (outputs.shape, dense):
-        raise ValueError(
-            f"{name} expects targets of shape {tuple(dense)} (class indices) or "
-            f"{tuple(outputs.shape)} (one per output) for outputs of shape "
-            f"{tuple(outputs.shape)}, but got targets of shape {tuple(targets.shape)}"
-        )
 
 
 def _plainly_in_range(targets: torch.Tensor, classes: int) -> bool:
@@ -117,7 +96,19 @@ def _classification(name: str, threshold: float, ignore_index: int | None, k: in
     """Return the Metric ``name``: the fraction of hits over the targets that count."""
 
     def state(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[Part, ...]:
-        _check_shapes(outputs, targets, name)
+        if not isinstance(outputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
+            raise TypeError(
+                f"{name} needs the outputs as a tensor of class scores and the targets as a "
+                f"tensor, but got {type(outputs).__name__} and {type(targets).__name__}; for a "
+                f"model with several outputs, write an ft.Metric whose state picks the logits"
+            )
+        dense = outputs.shape[:1] + outputs.shape[2:]
+        if outputs.dim() == 0 or targets.shape not in (outputs.shape, dense):
+            raise ValueError(
+                f"{name} expects targets of shape {tuple(dense)} (class indices) or "
+                f"{tuple(outputs.shape)} (one per output) for outputs of shape "
+                f"{tuple(outputs.shape)}, but got targets of shape {tuple(targets.shape)}"
+            )
         if ignore_index is None:
             hits, bad = _judge(outputs, targets, name, threshold, k)
             counted: Part = hits.numel()
@@ -126,11 +117,10 @@ def _classification(name: str, threshold: float, ignore_index: int | None, k: in
             hits, bad = _judge(outputs, targets.masked_fill(~keep, 0), name, threshold, k)
             keep = keep.reshape(hits.shape) if keep.numel() == hits.numel() else keep.all(dim=1)
             hits, counted = hits & keep, keep.sum()
-        if bad is _CLEAN:
-            return hits.sum(), counted
-        if any(isinstance(b, torch.Tensor) and not b.is_cpu for b in bad):
-            return (hits.sum(), counted, *bad)  # on a device: counted, refused by compute
-        _refuse(name, bad)  # on the host: no sync, so refuse at once
+        if bad is not _CLEAN:
+            if any(isinstance(b, torch.Tensor) and not b.is_cpu for b in bad):
+                return (hits.sum(), counted, *bad)  # on a device: counted, refused by compute
+            _refuse(name, bad)  # on the host: no sync, so refuse at once
         return hits.sum(), counted
 
     def compute(total: tuple[torch.Tensor, ...]) -> float:
@@ -235,11 +225,7 @@ def parts(
     targets: Any,
     undo: list[Callable[[], object]] | None = None,
 ) -> dict[Hashable, Part]:
-    """Return one batch's metric parts keyed ``(name, position)``; torchmetrics update themselves.
-
-    Runs without autograd. An error names the metric. ``undo`` gets a function per
-    torchmetrics update that takes it back (run if the batch fails before its step).
-    """
+    """Return a batch's parts by ``(name, position)``; torchmetrics update, ``undo`` gets undos."""
     if torch.is_grad_enabled() and metrics:  # train_epoch; evaluate is under no_grad already
         with torch.no_grad():
             return parts(metrics, outputs, targets, undo)

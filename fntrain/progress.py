@@ -21,12 +21,8 @@ class Progress(AbstractContextManager["Progress"]):
 
     def __init__(self, enabled: bool, loader: Any, desc: str) -> None:
         self.bar: Any = None
-        self.on, self.desc, self.batches, self.samples = (
-            enabled and distributed.is_main(),
-            desc,
-            0,
-            0,
-        )
+        self.on, self.desc = enabled and distributed.is_main(), desc
+        self.batches = self.samples = 0
         self.started, self.shown = time.monotonic(), 0.0
         try:
             self.total: int | None = len(loader)
@@ -53,9 +49,7 @@ class Progress(AbstractContextManager["Progress"]):
     def _show(self, values: Mapping[str, Any], where: str) -> None:
         """Put ``values`` (floats; tensors left out) and samples/s in the bar or in a line."""
         self.shown = now = time.monotonic()
-        numbers = {
-            name: f"{value:.4f}" for name, value in values.items() if isinstance(value, float)
-        }
+        numbers = {name: f"{v:.4f}" for name, v in values.items() if isinstance(v, float)}
         numbers["samples/s"] = f"{self.samples / max(now - self.started, 1e-9):.0f}"
         if self.bar is not None:
             self.bar.set_postfix(numbers, refresh=False)

@@ -16,6 +16,9 @@ MetricValue = float | torch.Tensor
 class ReadOnlyDict(dict):  # type: ignore[type-arg]
     """A dict that refuses every change: readable, json-dumpable, picklable and copyable."""
 
+    def __init__(self, mapping: Mapping[str, Any] | None = None) -> None:
+        super().__init__(mapping or {})
+
     def _refuse(self, *_: object, **__: object) -> NoReturn:
         raise TypeError("this mapping is read-only; copy it with dict(...) to change it")
 
@@ -24,11 +27,6 @@ class ReadOnlyDict(dict):  # type: ignore[type-arg]
 
     def __reduce__(self) -> tuple[type, tuple[dict[Any, Any]]]:
         return type(self), (dict(self),)
-
-
-def _read_only(mapping: Mapping[str, Any] | None) -> Mapping[str, Any]:
-    """Return a read-only copy of ``mapping`` (an empty one for None)."""
-    return ReadOnlyDict(mapping or {})
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -66,7 +64,7 @@ class TrainResult:
     """
 
     loss: float
-    metrics: Mapping[str, MetricValue] = _tensors(converter=_read_only)
+    metrics: Mapping[str, MetricValue] = _tensors(converter=ReadOnlyDict)
     samples: int
     batches: int
     steps: int
@@ -111,7 +109,7 @@ class EvalResult:
     """
 
     loss: float
-    metrics: Mapping[str, MetricValue] = _tensors(converter=_read_only)
+    metrics: Mapping[str, MetricValue] = _tensors(converter=ReadOnlyDict)
     samples: int
     batches: int
     seconds: float
@@ -166,8 +164,8 @@ class Checkpoint:
     path: Path
     epoch: int | None
     step: int | None
-    metrics: Mapping[str, Any] = _tensors(converter=_read_only)
-    extra: Mapping[str, Any] = _tensors(converter=_read_only)
+    metrics: Mapping[str, Any] = _tensors(converter=ReadOnlyDict)
+    extra: Mapping[str, Any] = _tensors(converter=ReadOnlyDict)
     missing_keys: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     unexpected_keys: tuple[str, ...] = attrs.field(default=(), converter=tuple)
 

@@ -22,11 +22,7 @@ def mode(model: nn.Module, training: bool) -> Iterator[None]:
 
 
 class BatchGuard:
-    """What one training batch may change before its optimizer step, to put back (private).
-
-    ``with guard:`` copies the persistent buffers (BatchNorm statistics) on entry; an error before
-    the step (not ``committed``) puts them back and runs ``undo`` (torchmetrics updates).
-    """
+    """Puts a batch's buffers back and runs ``undo`` if it fails before its step (private)."""
 
     def __init__(self, model: nn.Module) -> None:
         state = model.state_dict(keep_vars=True).values()

@@ -59,13 +59,6 @@ def refuse_fsdp1(model: nn.Module, what: str) -> None:
         )
 
 
-def _pack(value: Any) -> torch.Tensor:
-    """Return ``value`` serialised by ``torch.save`` as a uint8 tensor."""
-    buffer = io.BytesIO()
-    torch.save(value, buffer)
-    return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
-
-
 def _tensors_apart(entry: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Split a state dict into its tensors and everything else (extra state, step counts)."""
     tensors = {name: value for name, value in entry.items() if isinstance(value, torch.Tensor)}
@@ -77,8 +70,7 @@ def split(payload: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     tensors, model_rest = _tensors_apart(payload["model"])
     meta = {key: value for key, value in payload.items() if key not in ("model", "optimizer")}
     meta["model_rest"], shards = model_rest, {"model": tensors}
-    optimizer = payload.get("optimizer")
-    if optimizer is not None:
+    if (optimizer := payload.get("optimizer")) is not None:
         parts = {fqn: _tensors_apart(entry) for fqn, entry in optimizer["state"].items()}
         shards["optimizer"] = {fqn: kept for fqn, (kept, _) in parts.items()}
         rest = {fqn: other for fqn, (_, other) in parts.items()}
@@ -119,17 +111,16 @@ def _swap_in(temp: Path, target: Path, started: float) -> int:
 
 
 def save(target: Path, shards: dict[str, Any], meta: dict[str, Any]) -> int:
-    """Write ``shards`` (every rank its own) and rank 0's packed ``meta``; return the bytes.
-
-    A temporary folder beside ``target`` is swapped in once every rank has finished.
-    """
+    """Write ``shards`` (each rank its own), rank 0's ``meta`` to a temp folder; swap it in."""
     import torch.distributed.checkpoint as dcp
 
-    tensors = {**shards, _PACKED: _pack(meta)} if distributed.is_main() else shards
-    started = time.time()
-    temp = target.with_name(
-        f".{target.name}.{distributed.on_main(lambda: secrets.token_hex(8))}.tmp"
-    )
+    tensors, started = dict(shards), time.time()
+    if distributed.is_main():  # and rank 0 the rest, packed by torch.save as one uint8 tensor
+        buffer = io.BytesIO()
+        torch.save(meta, buffer)
+        tensors[_PACKED] = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+    token = distributed.on_main(lambda: secrets.token_hex(8))  # one name on every rank
+    temp = target.with_name(f".{target.name}.{token}.tmp")
     try:
         dcp.save(tensors, checkpoint_id=temp)
     except BaseException:
@@ -201,10 +192,9 @@ def _load(target: Path, state: dict[str, Any]) -> None:
             dcp.load(state, storage_reader=Reader(target), no_dist=not distributed.active())
     except (Exception, dcp.api.CheckpointException) as error:  # the latter is a BaseException
         lines = [line for line in str(error).splitlines() if "Error" in line] or [repr(error)]
-        first = lines[-1].strip()
         raise CheckpointError(
             f"{str(target)!r} is not a loadable sharded checkpoint (a shard missing or "
-            f"truncated?); nothing was loaded: {first}"
+            f"truncated?); nothing was loaded: {lines[-1].strip()}"
         ) from error
 
 
@@ -218,8 +208,6 @@ def _blank(like: torch.Tensor | None, entry: Any) -> torch.Tensor:
 
 def read(target: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     """Read a sharded folder into fresh tensors laid out as ``model``'s; return the payload."""
-    if not (target / _METADATA).is_file():
-        raise CheckpointError(f"'path' {str(target)!r} is a folder but not a sharded checkpoint")
     entries = _metadata(target).state_dict_metadata
     if _PACKED not in entries:
         raise CheckpointError(f"{str(target)!r} is a sharded checkpoint not written by fntrain")

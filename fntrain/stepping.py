@@ -7,7 +7,7 @@ import inspect
 import math
 import warnings
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
 from typing import Any
 
 import attrs
@@ -24,8 +24,7 @@ def _required(method: Callable[..., Any]) -> list[str]:
         params = inspect.signature(method).parameters.values()
     except (TypeError, ValueError):  # a builtin without a signature: assume it needs none
         return []
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return [p.name for p in params if p.default is p.empty and p.kind in kinds]
+    return [p.name for p in params if p.default is p.empty and p.kind <= p.POSITIONAL_OR_KEYWORD]
 
 
 @attrs.frozen
@@ -102,9 +101,8 @@ class Stepper:
 
     def __init__(self, optimizer: Optimizer, options: StepOptions, device: torch.device) -> None:
         self.optimizer, self.options = optimizer, options.check(optimizer, device)
-        self.autocast: AbstractContextManager[Any] = nullcontext()
-        if options.autocast is not None:
-            self.autocast = torch.autocast(device_type=device.type, dtype=options.autocast)
+        dtype = options.autocast
+        self.autocast = nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.window_batches, self.window_samples, self.window_loss = 0, 0, 0.0  # loss: sum(n*mean)
         self.steps = self.skipped_steps = 0
@@ -168,12 +166,7 @@ class Stepper:
         return norm
 
     def step(self, batch_index: int, guard: BatchGuard, final: bool = False) -> Step | None:
-        """Step the optimizer (and scheduler) on a full window, or a non-empty one if ``final``.
-
-        Returns the Step taken, if any. A non-finite clipped norm (no enabled GradScaler) raises or
-        skips; skipped steps count in ``skipped_steps``. Once ``optimizer.step()`` changed the
-        weights, ``guard`` is committed: a later error keeps the batch applied and says so.
-        """
+        """Step on a full window (any if ``final``); return the Step taken (None: none, skipped)."""
         if self.window_batches < (1 if final else self.options.accumulate):
             return None
         norm, scaler = self._clip(), self.options.scaler
@@ -187,7 +180,14 @@ class Stepper:
         probe, lr = self.probe, float(self.optimizer.param_groups[0]["lr"])
         version = probe._version if probe is not None else 0  # bumped by in-place updates
         try:
-            taken = self._optimizer_step(scaler)
+            if scaler is None:
+                self.optimizer.step()
+                taken = True
+            else:  # read the scaler's record of inf/NaN gradients before update() clears it
+                scaler.step(self.optimizer)
+                found = scaler._found_inf_per_device(self.optimizer) if scaler.is_enabled() else {}
+                scaler.update()
+                taken = not any(bool(flag) for flag in found.values())
             guard.committed = True
             if taken and self.options.scheduler is not None:
                 self.options.scheduler.step()
@@ -203,14 +203,3 @@ class Stepper:
             return None
         self.steps += 1
         return Step(self.steps - 1, batch_index, loss, samples, lr, norm)
-
-    def _optimizer_step(self, scaler: Any) -> bool:
-        """Step the optimizer (through the scaler); return False if the scaler skipped it."""
-        if scaler is None:
-            self.optimizer.step()
-            return True
-        scaler.step(self.optimizer)
-        # The scaler's own record of inf/NaN gradients for this step; update() clears it.
-        found_inf = scaler._found_inf_per_device(self.optimizer) if scaler.is_enabled() else {}
-        scaler.update()
-        return not any(bool(flag) for flag in found_inf.values())

@@ -12,17 +12,12 @@ from fntrain import metrics as metric_lib
 from fntrain.metrics import Part
 from fntrain.records import MetricValue
 
-_LOSS = (None, "loss")  # metric parts are keyed (name, position) with a str name: no clash
-_SAMPLES = (None, "samples")
-_BATCHES = (None, "batches")
+# metric parts are keyed (name, position) with a str name: no clash with these
+_LOSS, _SAMPLES, _BATCHES = (None, "loss"), (None, "samples"), (None, "batches")
 
 
 class Tally:
-    """Sums over one pass, private to one call: on the host where that is free, else on the device.
-
-    Numbers and one-element CPU tensors (``.item()`` costs less than a tensor add) are summed
-    on the host; other tensors where they live, until :meth:`finish` brings all over at once.
-    """
+    """One call's sums: numbers and 1-element CPU tensors on the host, others on their device."""
 
     def __init__(self, metrics: Mapping[str, Any] | None, device: torch.device) -> None:
         self.metrics = metric_lib.prepare(metrics, device)  # checked, torchmetrics reset
@@ -30,11 +25,7 @@ class Tally:
         self.samples = self.batches = 0
 
     def stage(self, parts: dict[Hashable, Part]) -> dict[Hashable, Part]:
-        """Return one batch's metric parts ready to add; raise naming a part that cannot add up.
-
-        Small CPU tensors become numbers; a tensor needs its sum's shape and a dtype that sum
-        takes, so that :meth:`add` cannot fail after the step.
-        """
+        """Return a batch's parts ready for add() (then it cannot fail); raise naming a misfit."""
         staged: dict[Hashable, Part] = {}
         for key, part in parts.items():
             if isinstance(part, torch.Tensor):
@@ -52,8 +43,7 @@ class Tally:
 
     def _add(self, key: Hashable, part: Part) -> None:
         """Add ``part`` to the running sum under ``key``."""
-        total = self.totals.get(key)
-        if total is None:
+        if (total := self.totals.get(key)) is None:
             self.totals[key] = part.clone() if isinstance(part, torch.Tensor) else part
         elif isinstance(total, torch.Tensor) and isinstance(part, torch.Tensor):
             total.add_(part)
@@ -111,8 +101,6 @@ class Tally:
             totals[_SAMPLES] = torch.tensor(self.samples)
             totals[_BATCHES] = torch.tensor(self.batches)
             totals = distributed.all_reduce_totals(totals, self.metrics)
-            self.samples = int(totals.pop(_SAMPLES))
-            self.batches = int(totals.pop(_BATCHES))
-        loss_sum = totals.pop(_LOSS, None)
-        loss = float(loss_sum) / self.samples if self.samples else float("nan")
+            self.samples, self.batches = int(totals.pop(_SAMPLES)), int(totals.pop(_BATCHES))
+        loss = float(totals.pop(_LOSS)) / self.samples if self.samples else float("nan")
         return loss, metric_lib.finish(self.metrics, totals)
