@@ -486,6 +486,7 @@ def _optimizer_problems(
     if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
         return ["the optimizer state in the file has not the form of Optimizer.state_dict()"]
     foreign = sorted({key for g in groups for key in g} - {key for g in current for key in g})
+    foreign = [key for key in foreign if not key.endswith(("_lr", "_momentum"))]  # schedulers'
     if foreign and not named:  # a loop's dict does not name the class: its options tell
         kind = type(optimizer).__name__
         return [f"'optimizer' is {kind}, but the file's optimizer has options {kind} has not: "

@@ -188,7 +188,7 @@ def train_epoch(
     if clip_grad_norm is not None:
         sharded.refuse_fsdp1(model, "the gradient norm clipped by")
     options = StepOptions(accumulate, autocast, scaler, clip_grad_norm, scheduler, on_nonfinite)
-    stepper = Stepper(optimizer, options, resolved)
+    stepper = Stepper(optimizer, options, resolved, model)
     warn_if_built_for_epochs(scheduler, loader, options.accumulate)
     tally, guard, skipped = Tally(metrics, resolved), BatchGuard(model), 0
     together = on_nonfinite == "skip" and distributed.active()  # all ranks skip it, or none

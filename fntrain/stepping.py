@@ -12,6 +12,7 @@ from typing import Any
 
 import attrs
 import torch
+from torch import nn
 from torch.optim import Optimizer
 
 from fntrain.records import NonFiniteLossError, Step, reword
@@ -99,11 +100,15 @@ def warn_if_built_for_epochs(scheduler: Any, loader: Any, accumulate: int) -> No
 class Stepper:
     """Adds up a window of batches and takes its optimizer step (private; checks ``options``)."""
 
-    def __init__(self, optimizer: Optimizer, options: StepOptions, device: torch.device) -> None:
+    def __init__(
+        self, optimizer: Optimizer, options: StepOptions, device: torch.device, model: nn.Module
+    ) -> None:
         self.optimizer, self.options = optimizer, options.check(optimizer, device)
         dtype = options.autocast
         self.autocast = nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
-        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        params = {id(p): p for group in optimizer.param_groups for p in group["params"]}
+        ordered = {id(p): p for p in model.parameters() if id(p) in params}  # as clip_grad_norm_
+        self.params = [*ordered.values(), *(p for i, p in params.items() if i not in ordered)]
         self.window_batches, self.window_samples, self.window_loss = 0, 0, 0.0  # loss: sum(n*mean)
         self.steps = self.skipped_steps = 0
         self.largest_norm = math.nan  # the largest finite norm before clipping (inf: none was)

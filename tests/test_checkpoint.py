@@ -360,6 +360,38 @@ def test_a_tutorial_checkpoint_dict_loads_model_optimizer_epoch_and_extras(
     assert_bit_identical(*flat)
 
 
+@pytest.mark.parametrize("attached", ["StepLR", "OneCycleLR"])
+def test_a_loop_checkpoint_saved_while_a_scheduler_ran_loads(tmp_path: Path, attached: str) -> None:
+    """A loop's dict saved with a scheduler attached (initial_lr, max_lr in its groups) loads."""
+    schedulers = {
+        "StepLR": lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5),
+        "OneCycleLR": lambda o: torch.optim.lr_scheduler.OneCycleLR(o, 0.1, total_steps=10),
+    }
+    model = mlp(4, 2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    schedule = schedulers[attached](opt)
+    nn.functional.cross_entropy(model(torch.randn(8, 4)), torch.randint(0, 2, (8,))).backward()
+    opt.step()
+    schedule.step()
+    saved = {"epoch": 1, "model": model.state_dict(), "optimizer": opt.state_dict()}
+    torch.save({**saved, "lr_scheduler": schedule.state_dict()}, tmp_path / "s.pth")
+    fresh = mlp(4, 2, 2)
+    fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
+    fresh_schedule = schedulers[attached](fresh_opt)
+    ft.load_checkpoint(tmp_path / "s.pth", fresh, fresh_opt, scheduler=fresh_schedule)
+    assert _same_state(fresh_opt, opt)
+    assert fresh_schedule.state_dict() == schedule.state_dict()
+    ft.load_checkpoint(tmp_path / "s.pth", mlp(4, 2, 3), torch.optim.SGD(mlp(4, 2, 3).parameters()))
+
+
+def _same_state(one: torch.optim.Optimizer, other: torch.optim.Optimizer) -> bool:
+    """Tell whether two optimizers hold equal groups and bit-identical state tensors."""
+    a, b = one.state_dict(), other.state_dict()
+    return a["param_groups"] == b["param_groups"] and all(
+        torch.equal(a["state"][i][k], b["state"][i][k]) for i in a["state"] for k in a["state"][i]
+    )
+
+
 def test_a_tutorial_checkpoint_that_does_not_fit_changes_nothing(tmp_path: Path) -> None:
     """A loop's checkpoint dict that does not fit is a CheckpointError; nothing changes.
 

@@ -171,6 +171,31 @@ def test_clipping_equals_clip_grad_norm_before_each_step(
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_clipping_is_bit_identical_to_clipping_model_parameters_by_hand() -> None:
+    """Clipping equals the tutorials' clip_grad_norm_(model.parameters()) bit for bit.
+
+    Also when the optimizer holds the parameters in another order (ft.param_groups puts
+    the decayed weights first): the norm is summed in the model's order.
+    """
+    from tests.helpers import mlp
+
+    for seed in range(4):  # the two orders round differently for most seeds
+        data = make_data(80, 4, 3, seed)
+        models = [mlp(4, 3, seed), mlp(4, 3, seed)]
+        opts = [torch.optim.AdamW(ft.param_groups(m, weight_decay=0.1), lr=0.05) for m in models]
+        torch.manual_seed(1)
+        for inputs, targets in loader(data, 8):
+            opts[0].zero_grad()
+            nn.functional.cross_entropy(models[0](inputs), targets).backward()
+            nn.utils.clip_grad_norm_(models[0].parameters(), 0.05)
+            opts[0].step()
+        torch.manual_seed(1)
+        loss = nn.CrossEntropyLoss()
+        tr = ft.train_epoch(models[1], loader(data, 8), loss, opts[1], CPU, clip_grad_norm=0.05)
+        assert tr.grad_norm > 0.05  # it clipped
+        assert all(torch.equal(a, b) for a, b in zip(*map(_params, models), strict=True)), seed
+
+
 def test_grad_norm_is_none_without_clipping() -> None:
     """Without clip_grad_norm, no norm is computed and grad_norm is None."""
     model = _linear_model(0)
