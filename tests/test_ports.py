@@ -478,9 +478,6 @@ def _hand_003(
     optimizer = torch.optim.SGD(groups, lr=1e-2, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: min(1.0, (t + 1) / 10))
     beta_distribution = torch.distributions.Beta(0.2, 0.2)
-    # Clipped in the optimizer's order, as train_epoch clips: in model.parameters() order the
-    # total norm (decayed weights first here) can differ in its last bit.
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     best_acc, step_losses, accs, resume_at, norms = 0.0, [], [], {}, []
     for t in range(num_epochs):
         model.train()
@@ -494,7 +491,7 @@ def _hand_003(
             )
             optimizer.zero_grad()
             loss.backward()
-            norms.append(float(torch.nn.utils.clip_grad_norm_(params, max_norm=1.0)))
+            norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)))
             optimizer.step()
             if (i + 1) % 100 == 0 and t >= save_after:
                 step_losses.append(loss.item())
