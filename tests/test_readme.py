@@ -42,6 +42,11 @@ def test_every_python_snippet_runs_in_order(
         exec(code, namespace)
 
 
+def test_the_readme_stays_a_reference_of_at_most_25_000_bytes() -> None:
+    """The README is at most 25,000 bytes (DESIGN.md); full tables and lists live in docs/."""
+    assert len(README.encode("utf-8")) <= 25_000
+
+
 def test_there_are_exactly_two_one_line_setup_commands() -> None:
     """The README has one command for the main job and one for the tests, one line each."""
     demo, tests = _command("demo-command"), _command("test-command")
