@@ -155,7 +155,7 @@ def train_epoch(
             step, to log or update an EMA; an exception from it ends the epoch, that step applied.
         on_nonfinite: ``"raise"`` a ``NonFiniteLossError`` before the step, or ``"skip"`` the batch.
         progress: show progress on rank 0: a tqdm bar (terminal, notebook) with the running
-            loss and metrics, kept with the final ones; else plain lines on stderr.
+            loss and fntrain metrics, kept with all final ones; else plain lines on stderr.
         accumulate: add up the gradients of this many batches per step (the gradient of their
             sample-weighted mean loss); a partial window at the end is stepped too.
         autocast: ``torch.bfloat16`` or ``torch.float16`` to run forward and loss under autocast.

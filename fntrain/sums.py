@@ -73,7 +73,7 @@ class Tally:
         own = {name: m for name, m in self.metrics.items() if isinstance(m, metric_lib.Metric)}
         try:
             return {"loss": loss, **metric_lib.finish(own, totals)}
-        except ValueError:  # a target a metric refuses: the end of the pass says which
+        except Exception:  # shown only: the pass's end reports a metric that fails
             return {"loss": loss}
 
     def _host(self) -> dict[Hashable, torch.Tensor]:

@@ -498,10 +498,8 @@ def _epoch(loader: object, **options: object) -> ft.TrainResult:
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    metrics = {"acc": ft.accuracy()}
-    return ft.train_epoch(
-        model, loader, nn.CrossEntropyLoss(), opt, CPU, metrics=metrics, **options
-    )
+    options = {"metrics": {"acc": ft.accuracy()}, **options}
+    return ft.train_epoch(model, loader, nn.CrossEntropyLoss(), opt, CPU, **options)
 
 
 def test_progress_in_a_log_file_is_a_line_per_quarter_and_a_summary(
@@ -537,6 +535,23 @@ def test_progress_without_a_len_prints_at_1_2_4_8_batches(
     assert [line.split()[:2] for line in lines[:4]] == [["train", "1"], ["train", "2"],
                                                         ["train", "4"], ["train", "8"]]  # fmt: skip
     assert lines[4].split(": ")[1].startswith("8 batches, 32 samples") and len(lines) == 5
+
+
+def test_a_metric_that_fails_mid_pass_does_not_stop_the_progress_lines(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A metric whose compute raises on partial sums is left out of a line, not fatal."""
+
+    def picky(total: tuple[torch.Tensor, ...]) -> float:
+        if total[1] < 20:
+            raise RuntimeError("too few samples yet")
+        return float(total[0] / total[1])
+
+    hits = ft.Metric(state=lambda out, y: ((out.argmax(1) == y).sum(), len(y)), compute=picky)
+    tr = _epoch(_Slow(), progress=True, metrics={"hits": hits})
+    lines = capsys.readouterr().err.splitlines()
+    assert "loss " in lines[0] and "hits" not in lines[0]  # 8 samples: not yet
+    assert f"hits {tr.metrics['hits']:.4f}" in lines[-1]
 
 
 def test_progress_on_a_terminal_keeps_the_bar_with_running_and_final_numbers(
