@@ -22,7 +22,7 @@ from fntrain.records import (
     TrainResult,
 )
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 __all__ = [
     "Checkpoint",

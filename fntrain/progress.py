@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -21,14 +22,13 @@ class Progress(AbstractContextManager["Progress"]):
 
     def __init__(self, enabled: bool, loader: Any, desc: str) -> None:
         self.bar: Any = None
+        self.total: int | None = None
         self.on, self.desc = enabled and distributed.is_main(), desc
         self.batches = self.samples = 0
         self.started, self.shown = time.monotonic(), 0.0
-        try:
-            self.total: int | None = len(loader)
-        except TypeError:  # an iterable without len()
-            self.total = None
         if self.on:
+            with contextlib.suppress(TypeError):  # an iterable without len()
+                self.total = len(loader)
             from tqdm.autonotebook import tqdm as auto  # tqdm.notebook's inside Jupyter
             from tqdm.std import tqdm as plain
 
