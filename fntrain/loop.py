@@ -304,8 +304,8 @@ def evaluate(
     tally, start = Tally(metrics, resolved), time.perf_counter()
     no_grad = torch.inference_mode() if inference_mode else torch.no_grad()
     batches = distributed.in_step(loader) if sharded.is_sharded(model) else loader
-    with mode(model, False), no_grad, Progress(progress, loader, "eval") as bar:
-        with distributed.told():
+    with Progress(progress, loader, "eval") as bar:
+        with mode(model, False), no_grad, distributed.told():
             for index, batch in enumerate(batches):
                 outputs, targets, samples = _run(model, forward, batch, index, resolved)
                 if not samples:
@@ -314,7 +314,7 @@ def evaluate(
                 parts = metric_lib.parts(tally.metrics, outputs, targets)
                 tally.add(loss, samples, tally.stage(parts))
                 bar.tick(samples, tally.running)
-        totals = _totals(tally, start)
+        totals = _totals(tally, start)  # outside no_grad: tensor metrics are ordinary tensors
         bar.finish(totals)
     return EvalResult(**totals)
 

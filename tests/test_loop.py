@@ -640,6 +640,19 @@ def test_an_error_in_a_later_batch_leaves_the_model_as_after_the_previous_batch(
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
 
 
+def test_tensor_metrics_of_evaluate_are_ordinary_tensors_under_inference_mode() -> None:
+    """With inference_mode=True, a tensor-valued metric comes back as an ordinary tensor."""
+    from torchmetrics.classification import MulticlassConfusionMatrix
+
+    metrics = {"cm": MulticlassConfusionMatrix(num_classes=2), "sums": ft.Metric(
+        state=lambda out, y: (out.sum(0),), compute=lambda total: total[0])}  # fmt: skip
+    ev = ft.evaluate(nn.Linear(3, 2), _BATCHES, nn.CrossEntropyLoss(), CPU, metrics=metrics,
+                     inference_mode=True, progress=True)  # fmt: skip
+    for value in ev.metrics.values():
+        assert not value.is_inference()
+        value.add_(1)  # usable outside inference mode
+
+
 def test_evaluate_with_inference_mode_runs_under_inference_mode() -> None:
     """inference_mode=True runs the model under torch.inference_mode(), not just no_grad."""
     seen: list[bool] = []
