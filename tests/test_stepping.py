@@ -246,35 +246,41 @@ def test_warmup_scheduler_matches_a_hand_written_loop() -> None:
 
 
 def test_a_scheduler_built_for_epochs_gets_a_warning_once() -> None:
-    """A scheduler whose horizon is shorter than one epoch's steps (T_max=epochs) warns.
+    """A schedule that would run out within the first epoch (T_max=epochs) warns, once.
 
-    CosineAnnealingLR(T_max=3) or LinearLR(total_iters=3) over 5 steps an epoch were built
-    in epochs; fntrain steps them per optimizer step, so it says so, in the first epoch only.
-    A horizon of a whole run in steps (T_max=epochs * len(loader)) does not warn.
+    CosineAnnealingLR (climbs back after T_max), a decaying LinearLR and PolynomialLR
+    (stuck at their end value) over 3 steps, with 4 optimizer steps an epoch (10 batches,
+    accumulate=3, the last window partial): fntrain steps them per optimizer step, so it
+    says so in the first epoch. A warmup holds its end value (no warning), and so does a
+    horizon of a whole run in steps, or a duck-typed scheduler without last_epoch.
     """
     import warnings
 
+    lr = torch.optim.lr_scheduler
     data = make_data(40, 4, 3, 0)
-    cosine, linear = torch.optim.lr_scheduler.CosineAnnealingLR, torch.optim.lr_scheduler.LinearLR
-    for build in (lambda o: cosine(o, T_max=3), lambda o: linear(o, total_iters=3)):
+    loss = nn.CrossEntropyLoss()
+    warns = {
+        "cosine": lambda o: lr.CosineAnnealingLR(o, T_max=3),
+        "decay": lambda o: lr.LinearLR(o, start_factor=1.0, end_factor=0.1, total_iters=3),
+        "polynomial": lambda o: lr.PolynomialLR(o, total_iters=3),
+    }
+    quiet = {
+        "warmup": lambda o: lr.LinearLR(o, start_factor=0.1, total_iters=3),
+        "whole run": lambda o: lr.CosineAnnealingLR(o, T_max=10 * 4),
+        "duck": lambda o: type("Duck", (), {"T_max": 3, "step": lambda self: None})(),
+    }
+    for name, build in {**warns, **quiet}.items():
         model = _linear_model(0)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         schedule = build(opt)
-        with pytest.warns(UserWarning, match=r"horizon of 3 steps, shorter than one epoch \(5"):
-            ft.train_epoch(
-                model, loader(data, 8), nn.CrossEntropyLoss(), opt, CPU, scheduler=schedule
-            )
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # the second epoch: the schedule already ran past
-            ft.train_epoch(
-                model, loader(data, 8), nn.CrossEntropyLoss(), opt, CPU, scheduler=schedule
-            )
-    model = _linear_model(0)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        whole_run = cosine(opt, T_max=10 * 5)
-        ft.train_epoch(model, loader(data, 8), nn.CrossEntropyLoss(), opt, CPU, scheduler=whole_run)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):  # the second epoch: the schedule already ran past
+                ft.train_epoch(model, loader(data, 4), loss, opt, CPU, scheduler=schedule,
+                               accumulate=3)  # fmt: skip
+        told = [str(w.message) for w in caught if "horizon" in str(w.message)]
+        assert len(told) == (name in warns), name
+        assert all("horizon of 3 steps, shorter than one epoch (4" in text for text in told)
 
 
 def test_forward_sees_every_batch_on_the_device_and_its_outputs_are_trained_on() -> None:
