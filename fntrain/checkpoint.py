@@ -411,14 +411,18 @@ def _state_dict_problem(value: Any) -> str | None:
     return None
 
 
-def _from_loop(saved: dict[str, Any]) -> dict[str, Any] | None:
+def _from_loop(saved: dict[Any, Any]) -> dict[str, Any] | None:
     """Return a hand-written loop's checkpoint dict as a payload (None if it holds no model)."""
-    found = {name: next((k for k in keys if k in saved), None) for name, keys in _LOOP_KEYS.items()}
-    if found["model"] is None or _state_dict_problem(saved[found["model"]]) is not None:
+    fits = {"model": lambda value: _state_dict_problem(value) is None}
+    found = {name: next((k for k in keys if k in saved and fits.get(name, bool)(saved[k])), None)
+             for name, keys in _LOOP_KEYS.items()}  # fmt: skip
+    if found["model"] is None:
         return None
     payload = {name: saved[key] for name, key in found.items() if key is not None}
     payload["epoch"] = saved["epoch"] if type(saved.get("epoch")) is int else None  # as written
-    taken = {*found.values(), "epoch" if payload["epoch"] is not None else None}
+    taken = [key for key in found.values() if key is not None] + ["epoch"] * (
+        payload["epoch"] is not None
+    )
     payload["extra"] = {key: value for key, value in saved.items() if key not in taken}
     return payload
 
@@ -478,19 +482,11 @@ def _model_problems(saved: dict[str, Any], current: dict[str, Any], strict: bool
     return problems
 
 
-def _optimizer_problems(
-    saved: dict[str, Any], optimizer: torch.optim.Optimizer, named: bool
-) -> list[str]:
+def _optimizer_problems(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> list[str]:
     """List how the file's optimizer state does not fit ``optimizer`` (torch checks the rest)."""
     groups, current = saved.get("param_groups"), optimizer.param_groups
     if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
         return ["the optimizer state in the file has not the form of Optimizer.state_dict()"]
-    foreign = sorted({key for g in groups for key in g} - {key for g in current for key in g})
-    foreign = [key for key in foreign if not key.endswith(("_lr", "_momentum"))]  # schedulers'
-    if foreign and not named:  # a loop's dict does not name the class: its options tell
-        kind = type(optimizer).__name__
-        return [f"'optimizer' is {kind}, but the file's optimizer has options {kind} has not: "
-                f"{', '.join(map(repr, foreign))} (another optimizer class?)"]  # fmt: skip
     sizes, own = [len(g.get("params", ())) for g in groups], [len(g["params"]) for g in current]
     if sizes != own:
         return [f"the file's optimizer has param groups of sizes {sizes} but 'optimizer' has {own}"]
@@ -507,6 +503,31 @@ def _optimizer_problems(
     ]
 
 
+def _option_keys(groups: Any) -> set[Any]:
+    """Return optimizer param groups' keys but those schedulers and named_parameters() add."""
+    dicts = [g for g in groups if isinstance(g, dict)] if isinstance(groups, list) else []
+    return {k for g in dicts for k in g if not str(k).endswith(("_lr", "_momentum", "param_names"))}
+
+
+def _another_class(name: str, obj: Any, saved: dict[str, Any]) -> str | None:
+    """Say if a state of a class the file does not name has keys ``obj``'s lacks, and lacks some.
+
+    Keys differing one way only come from a newer or older torch: those states load.
+    """
+    if name == "optimizer":
+        theirs, ours = _option_keys(saved.get("param_groups")), _option_keys(obj.param_groups)
+    else:
+        theirs, ours = set(saved), set(obj.state_dict())
+    foreign, lacking = sorted(map(repr, theirs - ours)), sorted(map(repr, ours - theirs))
+    if not (foreign and lacking):
+        return None
+    kind = type(obj).__name__
+    return (
+        f"'{name}' is {kind}, but the file's {name} state has {', '.join(foreign)} and lacks "
+        f"{', '.join(lacking)}: another class's?"
+    )
+
+
 def _state_problems(payload: dict[str, Any], given: dict[str, Any]) -> list[str]:
     """List why the file's optimizer, scheduler and scaler states cannot go into those given."""
     problems: list[str] = []
@@ -518,8 +539,10 @@ def _state_problems(payload: dict[str, Any], given: dict[str, Any]) -> list[str]
             problems.append(f"'{name}' is {own} but the file holds {theirs} state")
         elif not isinstance(saved, dict):
             problems.append(f"the {name} state in the file is a {type_name(saved)}, not a dict")
+        elif theirs is None and name != "scaler" and (other := _another_class(name, obj, saved)):
+            problems.append(other)
         elif name == "optimizer":
-            problems += _optimizer_problems(saved, obj, named=theirs is not None)
+            problems += _optimizer_problems(saved, obj)
         elif name == "scaler" and obj.is_enabled() and not saved:
             problems.append("'scaler' is enabled but the file's GradScaler state is empty")
     return problems
@@ -542,8 +565,10 @@ def _rng_state(payload: dict[str, Any]) -> tuple[Any, list[str]]:
     rank, size = distributed.world()
     if isinstance(ranks := payload.get("rng_ranks"), list) and len(ranks) == size:
         return ranks[rank], []
-    if size == 1 or "rng" not in payload:
-        return payload.get("rng"), []
+    if "rng" not in payload:
+        return None, [f"the checkpoint holds no RNG state (not saved by fntrain), {_NOT_EXACT}"]
+    if size == 1:
+        return payload["rng"], []
     saved = len(ranks) if isinstance(ranks, list) else 1
     return None, [
         f"the checkpoint holds the RNG states of {saved} process(es) but {size} ranks load "

@@ -345,7 +345,8 @@ def test_a_tutorial_checkpoint_dict_loads_model_optimizer_epoch_and_extras(
     source, source_opt = _tutorial_run(tmp_path / "checkpoint.pth.tar", keys)
     model = mlp(4, 2, 7)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    ckpt = ft.load_checkpoint(tmp_path / "checkpoint.pth.tar", model, optimizer)
+    with pytest.warns(RuntimeWarning, match="holds no RNG state"):  # the loop saved none
+        ckpt = ft.load_checkpoint(tmp_path / "checkpoint.pth.tar", model, optimizer)
     assert (ckpt.epoch, ckpt.step, dict(ckpt.metrics)) == (3, None, {})
     assert dict(ckpt.extra) == {"best_acc": torch.load(tmp_path / "checkpoint.pth.tar")["best_acc"]}
     x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
@@ -378,10 +379,45 @@ def test_a_loop_checkpoint_saved_while_a_scheduler_ran_loads(tmp_path: Path, att
     fresh = mlp(4, 2, 2)
     fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
     fresh_schedule = schedulers[attached](fresh_opt)
-    ft.load_checkpoint(tmp_path / "s.pth", fresh, fresh_opt, scheduler=fresh_schedule)
+    with pytest.warns(RuntimeWarning, match="holds no RNG state"):
+        ft.load_checkpoint(tmp_path / "s.pth", fresh, fresh_opt, scheduler=fresh_schedule)
     assert _same_state(fresh_opt, opt)
     assert fresh_schedule.state_dict() == schedule.state_dict()
-    ft.load_checkpoint(tmp_path / "s.pth", mlp(4, 2, 3), torch.optim.SGD(mlp(4, 2, 3).parameters()))
+    plain = mlp(4, 2, 3)
+    ft.load_checkpoint(
+        tmp_path / "s.pth", plain, torch.optim.SGD(plain.parameters()), restore_rng=False
+    )
+
+
+def test_loop_dicts_torch_loads_load_and_another_class_is_refused(tmp_path: Path) -> None:
+    """Loop dicts that torch loads load; a state of another class is refused, both ways.
+
+    An optimizer built from named_parameters (param_names in its groups), an option a newer
+    torch added, a 'model' key naming the architecture beside 'state_dict': they load, with
+    a warning that no RNG state was saved. A StepLR state into CosineAnnealingLR, like Adam's
+    into SGD, is refused before anything changes.
+    """
+    torch.manual_seed(0)
+    source = mlp(4, 2, 1)
+    named = torch.optim.AdamW(source.named_parameters(), lr=1e-2)
+    nn.functional.cross_entropy(source(torch.randn(8, 4)), torch.randint(0, 2, (8,))).backward()
+    named.step()
+    state = named.state_dict()
+    state["param_groups"][0]["future_option"] = True  # saved by a newer torch
+    step = torch.optim.lr_scheduler.StepLR(named, step_size=2)
+    saved = {"model": "mlp", "state_dict": source.state_dict(), "optimizer": state, "epoch": 4}
+    torch.save({**saved, "scheduler": step.state_dict(), None: "odd key"}, tmp_path / "n.pth")
+    model = mlp(4, 2, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with pytest.warns(RuntimeWarning, match="holds no RNG state"):
+        ckpt = ft.load_checkpoint(tmp_path / "n.pth", model, opt)
+    assert ckpt.epoch == 4 and dict(ckpt.extra) == {"model": "mlp", None: "odd key"}
+    assert_bit_identical(snapshot(source, grads=False), snapshot(model, grads=False))
+    before, cosine = snapshot(model), torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=5)
+    with pytest.raises(ft.CheckpointError, match="'scheduler' is CosineAnnealingLR, but the"):
+        ft.load_checkpoint(tmp_path / "n.pth", mlp(4, 2, 3), scheduler=cosine)
+    assert cosine.state_dict()["T_max"] == 5 and cosine.last_epoch == 0
+    assert_bit_identical(before, snapshot(model))
 
 
 def _same_state(one: torch.optim.Optimizer, other: torch.optim.Optimizer) -> bool:
@@ -402,7 +438,7 @@ def test_a_tutorial_checkpoint_that_does_not_fit_changes_nothing(tmp_path: Path)
     model = mlp(4, 2, 7)
     sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     before = snapshot(model)
-    foreign = "'optimizer' is SGD, but the file's optimizer has options SGD has not: 'amsgrad'"
+    foreign = "'optimizer' is SGD, but the file's optimizer state has 'amsgrad', 'betas'"
     with pytest.raises(ft.CheckpointError, match=foreign):
         ft.load_checkpoint(tmp_path / "t.pth", model, sgd)
     torch.save({"epoch": 1, "model": mlp(4, 2, 1).state_dict()}, tmp_path / "no_opt.pth")
