@@ -39,10 +39,9 @@ _STATES = ("optimizer", "scheduler", "scaler")
 _NOT_EXACT = "so resuming will not be bit-exact"
 _LOOP_KEYS = {  # where hand-written loops' checkpoint dicts keep each state
     "model": ("model", "state_dict", "model_state_dict", "net"),
-    "optimizer": ("optimizer", "optimizer_state_dict"),
+    "optimizer": ("optimizer", "optimizer_state_dict"), "scaler": ("scaler", "scaler_state_dict"),
     "scheduler": ("scheduler", "lr_scheduler", "scheduler_state_dict"),
-    "scaler": ("scaler", "scaler_state_dict"),
-}
+}  # fmt: skip
 
 PathLike = str | os.PathLike[str]
 MapLocation = str | torch.device | dict[str, str] | Callable[..., Any] | None
@@ -413,18 +412,15 @@ def _state_dict_problem(value: Any) -> str | None:
 
 def _from_loop(saved: dict[Any, Any]) -> dict[str, Any] | None:
     """Return a hand-written loop's checkpoint dict as a payload (None if it holds no model)."""
-    fits = {"model": lambda value: _state_dict_problem(value) is None}
-    found = {name: next((k for k in keys if k in saved and fits.get(name, bool)(saved[k])), None)
-             for name, keys in _LOOP_KEYS.items()}  # fmt: skip
+    found = {name: next((k for k in keys if k in saved), None) for name, keys in _LOOP_KEYS.items()}
+    models = (k for k in _LOOP_KEYS["model"] if _state_dict_problem(saved.get(k)) is None)
+    found["model"] = next(models, None)
     if found["model"] is None:
         return None
-    payload = {name: saved[key] for name, key in found.items() if key is not None}
-    payload["epoch"] = saved["epoch"] if type(saved.get("epoch")) is int else None  # as written
-    taken = [key for key in found.values() if key is not None] + ["epoch"] * (
-        payload["epoch"] is not None
-    )
-    payload["extra"] = {key: value for key, value in saved.items() if key not in taken}
-    return payload
+    found["epoch"] = "epoch" if type(saved.get("epoch")) is int else None  # stored as written
+    taken = {key for key in found.values() if key is not None}
+    payload = {name: None if key is None else saved[key] for name, key in found.items()}
+    return payload | {"extra": {key: value for key, value in saved.items() if key not in taken}}
 
 
 def _normalise(payload: Any, target: Path) -> dict[str, Any]:
@@ -503,29 +499,19 @@ def _optimizer_problems(saved: dict[str, Any], optimizer: torch.optim.Optimizer)
     ]
 
 
-def _option_keys(groups: Any) -> set[Any]:
-    """Return optimizer param groups' keys but those schedulers and named_parameters() add."""
-    dicts = [g for g in groups if isinstance(g, dict)] if isinstance(groups, list) else []
-    return {k for g in dicts for k in g if not str(k).endswith(("_lr", "_momentum", "param_names"))}
-
-
 def _another_class(name: str, obj: Any, saved: dict[str, Any]) -> str | None:
-    """Say if a state of a class the file does not name has keys ``obj``'s lacks, and lacks some.
-
-    Keys differing one way only come from a newer or older torch: those states load.
-    """
-    if name == "optimizer":
-        theirs, ours = _option_keys(saved.get("param_groups")), _option_keys(obj.param_groups)
+    """Say if a state of a class the file does not name has keys ``obj``'s lacks, and lacks some."""
+    if name == "optimizer":  # its options, but the keys schedulers and named_parameters() add
+        groups = saved.get("param_groups") if isinstance(saved.get("param_groups"), list) else []
+        added = ("params", "names", "_lr", "_momentum")
+        theirs = {k for g in groups if isinstance(g, dict) for k in g if not str(k).endswith(added)}
+        ours = set(obj.defaults)
     else:
         theirs, ours = set(saved), set(obj.state_dict())
     foreign, lacking = sorted(map(repr, theirs - ours)), sorted(map(repr, ours - theirs))
-    if not (foreign and lacking):
-        return None
-    kind = type(obj).__name__
-    return (
-        f"'{name}' is {kind}, but the file's {name} state has {', '.join(foreign)} and lacks "
-        f"{', '.join(lacking)}: another class's?"
-    )
+    kind, has, lacks = type(obj).__name__, ", ".join(foreign), ", ".join(lacking)
+    message = f"'{name}' is {kind}, but the file's {name} state has {has} and lacks {lacks}"
+    return f"{message}: another class's?" if foreign and lacking else None
 
 
 def _state_problems(payload: dict[str, Any], given: dict[str, Any]) -> list[str]:
@@ -672,5 +658,5 @@ def load_checkpoint(
         raise CheckpointError(f"{unfit} {_first_line(error)}") from error
     for note in notes:
         warnings.warn(note, RuntimeWarning, stacklevel=2)
-    stored = [payload.get(name) for name in ("epoch", "step", "metrics", "extra")]
-    return Checkpoint(target, *stored, *keys)  # keys: (missing_keys, unexpected_keys)
+    stored = {name: payload.get(name) for name in ("epoch", "step", "metrics", "extra")}
+    return Checkpoint(path=target, **stored, **keys._asdict())  # missing_, unexpected_keys

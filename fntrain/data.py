@@ -241,6 +241,9 @@ class TensorLoader:
             if order is None:
                 chunk = tuple(t[rows] for t in self.tensors)
             else:
-                chunk = tuple(t.index_select(0, order[rows].to(t.device)) for t in self.tensors)
+                chunk = tuple(
+                    t.index_select(0, order[rows].to(t.device, non_blocking=True))
+                    for t in self.tensors
+                )
             for first in range(0, chunk[0].shape[0], size):
                 yield tuple(t[first : first + size] for t in chunk)

@@ -13,32 +13,24 @@ from fntrain import distributed
 
 
 class Progress(AbstractContextManager["Progress"]):
-    """One pass's progress (private, per call), shown only if ``enabled`` and only on rank 0.
-
-    In a terminal or Jupyter, a ``tqdm.auto`` bar with the running loss and metrics, kept at
-    the end with the pass's final numbers. Elsewhere (a log file, CI), a stderr line at each
-    quarter (at 1, 2, 4, 8... batches without ``len(loader)``) and a summary line.
-    """
+    """One pass's progress on rank 0: a kept tqdm.auto bar (terminal, Jupyter), else lines."""
 
     def __init__(self, enabled: bool, loader: Any, desc: str) -> None:
         self.bar: Any = None
         self.total: int | None = None
-        self.on, self.desc = enabled and distributed.is_main(), desc
-        self.batches = self.samples = 0
-        self.started, self.shown = time.monotonic(), 0.0
+        self.on, self.desc, self.shown = enabled and distributed.is_main(), desc, 0.0
+        self.batches, self.samples, self.started = 0, 0, time.monotonic()
         if self.on:
             with contextlib.suppress(TypeError):  # an iterable without len()
                 self.total = len(loader)
-            from tqdm.autonotebook import tqdm as auto  # tqdm.notebook's inside Jupyter
-            from tqdm.std import tqdm as plain
+            import tqdm.auto  # its tqdm is tqdm.notebook's inside Jupyter
 
-            if auto is not plain or sys.stderr.isatty():
-                from tqdm.auto import tqdm
-
-                self.bar = tqdm(total=self.total, desc=desc, unit="batch", leave=True)
+            jupyter = tqdm.auto.notebook_tqdm is not tqdm.auto.std_tqdm
+            if jupyter or getattr(sys.stderr, "isatty", lambda: False)():  # stderr may be None
+                self.bar = tqdm.auto.tqdm(total=self.total, desc=desc, unit="batch", leave=True)
 
     def _due(self, now: float) -> bool:
-        """Tell whether to show numbers now: twice a second on a bar, else a line's moment."""
+        """Tell whether to show now: twice a second (bar), each quarter, or 1, 2, 4... batches."""
         count, total = self.batches, self.total
         if self.bar is not None:
             return now - self.shown >= 0.5
@@ -74,8 +66,8 @@ class Progress(AbstractContextManager["Progress"]):
     def finish(self, totals: Mapping[str, Any]) -> None:
         """Leave the pass's final, global numbers: in the kept bar, or as a summary line."""
         if self.on:
-            took = f"{time.monotonic() - self.started:.1f}s"
-            where = f"done in {took}: {self.batches} batches, {totals['samples']} samples"
+            took, samples = time.monotonic() - self.started, totals["samples"]
+            where = f"done in {took:.1f}s: {self.batches} batches, {samples} samples"
             self._show({"loss": totals.get("loss"), **totals.get("metrics", {})}, where)
 
     def __exit__(self, *_: object) -> None:

@@ -83,20 +83,17 @@ class StepOptions:
 
 def warn_if_built_for_epochs(scheduler: Any, loader: Any, accumulate: int) -> None:
     """Warn if ``scheduler`` would run out within one epoch (T_max=epochs), at its start only."""
-    horizon = getattr(scheduler, "T_max", None)  # cosine: climbs back up after it
     decays = getattr(scheduler, "end_factor", 1) < getattr(scheduler, "start_factor", 1)
-    if horizon is None and (decays or hasattr(scheduler, "power")):  # stuck at its end after
-        horizon = getattr(scheduler, "total_iters", None)  # (a warmup ends where it should)
-    done = getattr(scheduler, "last_epoch", None)
+    ends = "total_iters" if decays or hasattr(scheduler, "power") else "T_max"  # not warmups
+    horizon, done = getattr(scheduler, ends, None), getattr(scheduler, "last_epoch", None)
     if type(horizon) is not int or type(done) is not int or done >= horizon:
         return
     with contextlib.suppress(TypeError):  # no len(): nothing to compare with
         if horizon < (steps := -(-len(loader) // accumulate)):  # a partial window steps too
             warnings.warn(
-                f"'scheduler' is a {type(scheduler).__name__} with a horizon of {horizon} "
-                f"steps, shorter than one epoch ({steps} optimizer steps); train_epoch steps it "
-                f"after every optimizer step, so a schedule built in epochs runs out in the "
-                f"first one: build it in steps (T_max=epochs * len(loader)) or step it yourself",
+                f"'scheduler' is a {type(scheduler).__name__} with a horizon of {horizon} steps, "
+                f"shorter than one epoch ({steps} optimizer steps), stepped per optimizer step: "
+                f"build it in steps (T_max=epochs * len(loader)) or step it yourself per epoch",
                 stacklevel=3,
             )
 

@@ -12,8 +12,7 @@ from fntrain import metrics as metric_lib
 from fntrain.metrics import Part
 from fntrain.records import MetricValue
 
-# metric parts are keyed (name, position) with a str name: no clash with these
-_LOSS, _SAMPLES, _BATCHES = (None, "loss"), (None, "samples"), (None, "batches")
+_LOSS, _SAMPLES, _BATCHES = (None, "loss"), (None, "samples"), (None, "batches")  # parts: (str, i)
 
 
 class Tally:

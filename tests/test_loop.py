@@ -554,6 +554,29 @@ def test_a_metric_that_fails_mid_pass_does_not_stop_the_progress_lines(
     assert f"hits {tr.metrics['hits']:.4f}" in lines[-1]
 
 
+@pytest.mark.parametrize("stream", ["write-only", "None"])
+def test_progress_with_an_odd_stderr_prints_lines_or_nothing(
+    monkeypatch: pytest.MonkeyPatch, stream: str
+) -> None:
+    """A stderr without isatty (a logging redirector) gets plain lines; None (pythonw) none."""
+
+    class WriteOnly:
+        def __init__(self) -> None:
+            self.text = ""
+
+        def write(self, text: str) -> None:
+            self.text += text
+
+        def flush(self) -> None:
+            pass
+
+    sink = WriteOnly() if stream == "write-only" else None
+    monkeypatch.setattr("sys.stderr", sink)
+    tr = _epoch(_Slow(), progress=True)
+    if sink is not None:
+        assert f"loss {tr.loss:.4f}" in sink.text.splitlines()[-1]
+
+
 def test_progress_on_a_terminal_keeps_the_bar_with_running_and_final_numbers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -582,7 +605,6 @@ def test_progress_in_a_notebook_uses_the_notebook_bar(monkeypatch: pytest.Monkey
     no terminal.
     """
     import tqdm.auto
-    import tqdm.autonotebook
 
     made = []
 
@@ -600,7 +622,7 @@ def test_progress_in_a_notebook_uses_the_notebook_bar(monkeypatch: pytest.Monkey
         def close(self) -> None:
             self.closed = True
 
-    monkeypatch.setattr(tqdm.autonotebook, "tqdm", NotebookBar)
+    monkeypatch.setattr(tqdm.auto, "notebook_tqdm", NotebookBar)  # as tqdm.auto sets it there
     monkeypatch.setattr(tqdm.auto, "tqdm", NotebookBar)
     model = nn.Linear(3, 2)
     ev = ft.evaluate(model, _Slow(), nn.CrossEntropyLoss(), CPU, metrics={"acc": ft.accuracy()},
