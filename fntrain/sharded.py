@@ -119,8 +119,13 @@ def save(target: Path, shards: dict[str, Any], meta: dict[str, Any]) -> int:
         buffer = io.BytesIO()
         torch.save(meta, buffer)
         tensors[_PACKED] = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
-    token = distributed.on_main(lambda: secrets.token_hex(8))  # one name on every rank
-    temp = target.with_name(f".{target.name}.{token}.tmp")
+    asked = distributed.all_gather((str(target.absolute()), secrets.token_hex(8)))
+    if len({path for path, _ in asked}) > 1:
+        raise ValueError(
+            f"'path' differs between the ranks ({[path for path, _ in asked]}, by rank), but a "
+            f"sharded checkpoint is one folder all ranks write into; give every rank the same path"
+        )
+    temp = target.with_name(f".{target.name}.{asked[0][1]}.tmp")  # rank 0's name on every rank
     try:
         dcp.save(tensors, checkpoint_id=temp)
     except BaseException:
@@ -171,8 +176,8 @@ def _metadata(target: Path) -> Any:
     return metadata
 
 
-def _load(target: Path, state: dict[str, Any]) -> None:
-    """Load ``state`` in place from ``target``, its metadata read through the allow-list."""
+def _load(target: Path, state: dict[str, Any], alone: bool) -> None:
+    """Load ``state`` in place from ``target`` (with the other ranks unless ``alone``)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import StorageMeta
 
@@ -189,7 +194,7 @@ def _load(target: Path, state: dict[str, Any]) -> None:
     try:
         with warnings.catch_warnings():  # "torch.distributed is disabled": loading alone is meant
             warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-            dcp.load(state, storage_reader=Reader(target), no_dist=not distributed.active())
+            dcp.load(state, storage_reader=Reader(target), no_dist=alone)
     except (Exception, dcp.api.CheckpointException) as error:  # the latter is a BaseException
         lines = [line for line in str(error).splitlines() if "Error" in line] or [repr(error)]
         raise CheckpointError(
@@ -211,8 +216,8 @@ def read(target: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
     entries = _metadata(target).state_dict_metadata
     if _PACKED not in entries:
         raise CheckpointError(f"{str(target)!r} is a sharded checkpoint not written by fntrain")
-    head = {_PACKED: _blank(None, entries[_PACKED])}
-    _load(target, head)
+    head, alone = {_PACKED: _blank(None, entries[_PACKED])}, not is_sharded(model)
+    _load(target, head, alone)  # a plain model reads the whole folder itself: no collective
     try:
         payload = torch.load(io.BytesIO(head[_PACKED].numpy().tobytes()), weights_only=True)
         rest = dict(payload.pop("model_rest", {}))
@@ -225,8 +230,7 @@ def read(target: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
     weights = {key[6:]: _blank(current.get(key[6:]), entry)
                for key, entry in entries.items() if key.startswith("model.")}  # fmt: skip
     wanted: dict[str, Any] = {"model": weights}
-    saved = payload.get("optimizer")
-    kind = type(optimizer).__qualname__
+    saved, kind = payload.get("optimizer"), type(optimizer).__qualname__
     fits = optimizer is not None and saved and payload.get("optimizer_class") == kind
     if fits:  # the file's parameter names, in order, to this optimizer's parameters
         names = [fqn for group in saved["param_groups"] for fqn in group["params"]]
@@ -236,7 +240,7 @@ def read(target: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
         for fqn, name in payload.get("optimizer_tensors", []):
             entry = entries[f"optimizer.{fqn}.{name}"]
             wanted["optimizer"].setdefault(fqn, {})[name] = _blank(params.get(fqn), entry)
-    _load(target, wanted)
+    _load(target, wanted, alone)
     payload["model"] = {**weights, **rest}
     if fits:
         for fqn, tensors in wanted["optimizer"].items():

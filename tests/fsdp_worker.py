@@ -129,6 +129,21 @@ def file_into_sharded_case(out: Path) -> dict[str, Any]:
     return {"file_loads": equal and ckpt.epoch == 4, "file_optimizer_refused": refused}
 
 
+def misuse_case(out: Path) -> dict[str, Any]:
+    """A path per rank for one sharded save; rank 0 alone converting the folder mid-run."""
+    model = shard(dropout_model())
+    own_path = out / f"rank{dist.get_rank()}.ckpt"
+    refused = error_of(lambda: ft.save_checkpoint(own_path, model, epoch=1))
+    left = sorted(entry.name for entry in out.iterdir() if ".ckpt" in entry.name)
+    alone: dict[str, torch.Tensor] = {}
+    if dist.get_rank() == 0:  # the others go on: no collective may wait for them
+        plain = dropout_model()
+        ft.load_checkpoint(out / "sharded.ckpt", plain)
+        alone = plain.state_dict()
+    dist.barrier()
+    return {"own_path_refused": refused, "left_after_refusal": left, "alone": alone}
+
+
 def main(out: Path) -> None:
     """Run every case on this rank; save the results."""
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
@@ -136,6 +151,7 @@ def main(out: Path) -> None:
         **resume_case(out),
         **clip_case(),
         **file_into_sharded_case(out),
+        **misuse_case(out),
     }
     torch.save(results, out / f"rank{dist.get_rank()}.pt")
     dist.barrier()

@@ -122,6 +122,23 @@ def test_a_sharded_checkpoint_loads_on_one_process_and_converts_to_a_file(
     assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in model.state_dict().items())
 
 
+def test_ranks_giving_different_paths_to_one_sharded_save_are_refused(ranks: Any) -> None:
+    """Every rank raises, naming each rank's path, and nothing is written."""
+    _, results = ranks
+    for result in results:
+        assert "'path' differs between the ranks" in result["own_path_refused"]
+        assert "rank1.ckpt" in result["own_path_refused"]
+        assert result["left_after_refusal"] == ["sharded.ckpt"]
+
+
+def test_rank_0_alone_loads_a_sharded_folder_into_a_plain_model(ranks: Any) -> None:
+    """Under a process group, a plain model reads the folder itself: no collective, no hang."""
+    _, results = ranks
+    alone, first_epoch = results[0]["alone"], results[0]["first_epoch"]
+    assert alone.keys() == first_epoch.keys()
+    assert all(torch.equal(v, first_epoch[k]) for k, v in alone.items())
+
+
 def test_a_sharded_checkpoint_that_does_not_fit_changes_nothing(ranks: Any) -> None:
     """Another architecture: every mismatch is named, the model is left as it was."""
     out, _ = ranks
