@@ -207,10 +207,9 @@ class TensorLoader:
             raise ValueError(f"'tensors' must have the same length in dim 0, but have {lengths}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"'batch_size' must be an int >= 1, but got {batch_size!r}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(
-                f"'generator' must be a torch.Generator or None, but got {type(generator).__name__}"
-            )
+        if not isinstance(generator, torch.Generator | None):
+            kind = type(generator).__name__
+            raise TypeError(f"'generator' must be a torch.Generator or None, but got {kind}")
         self.tensors, self.batch_size, self.shuffle = tensors, batch_size, shuffle
         self.generator, self.drop_last, self.chunk_batches = generator, drop_last, 32
 

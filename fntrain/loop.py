@@ -86,15 +86,14 @@ def _mean_loss(loss: Any, samples: int, index: int) -> torch.Tensor:
     )
 
 
-def _check_args(model: Any, loader: Any, device: torch.device | str) -> torch.device:
+def _check_args(model: Any, loader: Any, device: Any, forward: Any) -> torch.device:
     """Check the arguments every function shares; return the resolved device."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"'model' must be a torch.nn.Module, but got {type(model).__name__}")
     if not isinstance(loader, Iterable):
-        raise TypeError(
-            f"'loader' must be an iterable of batches (e.g. a DataLoader), "
-            f"but got {type(loader).__name__}"
-        )
+        kind = type(loader).__name__
+        raise TypeError(f"'loader' must be an iterable of batches (a DataLoader), but got {kind}")
+    _check_callable("forward", forward, "forward(model, batch) -> (outputs, targets)")
     resolved = data.as_device(device)
     data.check_model_on(model, resolved)
     return resolved
@@ -178,10 +177,9 @@ def train_epoch(
         >>> result.samples, result.steps
         (32, 4)
     """
-    resolved = _check_args(model, loader, device)
+    resolved = _check_args(model, loader, device, forward)
     _check_callable("loss_fn", loss_fn, "loss_fn(outputs, targets)", optional=False)
     _check_optimizer(model, optimizer)
-    _check_callable("forward", forward, "forward(model, batch) -> (outputs, targets)")
     _check_callable("on_step", on_step, "on_step(step)")
     if on_nonfinite not in ("raise", "skip"):
         raise ValueError(f"'on_nonfinite' must be 'raise' or 'skip', but got {on_nonfinite!r}")
@@ -298,9 +296,8 @@ def evaluate(
         >>> result.samples, 0.0 <= result.metrics["acc"] <= 1.0
         (24, True)
     """
-    resolved = _check_args(model, loader, device)
+    resolved = _check_args(model, loader, device, forward)
     _check_callable("loss_fn", loss_fn, "loss_fn(outputs, targets)", optional=False)
-    _check_callable("forward", forward, "forward(model, batch) -> (outputs, targets)")
     tally, start = Tally(metrics, resolved), time.perf_counter()
     no_grad = torch.inference_mode() if inference_mode else torch.no_grad()
     batches = distributed.in_step(loader) if sharded.is_sharded(model) else loader
@@ -366,8 +363,7 @@ def predict(
         >>> preds.outputs.shape, preds.targets
         (torch.Size([7, 3]), None)
     """
-    resolved = _check_args(model, loader, device)
-    _check_callable("forward", forward, "forward(model, batch) -> (outputs, targets)")
+    resolved = _check_args(model, loader, device, forward)
     if gather not in ("main", "all", "none"):
         raise ValueError(f"'gather' must be 'main', 'all' or 'none', but got {gather!r}")
     gathering = distributed.active() and gather != "none"

@@ -167,9 +167,8 @@ def top_k_accuracy(k: int) -> Metric:
 def prepare(metrics: Mapping[str, Any] | None, device: torch.device) -> dict[str, Any]:
     """Check each metric; reset torchmetrics objects and move them to ``device``."""
     if not isinstance(metrics, Mapping | None):
-        raise TypeError(
-            f"'metrics' must be a mapping of name to metric, but got {type(metrics).__name__}"
-        )
+        kind = type(metrics).__name__
+        raise TypeError(f"'metrics' must be a mapping of name to metric, but got {kind}")
     for name, metric in (metrics or {}).items():
         if not isinstance(name, str):
             raise TypeError(f"'metrics' keys must be str, but got {name!r}")
