@@ -250,7 +250,8 @@ def _check_args(path: Any, model: Any, optimizer: Any, scheduler: Any, scaler: A
 
 def _check_is_file(target: Path, must_exist: bool, folder: bool = False) -> None:
     """Raise unless ``target`` is a file (or with ``folder`` a sharded checkpoint's folder)."""
-    if target.is_dir() and not (folder and (target / ".metadata").is_file()):
+    ours = sharded.is_ours if not must_exist else lambda found: (found / ".metadata").is_file()
+    if target.is_dir() and not (folder and ours(target)):  # a save replaces only its own
         kind = "a sharded checkpoint" if folder else "a checkpoint file"
         raise CheckpointError(f"'path' {str(target)!r} is a folder, not {kind}")
     if folder and not must_exist and target.is_file():
@@ -304,6 +305,7 @@ def save_checkpoint(
     """
     target = _check_args(path, model, optimizer, scheduler, scaler)
     sharded.refuse_fsdp1(model, "the checkpoint")
+    sharded.reshard(model)
     shards = sharded.is_sharded(model)
     distributed.everywhere(  # a folder is every rank's, a file rank 0's (node-local disks)
         lambda: _check_is_file(target, must_exist=False, folder=shards)
@@ -330,6 +332,12 @@ def save_checkpoint(
     if shards:  # each rank writes its own shards: nothing is gathered
         import torch.distributed.checkpoint.state_dict as dsd
 
+        params = [p for group in getattr(optimizer, "param_groups", []) for p in group["params"]]
+        if foreign := len({id(p) for p in params} - {id(p) for p in model.parameters()}):
+            raise ValueError(
+                f"'optimizer' holds {foreign} parameter(s) that are not the model's, but a sharded "
+                f"checkpoint stores optimizer state by the model's names; save theirs in 'extra'"
+            )
         payload["model"] = dsd.get_model_state_dict(model)
         if optimizer is not None:  # DSD would step an optimizer without state to make one
             state = dsd.get_optimizer_state_dict if optimizer.state else lambda _, o: o.state_dict()
@@ -606,11 +614,21 @@ def load_checkpoint(
     target = _check_args(path, model, optimizer, scheduler, scaler)
     sharded.refuse_fsdp1(model, "the loaded state")
     _check_map_location(map_location)
-    _check_is_file(target, must_exist=True, folder=True)
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    together = distributed.active() and (ddp or sharded.is_sharded(model))  # one file for all
+    check = lambda: _check_is_file(target, must_exist=True, folder=True)  # noqa: E731
+    distributed.everywhere(check) if together else check()
     if target.is_dir():  # a sharded checkpoint: read into tensors laid out as the model's
         payload = _normalise(sharded.read(target, _unwrap(model), optimizer), target)
     else:
-        payload = _normalise(_read(target, map_location), target)
+        with distributed.told() if together else contextlib.nullcontext():
+            payload = _normalise(_read(target, map_location), target)
+        seen = (payload.get("digest"), payload.get("epoch"), payload.get("step"))
+        if together and len(set(distributed.everywhere(lambda: seen))) > 1:
+            raise CheckpointError(
+                f"the ranks read different checkpoints at 'path' {str(target)!r} (node-local "
+                f"copies?): their replicas would differ; nothing was loaded"
+            )
         if optimizer is not None and sharded.is_sharded(model):
             raise CheckpointError(
                 f"{str(target)!r} is a single file: it loads into a sharded (FSDP2) model's "

@@ -50,12 +50,14 @@ def on_main(work: Callable[[], T]) -> T:
     return value
 
 
-def everywhere(check: Callable[[], object]) -> None:
-    """Run ``check`` on every rank; if it raises on any rank, raise that error on every rank."""
+def everywhere(check: Callable[[], T]) -> list[T]:
+    """Return every rank's ``check()``; if it raises on any rank, raise that error on every rank."""
     with told():  # a rank that raises tells the others here
-        check()
-    if raised := [error for error in all_gather(None) if error is not None]:
+        mine = check()
+    seen = all_gather(mine)
+    if raised := [value for value in seen if isinstance(value, Exception)]:
         raise raised[0]
+    return seen
 
 
 @contextlib.contextmanager

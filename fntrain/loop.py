@@ -22,6 +22,7 @@ from fntrain.sums import Tally
 LossFn = Callable[[Any, Any], torch.Tensor]
 Forward = Callable[[nn.Module, Any], tuple[Any, Any]]
 OnStep = Callable[[Step], object]
+_ALL_RUN = "under torch.distributed every rank runs every batch: drop empty ones in the loader"
 _NO_BATCHES = (
     "'loader' yielded no batches; expected at least one (is the dataset empty, or is "
     "drop_last=True with fewer samples than batch_size?)"
@@ -179,6 +180,7 @@ def train_epoch(
     """
     resolved = _check_args(model, loader, device, forward)
     _check_callable("loss_fn", loss_fn, "loss_fn(outputs, targets)", optional=False)
+    sharded.reshard(model)  # the parameters the optimizer holds, for the checks below
     _check_optimizer(model, optimizer)
     _check_callable("on_step", on_step, "on_step(step)")
     if on_nonfinite not in ("raise", "skip"):
@@ -199,6 +201,8 @@ def train_epoch(
             with guard:  # an error before the optimizer step puts buffers and metrics back
                 with stepper.autocast:
                     outputs, targets, samples = _run(model, forward, batch, index, resolved)
+                    if not samples and distributed.active():  # the others would step
+                        raise ValueError(f"batch {index} is empty on this rank; {_ALL_RUN}")
                     if not samples:
                         continue  # an empty batch: no forward, no step
                     loss = _mean_loss(loss_fn(outputs, targets), samples, index)

@@ -44,9 +44,21 @@ def is_dtensor(value: Any) -> bool:
     return lib is not None and isinstance(value, lib.DTensor)
 
 
+def _fsdp2(model: nn.Module) -> list[Any]:
+    """Return the modules of ``model`` that ``fully_shard`` (FSDP2) made FSDPModules."""
+    lib = sys.modules.get("torch.distributed.fsdp")  # none before its module is imported
+    return [m for m in model.modules() if lib is not None and isinstance(m, lib.FSDPModule)]
+
+
 def is_sharded(model: nn.Module) -> bool:
-    """Tell whether ``model`` holds DTensor parameters (``fully_shard``, FSDP2)."""
-    return any(map(is_dtensor, model.parameters()))
+    """Tell whether ``model`` is sharded with ``fully_shard`` (FSDP2)."""
+    return bool(_fsdp2(model))
+
+
+def reshard(model: nn.Module) -> None:
+    """Register FSDP2's sharded parameters again: a root keeps unsharded ones after a forward."""
+    for module in _fsdp2(model):
+        module.reshard()
 
 
 def refuse_fsdp1(model: nn.Module, what: str) -> None:
@@ -70,6 +82,9 @@ def split(payload: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     tensors, model_rest = _tensors_apart(payload["model"])
     meta = {key: value for key, value in payload.items() if key not in ("model", "optimizer")}
     meta["model_rest"], shards = model_rest, {"model": tensors}
+    rank, size = distributed.world()
+    if size > 1:  # DCP keeps one rank's copy of a plain tensor: FSDP2 leaves buffers unsynced
+        shards[f"rank{rank}"] = {k: v for k, v in tensors.items() if not is_dtensor(v)}
     if (optimizer := payload.get("optimizer")) is not None:
         parts = {fqn: _tensors_apart(entry) for fqn, entry in optimizer["state"].items()}
         shards["optimizer"] = {fqn: kept for fqn, (kept, _) in parts.items()}
@@ -119,20 +134,38 @@ def save(target: Path, shards: dict[str, Any], meta: dict[str, Any]) -> int:
         buffer = io.BytesIO()
         torch.save(meta, buffer)
         tensors[_PACKED] = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+    temp = target.with_name(f".{target.name}.{_one_path(target)}.tmp")
+    try:
+        dcp.save(tensors, checkpoint_id=temp)
+    except BaseException as error:
+        if distributed.is_main():
+            shutil.rmtree(temp, ignore_errors=True)
+        if isinstance(error, dcp.api.CheckpointException):  # a BaseException, with every failure
+            rank, (cause, _) = next(iter(error.failures.items()))
+            problem = f"rank {rank} could not write {str(target)!r}, the old checkpoint is intact"
+            raise OSError(getattr(cause, "errno", None), f"{problem}: {cause}") from None
+        raise
+    return distributed.on_main(lambda: _swap_in(temp, target, started))
+
+
+def _one_path(target: Path) -> str:
+    """Return rank 0's random name for the temp folder; raise if the ranks name other folders."""
     asked = distributed.all_gather((str(target.absolute()), secrets.token_hex(8)))
     if len({path for path, _ in asked}) > 1:
         raise ValueError(
             f"'path' differs between the ranks ({[path for path, _ in asked]}, by rank), but a "
-            f"sharded checkpoint is one folder all ranks write into; give every rank the same path"
+            f"sharded checkpoint is one folder all ranks share; give every rank the same path"
         )
-    temp = target.with_name(f".{target.name}.{asked[0][1]}.tmp")  # rank 0's name on every rank
-    try:
-        dcp.save(tensors, checkpoint_id=temp)
-    except BaseException:
-        if distributed.is_main():
-            shutil.rmtree(temp, ignore_errors=True)
-        raise
-    return distributed.on_main(lambda: _swap_in(temp, target, started))
+    return asked[0][1]
+
+
+def is_ours(target: Path) -> bool:
+    """Tell whether the folder ``target`` holds a sharded checkpoint fntrain wrote, nothing else."""
+    if any(entry.name != _METADATA and entry.suffix != ".distcp" for entry in target.iterdir()):
+        return False
+    with contextlib.suppress(CheckpointError):
+        return _PACKED in _metadata(target).state_dict_metadata
+    return False
 
 
 class _Unpickler(pickle.Unpickler):
@@ -217,6 +250,8 @@ def read(target: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
     if _PACKED not in entries:
         raise CheckpointError(f"{str(target)!r} is a sharded checkpoint not written by fntrain")
     head, alone = {_PACKED: _blank(None, entries[_PACKED])}, not is_sharded(model)
+    if not alone:
+        _one_path(target)
     _load(target, head, alone)  # a plain model reads the whole folder itself: no collective
     try:
         payload = torch.load(io.BytesIO(head[_PACKED].numpy().tobytes()), weights_only=True)
@@ -229,7 +264,10 @@ def read(target: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
     current = model.state_dict()  # keys it lacks or shapes that differ load as plain tensors
     weights = {key[6:]: _blank(current.get(key[6:]), entry)
                for key, entry in entries.items() if key.startswith("model.")}  # fmt: skip
-    wanted: dict[str, Any] = {"model": weights}
+    own = f"rank{distributed.world()[0]}."  # this rank's own buffers, if a rank of its number saved
+    mine = {key[len(own):]: _blank(current.get(key[len(own):]), entry)
+            for key, entry in entries.items() if key.startswith(own) and not alone}  # fmt: skip
+    wanted: dict[str, Any] = {"model": weights, **({own[:-1]: mine} if mine else {})}
     saved, kind = payload.get("optimizer"), type(optimizer).__qualname__
     fits = optimizer is not None and saved and payload.get("optimizer_class") == kind
     if fits:  # the file's parameter names, in order, to this optimizer's parameters
@@ -241,7 +279,7 @@ def read(target: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
             entry = entries[f"optimizer.{fqn}.{name}"]
             wanted["optimizer"].setdefault(fqn, {})[name] = _blank(params.get(fqn), entry)
     _load(target, wanted, alone)
-    payload["model"] = {**weights, **rest}
+    payload["model"] = {**weights, **mine, **rest}
     if fits:
         for fqn, tensors in wanted["optimizer"].items():
             saved["state"].setdefault(fqn, {}).update(tensors)

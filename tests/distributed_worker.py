@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -98,9 +99,17 @@ def node_local_case(out: Path, model: nn.Module) -> dict[str, Any]:
         (local / "ckpt").mkdir()
     os.chdir(local)
     try:
-        return {"local_size": ft.save_checkpoint("ckpt/local.pt", model, epoch=0).size}
+        size = ft.save_checkpoint("ckpt/local.pt", model, epoch=0).size
+        missing = error_of(lambda: ft.load_checkpoint("ckpt/local.pt", model))  # on rank 1
+        (local / "stale").mkdir()  # rank 0: this save; rank 1: an older file of its own
+        mine = local / "ckpt/local.pt" if dist.get_rank() == 0 else out / "rng.pt"
+        shutil.copy(mine, "stale/local.pt")
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        stale = error_of(lambda: ft.load_checkpoint("stale/local.pt", model))
+        kept = all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     finally:
         os.chdir(here)
+    return {"local_size": size, "missing_on_one": missing, "stale_on_one": stale, "kept": kept}
 
 
 def main(out: Path) -> None:

@@ -141,7 +141,30 @@ def misuse_case(out: Path) -> dict[str, Any]:
         ft.load_checkpoint(out / "sharded.ckpt", plain)
         alone = plain.state_dict()
     dist.barrier()
-    return {"own_path_refused": refused, "left_after_refusal": left, "alone": alone}
+    ft.save_checkpoint(out / "other.ckpt", model, epoch=7)  # each rank loads another folder
+    before = full(model)
+    mixed = error_of(lambda: ft.load_checkpoint(out / ("sharded.ckpt", "other.ckpt")[
+        dist.get_rank()], model))  # fmt: skip
+    unchanged = all(torch.equal(v, full(model)[k]) for k, v in before.items())
+    return {
+        "own_path_refused": refused, "left_after_refusal": left, "alone": alone,
+        "mixed_load_refused": mixed, "mixed_load_unchanged": unchanged,
+    }  # fmt: skip
+
+
+def buffers_case(out: Path) -> dict[str, Any]:
+    """BatchNorm under FSDP2: each rank's running statistics are its own; both come back."""
+    torch.manual_seed(0)
+    model = shard(nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = make_data(32, 4, 3, 10 + dist.get_rank())  # each rank its own data
+    ft.train_epoch(model, DataLoader(data, batch_size=8), nn.CrossEntropyLoss(), optimizer, "cpu")
+    ft.save_checkpoint(out / "bn.ckpt", model, optimizer, epoch=0)
+    saved = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    torch.manual_seed(0)
+    fresh = shard(nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)))
+    ft.load_checkpoint(out / "bn.ckpt", fresh, torch.optim.SGD(fresh.parameters(), lr=0.1))
+    return {"bn_saved": saved, "bn_loaded": {k: fresh.state_dict()[k].clone() for k in saved}}
 
 
 def main(out: Path) -> None:
@@ -152,6 +175,7 @@ def main(out: Path) -> None:
         **clip_case(),
         **file_into_sharded_case(out),
         **misuse_case(out),
+        **buffers_case(out),
     }
     torch.save(results, out / f"rank{dist.get_rank()}.pt")
     dist.barrier()

@@ -131,12 +131,23 @@ def test_only_rank_0_touches_the_file_so_node_local_disks_work(ranks: Any) -> No
     """Each rank saves from its own folder (node-local disks) where only rank 0 made 'ckpt'."""
     out, results = ranks
     assert [p.name for p in (out / "node0" / "ckpt").iterdir()] == ["local.pt"]
-    assert list((out / "node1").iterdir()) == []
+    assert not (out / "node1" / "ckpt").exists()
     assert (
         results[0]["local_size"]
         == results[1]["local_size"]
         == (out / "node0" / "ckpt" / "local.pt").stat().st_size
     )
+
+
+def test_a_resume_where_one_node_lacks_the_file_or_holds_another_fails_on_every_rank(
+    ranks: Any,
+) -> None:
+    """DDP replicas never start from different files: missing or different, every rank raises."""
+    _, results = ranks
+    for result in results:
+        assert result["missing_on_one"].startswith("FileNotFoundError")
+        assert "the ranks read different checkpoints" in result["stale_on_one"]
+        assert result["kept"]
 
 
 @pytest.mark.parametrize(("size", "world"), [(0, 2), (1, 3), (10, 3), (51, 2), (7, 7)])
@@ -164,6 +175,23 @@ def test_predict_gathers_outputs_in_data_set_order_without_padding(ranks: Any) -
         outputs, targets, samples = result["predict_all"]
         torch.testing.assert_close(outputs, single.outputs)
         assert torch.equal(targets, single.targets) and samples == 51
+
+
+def test_an_empty_training_batch_under_a_process_group_is_an_error_not_a_skip() -> None:
+    """Skipped on one rank only, an empty batch would pair its neighbours' all-reduces."""
+    import torch.distributed as dist
+
+    empty = (torch.randn(0, 4), torch.zeros(0, dtype=torch.long))
+    model, batches = small_model(), [empty, make_data(8, 4, 3, 0)[:]]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="batch 0 is empty on this rank"):
+            ft.train_epoch(model, batches, nn.CrossEntropyLoss(), torch.optim.SGD(
+                model.parameters(), lr=0.1), "cpu")  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 def test_predict_under_a_process_group_needs_a_shard_sampler() -> None:

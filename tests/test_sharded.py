@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,23 @@ def test_ranks_giving_different_paths_to_one_sharded_save_are_refused(ranks: Any
         assert "'path' differs between the ranks" in result["own_path_refused"]
         assert "rank1.ckpt" in result["own_path_refused"]
         assert result["left_after_refusal"] == ["sharded.ckpt"]
+
+
+def test_ranks_loading_different_sharded_folders_are_refused(ranks: Any) -> None:
+    """Each rank naming its own folder would mix two checkpoints: every rank raises instead."""
+    _, results = ranks
+    for result in results:
+        assert "'path' differs between the ranks" in result["mixed_load_refused"]
+        assert result["mixed_load_unchanged"]
+
+
+def test_each_rank_gets_its_own_batchnorm_statistics_back(ranks: Any) -> None:
+    """FSDP2 does not sync buffers: each rank's running stats are saved and restored apart."""
+    _, results = ranks
+    for result in results:
+        assert result["bn_saved"].keys() == result["bn_loaded"].keys() != set()
+        assert all(torch.equal(v, result["bn_loaded"][k]) for k, v in result["bn_saved"].items())
+    assert not torch.equal(*(r["bn_saved"]["1.running_mean"] for r in results))
 
 
 def test_rank_0_alone_loads_a_sharded_folder_into_a_plain_model(ranks: Any) -> None:
@@ -325,6 +343,71 @@ def test_a_sharded_save_that_fails_leaves_the_old_checkpoint_whole(
     assert [p.name for p in tmp_path.iterdir()] == ["run.ckpt"]
     monkeypatch.undo()
     assert ft.load_checkpoint(target, shard(dropout_model())).epoch == 1
+
+
+def test_a_sharded_save_that_fails_in_dcp_raises_an_ordinary_error(
+    one_rank: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DCP's CheckpointException (a BaseException) comes out as the rank's own error type."""
+    import torch.distributed.checkpoint as dcp
+
+    model, target = shard(dropout_model()), tmp_path / "run.ckpt"
+    ft.save_checkpoint(target, model, epoch=1)
+
+    def full_disk(*_: Any, **__: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dcp.FileSystemWriter, "write_data", full_disk)
+    with pytest.raises(Exception) as raised:  # its type is the point
+        ft.save_checkpoint(target, model, epoch=2)
+    assert isinstance(raised.value, OSError) and "No space left on device" in str(raised.value)
+    assert "rank 0" in str(raised.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["run.ckpt"]
+    monkeypatch.undo()
+    assert ft.load_checkpoint(target, shard(dropout_model())).epoch == 1
+
+
+def test_a_folder_that_fntrain_did_not_write_is_never_replaced(
+    one_rank: None, tmp_path: Path
+) -> None:
+    """A folder holding a '.metadata' among other files is the user's: a save is refused."""
+    notes = tmp_path / "results"
+    notes.mkdir()
+    (notes / ".metadata").write_text("my notes")
+    (notes / "table.csv").write_text("a,b")
+    with pytest.raises(ft.CheckpointError, match="is a folder, not a sharded checkpoint"):
+        ft.save_checkpoint(notes, shard(dropout_model()), epoch=0)
+    assert sorted(p.name for p in notes.iterdir()) == [".metadata", "table.csv"]
+
+
+def test_an_optimizer_with_a_parameter_outside_the_model_is_named(
+    one_rank: None, tmp_path: Path
+) -> None:
+    """A sharded save keys optimizer state by the model's names: others are refused by name."""
+    model, temperature = shard(dropout_model()), nn.Parameter(torch.ones(()))
+    optimizer = torch.optim.Adam([*model.parameters(), temperature])
+    optimizer.zero_grad()
+    model(torch.randn(2, 4)).sum().mul(temperature).backward()
+    optimizer.step()
+    with pytest.raises(ValueError, match="'optimizer' holds 1 parameter"):
+        ft.save_checkpoint(tmp_path / "run.ckpt", model, optimizer, epoch=0)
+    assert not (tmp_path / "run.ckpt").exists()
+
+
+def test_after_evaluate_the_root_is_still_known_as_sharded_and_its_parameters_as_the_models(
+    one_rank: None, tmp_path: Path
+) -> None:
+    """FSDP2 keeps a root's unsharded parameters after a forward; train and save see DTensors."""
+    model = fully_shard(nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    data = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(2)]
+    ft.evaluate(model, data, nn.CrossEntropyLoss(), "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "parameters of 'optimizer' are not the model's"
+        ft.train_epoch(model, data, nn.CrossEntropyLoss(), optimizer, "cpu")
+    ft.evaluate(model, data, nn.CrossEntropyLoss(), "cpu")
+    ft.save_checkpoint(tmp_path / "run.ckpt", model, optimizer, epoch=0)
+    assert (tmp_path / "run.ckpt" / ".metadata").is_file()
 
 
 def test_fsdp1_models_are_refused_with_a_pointer_to_fully_shard(tmp_path: Path) -> None:
