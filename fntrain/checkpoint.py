@@ -250,8 +250,11 @@ def _check_args(path: Any, model: Any, optimizer: Any, scheduler: Any, scaler: A
 
 def _check_is_file(target: Path, must_exist: bool, folder: bool = False) -> None:
     """Raise unless ``target`` is a file (or with ``folder`` a sharded checkpoint's folder)."""
-    ours = sharded.is_ours if not must_exist else lambda found: (found / ".metadata").is_file()
-    if target.is_dir() and not (folder and ours(target)):  # a save replaces only its own
+    stray = sharded.strays(target) if folder and not must_exist and target.is_dir() else None
+    if stray:  # a save replaces only a folder it wrote
+        raise CheckpointError(f"'path' {str(target)!r} holds files fntrain did not write {stray}")
+    ours = stray == [] or (must_exist and (target / ".metadata").is_file())
+    if target.is_dir() and not (folder and ours):
         kind = "a sharded checkpoint" if folder else "a checkpoint file"
         raise CheckpointError(f"'path' {str(target)!r} is a folder, not {kind}")
     if folder and not must_exist and target.is_file():
@@ -342,7 +345,7 @@ def save_checkpoint(
         if optimizer is not None:  # DSD would step an optimizer without state to make one
             state = dsd.get_optimizer_state_dict if optimizer.state else lambda _, o: o.state_dict()
             payload["optimizer"] = state(model, optimizer)
-        tensors, meta = sharded.split(payload)
+        tensors, meta = sharded.split(payload, {name for name, _ in model.named_buffers()})
         _check_plain(meta, "the checkpoint's non-tensor state")
         size = sharded.save(target, tensors, meta)
     else:
@@ -614,8 +617,7 @@ def load_checkpoint(
     target = _check_args(path, model, optimizer, scheduler, scaler)
     sharded.refuse_fsdp1(model, "the loaded state")
     _check_map_location(map_location)
-    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-    together = distributed.active() and (ddp or sharded.is_sharded(model))  # one file for all
+    together = sharded.in_lockstep(model)  # then every rank must load one checkpoint
     check = lambda: _check_is_file(target, must_exist=True, folder=True)  # noqa: E731
     distributed.everywhere(check) if together else check()
     if target.is_dir():  # a sharded checkpoint: read into tensors laid out as the model's
@@ -627,7 +629,7 @@ def load_checkpoint(
         if together and len(set(distributed.everywhere(lambda: seen))) > 1:
             raise CheckpointError(
                 f"the ranks read different checkpoints at 'path' {str(target)!r} (node-local "
-                f"copies?): their replicas would differ; nothing was loaded"
+                f"copies?): DDP or FSDP2 replicas would differ; nothing was loaded"
             )
         if optimizer is not None and sharded.is_sharded(model):
             raise CheckpointError(

@@ -201,7 +201,7 @@ def train_epoch(
             with guard:  # an error before the optimizer step puts buffers and metrics back
                 with stepper.autocast:
                     outputs, targets, samples = _run(model, forward, batch, index, resolved)
-                    if not samples and distributed.active():  # the others would step
+                    if not samples and sharded.in_lockstep(model):  # the others would step
                         raise ValueError(f"batch {index} is empty on this rank; {_ALL_RUN}")
                     if not samples:
                         continue  # an empty batch: no forward, no step

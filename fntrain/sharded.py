@@ -61,6 +61,12 @@ def reshard(model: nn.Module) -> None:
         module.reshard()
 
 
+def in_lockstep(model: nn.Module) -> bool:
+    """Tell whether ``model`` runs collectives every batch: DDP or FSDP2 over several ranks."""
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    return distributed.world()[1] > 1 and (ddp or is_sharded(model))
+
+
 def refuse_fsdp1(model: nn.Module, what: str) -> None:
     """Raise TypeError if ``model`` contains FSDP1 (``FullyShardedDataParallel``) modules."""
     if any(type(module).__name__ == "FullyShardedDataParallel" for module in model.modules()):
@@ -77,14 +83,14 @@ def _tensors_apart(entry: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
     return tensors, {name: value for name, value in entry.items() if name not in tensors}
 
 
-def split(payload: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def split(payload: dict[str, Any], buffers: set[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Return ``payload``'s tensors (for DCP) and the plain rest, to check and pack."""
     tensors, model_rest = _tensors_apart(payload["model"])
     meta = {key: value for key, value in payload.items() if key not in ("model", "optimizer")}
     meta["model_rest"], shards = model_rest, {"model": tensors}
     rank, size = distributed.world()
     if size > 1:  # DCP keeps one rank's copy of a plain tensor: FSDP2 leaves buffers unsynced
-        shards[f"rank{rank}"] = {k: v for k, v in tensors.items() if not is_dtensor(v)}
+        shards[f"rank{rank}"] = {k: v for k, v in tensors.items() if k in buffers}
     if (optimizer := payload.get("optimizer")) is not None:
         parts = {fqn: _tensors_apart(entry) for fqn, entry in optimizer["state"].items()}
         shards["optimizer"] = {fqn: kept for fqn, (kept, _) in parts.items()}
@@ -159,13 +165,13 @@ def _one_path(target: Path) -> str:
     return asked[0][1]
 
 
-def is_ours(target: Path) -> bool:
-    """Tell whether the folder ``target`` holds a sharded checkpoint fntrain wrote, nothing else."""
-    if any(entry.name != _METADATA and entry.suffix != ".distcp" for entry in target.iterdir()):
-        return False
+def strays(target: Path) -> list[str] | None:
+    """Return the files in folder ``target`` fntrain did not write (None: not its checkpoint)."""
     with contextlib.suppress(CheckpointError):
-        return _PACKED in _metadata(target).state_dict_metadata
-    return False
+        if _PACKED in (metadata := _metadata(target)).state_dict_metadata:
+            ours = {_METADATA, *(info.relative_path for info in metadata.storage_data.values())}
+            return sorted(entry.name for entry in target.iterdir() if entry.name not in ours)
+    return None
 
 
 class _Unpickler(pickle.Unpickler):
@@ -264,9 +270,10 @@ def read(target: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
     current = model.state_dict()  # keys it lacks or shapes that differ load as plain tensors
     weights = {key[6:]: _blank(current.get(key[6:]), entry)
                for key, entry in entries.items() if key.startswith("model.")}  # fmt: skip
-    own = f"rank{distributed.world()[0]}."  # this rank's own buffers, if a rank of its number saved
+    own = f"rank{0 if alone else distributed.world()[0]}."  # this rank's buffers, else rank 0's
+    own = own if any(key.startswith(own) for key in entries) else "rank0."
     mine = {key[len(own):]: _blank(current.get(key[len(own):]), entry)
-            for key, entry in entries.items() if key.startswith(own) and not alone}  # fmt: skip
+            for key, entry in entries.items() if key.startswith(own)}  # fmt: skip
     wanted: dict[str, Any] = {"model": weights, **({own[:-1]: mine} if mine else {})}
     saved, kind = payload.get("optimizer"), type(optimizer).__qualname__
     fits = optimizer is not None and saved and payload.get("optimizer_class") == kind

@@ -51,6 +51,7 @@ def desync_cases() -> dict[str, Any]:
     uneven = batches[: 8 - rank]  # rank 0: 8 batches, rank 1: 7
     extra_metric = {"tm": MulticlassAccuracy(num_classes=3)} if rank == 0 else {}
     unjudgeable = [(x, y + 5 * rank) for x, y in batches]  # rank 1: classes 5-7 of 3: fails
+    empty = [batches[0], (batches[1][0][:0], batches[1][1][:0]), batches[2]]  # on every rank
     acc = {"acc": ft.accuracy()}
     return {
         "eval_fails_on_one_rank": error_of(
@@ -65,6 +66,7 @@ def desync_cases() -> dict[str, Any]:
         "uneven_iter": error_of(
             lambda: ft.train_epoch(model, iter(uneven), loss_fn, optimizer, "cpu")
         ),
+        "empty_batch": error_of(lambda: ft.train_epoch(model, empty, loss_fn, optimizer, "cpu")),
         "torchmetrics_on_one_rank": error_of(
             lambda: ft.evaluate(model, batches, loss_fn, "cpu", metrics=extra_metric)
         ),

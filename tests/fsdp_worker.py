@@ -152,17 +152,24 @@ def misuse_case(out: Path) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def bn_model() -> nn.Module:
+    """Linear layers sharded, BatchNorm not (its weight and bias stay plain tensors)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    fully_shard(model[0])
+    fully_shard(model[2])
+    return model
+
+
 def buffers_case(out: Path) -> dict[str, Any]:
     """BatchNorm under FSDP2: each rank's running statistics are its own; both come back."""
-    torch.manual_seed(0)
-    model = shard(nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)))
+    model = bn_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     data = make_data(32, 4, 3, 10 + dist.get_rank())  # each rank its own data
     ft.train_epoch(model, DataLoader(data, batch_size=8), nn.CrossEntropyLoss(), optimizer, "cpu")
     ft.save_checkpoint(out / "bn.ckpt", model, optimizer, epoch=0)
     saved = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
-    torch.manual_seed(0)
-    fresh = shard(nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)))
+    fresh = bn_model()
     ft.load_checkpoint(out / "bn.ckpt", fresh, torch.optim.SGD(fresh.parameters(), lr=0.1))
     return {"bn_saved": saved, "bn_loaded": {k: fresh.state_dict()[k].clone() for k in saved}}
 

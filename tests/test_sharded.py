@@ -141,12 +141,19 @@ def test_ranks_loading_different_sharded_folders_are_refused(ranks: Any) -> None
 
 
 def test_each_rank_gets_its_own_batchnorm_statistics_back(ranks: Any) -> None:
-    """FSDP2 does not sync buffers: each rank's running stats are saved and restored apart."""
-    _, results = ranks
+    """FSDP2 does not sync buffers: each rank's are saved apart (buffers only) and restored;
+    a plain model (the conversion to one file) gets rank 0's."""
+    out, results = ranks
     for result in results:
         assert result["bn_saved"].keys() == result["bn_loaded"].keys() != set()
         assert all(torch.equal(v, result["bn_loaded"][k]) for k, v in result["bn_saved"].items())
     assert not torch.equal(*(r["bn_saved"]["1.running_mean"] for r in results))
+    entries = sharded_module._metadata(out / "bn.ckpt").state_dict_metadata
+    apart = sorted(key.split(".", 2)[2] for key in entries if key.startswith("rank"))
+    assert apart == sorted(2 * ["num_batches_tracked", "running_mean", "running_var"])
+    plain = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    ft.load_checkpoint(out / "bn.ckpt", plain)
+    assert torch.equal(plain[1].running_mean, results[0]["bn_saved"]["1.running_mean"])
 
 
 def test_rank_0_alone_loads_a_sharded_folder_into_a_plain_model(ranks: Any) -> None:
@@ -378,6 +385,20 @@ def test_a_folder_that_fntrain_did_not_write_is_never_replaced(
     with pytest.raises(ft.CheckpointError, match="is a folder, not a sharded checkpoint"):
         ft.save_checkpoint(notes, shard(dropout_model()), epoch=0)
     assert sorted(p.name for p in notes.iterdir()) == [".metadata", "table.csv"]
+
+
+@pytest.mark.parametrize("stray", [".DS_Store", "__9_9.distcp"])
+def test_a_checkpoint_folder_with_a_file_fntrain_did_not_write_is_not_replaced(
+    one_rank: None, tmp_path: Path, stray: str
+) -> None:
+    """A stray file (a Finder's, a shard .metadata does not list) is kept; the error says why."""
+    model, target = shard(dropout_model()), tmp_path / "run.ckpt"
+    ft.save_checkpoint(target, model, epoch=1)
+    (target / stray).write_bytes(b"mine")
+    with pytest.raises(ft.CheckpointError, match="holds files fntrain did not write"):
+        ft.save_checkpoint(target, model, epoch=2)
+    assert (target / stray).read_bytes() == b"mine"
+    assert ft.load_checkpoint(target, shard(dropout_model())).epoch == 1
 
 
 def test_an_optimizer_with_a_parameter_outside_the_model_is_named(
