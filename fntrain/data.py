@@ -64,11 +64,9 @@ def check_model_on(model: nn.Module, device: torch.device) -> None:
 
 def to_device(data: Any, device: torch.device) -> Any:
     """Move the tensors in nested tuples, lists and mappings to ``device`` (CUDA: non-blocking)."""
-    if isinstance(data, torch.Tensor):  # the common case, without the structural walk
-        return (
-            data if data.device == device else data.to(device, non_blocking=device.type == "cuda")
-        )
-    return map_tensors(lambda t: to_device(t, device), data)
+    if not isinstance(data, torch.Tensor):  # a bare tensor, the common case, skips the walk
+        return map_tensors(lambda t: to_device(t, device), data)
+    return data if data.device == device else data.to(device, non_blocking=device.type == "cuda")
 
 
 def describe(obj: object) -> str:

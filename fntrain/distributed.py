@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import zlib
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sized
 from typing import Any, TypeVar
@@ -92,10 +91,9 @@ def in_step(loader: Iterable[Any]) -> Iterable[Any]:
     """Return ``loader``, checked to give every rank as many batches (``len()``, else per batch)."""
     if not active():
         return loader
-    try:
-        mine: int | None = len(loader)  # type: ignore[arg-type]
-    except TypeError:
-        mine = None
+    mine: int | None = None
+    with contextlib.suppress(TypeError):
+        mine = len(loader)  # type: ignore[arg-type]
     if None in (counts := all_gather(mine)):
         return _watched(loader)
     if len(set(counts)) > 1:
@@ -224,4 +222,4 @@ class ShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         """Return the number of indices for this rank."""
-        return max(0, math.ceil((self.size - self.rank) / self.num_replicas))
+        return len(range(self.rank, self.size, self.num_replicas))

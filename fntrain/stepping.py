@@ -164,11 +164,8 @@ class Stepper:
             scaler.unscale_(self.optimizer)
         total = torch.nn.utils.clip_grad_norm_(self.params, options.clip_grad_norm)
         norm = float(getattr(total, "full_tensor", lambda: total)())  # FSDP2: a DTensor
-        largest = self.largest_norm
-        if math.isfinite(norm):
-            self.largest_norm = max(norm, largest) if math.isfinite(largest) else norm
-        elif math.isnan(largest):
-            self.largest_norm = math.inf
+        finite = [value for value in (norm, self.largest_norm) if math.isfinite(value)]
+        self.largest_norm = max(finite) if finite else math.inf
         return norm
 
     def step(self, batch_index: int, guard: BatchGuard, final: bool = False) -> Step | None:

@@ -74,8 +74,8 @@ def test_the_package_stays_within_its_size_budget() -> None:
     sharded save and load, each rank's FSDP2 buffers, the same file on every DDP rank,
     FSDP2's root re-sharded, a user's folder never replaced, empty batches refused);
     with a second review's (buffers only, stray files named, one rank alone skips empty
-    batches) they cost 71 lines that could not be found elsewhere without cutting promised
-    behaviour. The bound below stops further growth: the next change must trim first.
+    batches) they cost 71 lines; a search for cuts that keep every promised behaviour and
+    message found 7. The bound below stops further growth: the next change must trim first.
     """
     from pathlib import Path
 
@@ -83,4 +83,4 @@ def test_the_package_stays_within_its_size_budget() -> None:
     modules = [p for p in root.glob("*.py") if p.name != "__init__.py"]
     lines = sum(len(p.read_text().splitlines()) for p in root.glob("*.py"))
     assert len(modules) <= 12, sorted(p.name for p in modules)
-    assert lines <= 2870, lines
+    assert lines <= 2862, lines
