@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterable
@@ -87,15 +88,20 @@ def assert_bit_identical(
 
 
 def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    """Run ``args`` on 2 gloo ranks under torchrun; fail with its output (and a crashed
-    rank's Python stack, from faulthandler) unless it exits cleanly."""
+    """Run a script or ``-m module`` with ``args`` on 2 gloo ranks under torchrun; fail with
+    its output (and a crashed rank's Python stack, from faulthandler) unless it succeeds."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    root = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    env["PYTHONFAULTHANDLER"] = "1"
-    done = subprocess.run(
-        command + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    env.update(
+        PYTHONFAULTHANDLER="1", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
     )
-    assert done.returncode == 0, f"{done.stdout[-1500:]}\n{done.stderr[-4000:]}"
+    done = subprocess.run(
+        [*command, "-m", "tests.helpers", *args], cwd=cwd, env=env, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    stacks = re.sub(r"Extension modules: .*?\(total: \d+\)", "", done.stderr, flags=re.S)
+    assert done.returncode == 0, f"{done.stdout[-1500:]}\n{stacks[-6000:]}"  # modules: noise
     return done
 
 
@@ -103,3 +109,18 @@ def run_two_ranks(worker: str, out: Path) -> list[dict[str, Any]]:
     """Run ``python -m worker out`` on 2 gloo ranks under torchrun; load each rank's results."""
     torchrun(["-m", worker, str(out)], Path(__file__).resolve().parent.parent)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+if __name__ == "__main__":  # what torchrun() starts on each rank: the script, then a hard exit
+    import runpy
+
+    if sys.argv[1] == "-m":
+        sys.argv = sys.argv[2:]
+        runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = sys.argv[1:]
+        sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))  # as python script.py
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # the work is done: gloo's threads can abort interpreter finalization (SIGABRT)
