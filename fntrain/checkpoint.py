@@ -6,7 +6,6 @@ import contextlib
 import copy
 import errno
 import os
-import random
 import re
 import secrets
 import stat
@@ -23,7 +22,10 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from fntrain import distributed, sharded
-from fntrain.records import Checkpoint, CheckpointError, SavedCheckpoint, reword
+from fntrain.records import Checkpoint, CheckpointError, SavedCheckpoint, Step, reword
+from fntrain.restore import NOT_EXACT as _NOT_EXACT
+from fntrain.restore import capture_rng as _capture_rng
+from fntrain.restore import restore_rng as _restore_rng
 
 try:
     import fcntl
@@ -36,7 +38,6 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device, torch.Tensor, nn.Parameter)
 _LABELS = {"metrics": "'metrics'", "extra": "'extra'", "rng": "the RNG state"}
 _STATES = ("optimizer", "scheduler", "scaler")
-_NOT_EXACT = "so resuming will not be bit-exact"
 _LOOP_KEYS = {  # where hand-written loops' checkpoint dicts keep each state
     "model": ("model", "state_dict", "model_state_dict", "net"),
     "optimizer": ("optimizer", "optimizer_state_dict"), "scaler": ("scaler", "scaler_state_dict"),
@@ -57,72 +58,6 @@ def type_name(value: Any) -> str:
 def _first_line(error: BaseException) -> str:
     """Return the first line of an error's message (its repr when it has none)."""
     return (str(error).strip().splitlines() or [repr(error)])[0]
-
-
-def _capture_rng() -> dict[str, Any]:
-    """Return the states of Python's, NumPy's (if installed), torch's CPU and CUDA RNGs."""
-    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    with contextlib.suppress(ImportError):
-        import numpy as np
-
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
-        keys = torch.from_numpy(keys.astype(np.int64))
-        state["numpy"] = (str(kind), keys, int(pos), int(has_gauss), float(cached))
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _bytes(value: Any) -> torch.Tensor:
-    """Return ``value`` on the CPU; raise TypeError unless it is a 1-D uint8 tensor."""
-    if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.dim() != 1:
-        raise TypeError(f"expected a 1-D uint8 tensor, but it is a {type(value).__qualname__}")
-    return value.cpu()
-
-
-def _set_numpy(value: Any) -> list[str] | None:
-    """Set NumPy's global RNG from its five saved parts (or say it is not installed)."""
-    parts = list(value) if isinstance(value, tuple | list) else []
-    if len(parts) != 5 or not all(map(isinstance, parts, (str, torch.Tensor, int, int, float))):
-        raise TypeError(f"expected (str, Tensor, int, int, float), but got {value!r:.80}")
-    try:
-        import numpy as np
-    except ImportError:
-        return [f"the checkpoint holds a NumPy RNG state but NumPy is not installed; {_NOT_EXACT}"]
-    np.random.set_state((parts[0], parts[1].cpu().numpy().astype(np.uint32), *parts[2:]))
-
-
-def _set_cuda(states: Any) -> list[str] | None:
-    """Set every CUDA device's RNG; say why not where CUDA or devices are missing."""
-    if not isinstance(states, list | tuple):
-        raise TypeError(f"expected a list of uint8 tensors, but it is a {type(states).__name__}")
-    states = [_bytes(state) for state in states]
-    visible = torch.cuda.device_count() if torch.cuda.is_available() else "no CUDA device"
-    if len(states) != visible:  # always so without CUDA
-        return [
-            f"the checkpoint holds the CUDA RNG states of {len(states)} device(s) but "
-            f"{visible} are visible here; they were not restored, {_NOT_EXACT}"
-        ]
-    torch.cuda.set_rng_state_all(states)
-
-
-def _restore_rng(state: Any) -> list[str]:
-    """Restore what :func:`_capture_rng` saved; return why parts were skipped (bad ones raise)."""
-    if not isinstance(state, dict):
-        raise ValueError(f"the RNG state in the file must be a dict, not {type(state).__name__}")
-    setters: dict[str, Callable[[Any], list[str] | None]] = {
-        "Python": random.setstate, "torch": lambda value: torch.set_rng_state(_bytes(value)),
-        "NumPy": _set_numpy, "CUDA": _set_cuda,
-    }  # fmt: skip
-    notes: list[str] = []
-    for name, restore in setters.items():
-        if name in ("Python", "torch") or name.lower() in state:  # NumPy, CUDA only if saved
-            try:
-                notes += restore(state.get(name.lower())) or []
-            except Exception as error:  # any failure means the saved state cannot be restored
-                problem = f"the {name} RNG state in the file cannot be restored"
-                raise ValueError(f"{problem}: {_first_line(error)}") from None
-    return notes
 
 
 def write_atomically(target: Path, write: Callable[[BinaryIO], None]) -> int:
@@ -275,7 +210,7 @@ def save_checkpoint(
     scheduler: Scheduler | None = None,
     scaler: torch.amp.GradScaler | None = None,
     epoch: int,
-    step: int = 0,
+    step: int | Step = 0,
     metrics: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> SavedCheckpoint:
@@ -289,7 +224,9 @@ def save_checkpoint(
         scaler: a ``torch.amp.GradScaler`` whose state is saved when given.
         epoch: your epoch counter, stored as given (the README saves the finished epoch's
             0-based index and resumes at ``ckpt.epoch + 1``).
-        step: the number of optimizer steps completed.
+        step: the number of optimizer steps completed, or the ``ft.Step`` that ``on_step`` was
+            given: then the file also holds where in the pass it is and what redraws the pass's
+            data order, for ``train_epoch(..., resume=ckpt)`` (``ckpt.step``: the steps done).
         metrics: name to value (floats or tensors), e.g. ``EvalResult.metrics``.
         extra: your own plain data (numbers, str, tensors, lists and dicts of them).
 
@@ -314,6 +251,12 @@ def save_checkpoint(
         lambda: _check_is_file(target, must_exist=False, folder=shards)
         if shards or distributed.is_main() else None
     )  # fmt: skip
+    if isinstance(step, Step) and step.origin is None:
+        raise ValueError(
+            "'step' is an ft.Step without the origin of its pass (built by hand?); pass the "
+            "Step that on_step was given, or the number of steps as an int"
+        )
+    at, step = (step, step.index + 1) if isinstance(step, Step) else (None, step)
     for name, value in (("epoch", epoch), ("step", step)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"'{name}' must be a non-negative int, but got {value!r}")
@@ -325,8 +268,13 @@ def save_checkpoint(
         skip = obj is None or (shards and name == "optimizer")
         payload[name] = None if skip else obj.state_dict()
         payload[f"{name}_class"] = None if obj is None else type(obj).__qualname__
-    states = distributed.all_gather(_capture_rng())  # every rank's, for an exact resume
+    origin = None if at is None else at.origin
+    gathered = distributed.all_gather((_capture_rng(), origin))  # every rank's: an exact resume
+    states = [state for state, _ in gathered]
     payload.update(rng=states[0], epoch=epoch, step=step, metrics=dict(metrics or {}))
+    if at is not None:
+        starts = [start for _, start in gathered]
+        payload["position"] = {"batch_index": at.batch_index, "index": at.index, "starts": starts}
     payload["extra"] = dict(extra or {})
     if len(states) > 1:
         payload["rng_ranks"] = states
@@ -356,6 +304,22 @@ def save_checkpoint(
             lambda: write_atomically(target, lambda f: torch.save(payload, f))
         )
     return SavedCheckpoint(path=target, size=size, epoch=epoch, step=step)
+
+
+def _position(payload: dict[str, Any], target: Path) -> dict[str, Any] | None:
+    """Return this rank's place in the pass a file was saved in (None: an epoch boundary)."""
+    saved = payload.get("position")
+    if saved is None:
+        return None
+    try:
+        starts, (rank, size) = saved["starts"], distributed.world()
+        same = len(starts) == size  # else another world size: load_checkpoint warns
+        now = payload["rng"] if size == 1 else payload["rng_ranks"][rank] if same else None
+        place = {"batch_index": int(saved["batch_index"]), "index": int(saved["index"])}
+        return place | {"start": starts[rank] if same else starts[0], "now": now}
+    except (KeyError, IndexError, TypeError, ValueError) as error:
+        problem = f"a malformed fntrain checkpoint: its 'position' entry fails with {error!r}"
+        raise CheckpointError(f"{str(target)!r} is {problem}") from None
 
 
 def _check_map_location(value: Any, where: str = "'map_location'") -> None:
@@ -564,9 +528,10 @@ def _rng_state(payload: dict[str, Any]) -> tuple[Any, list[str]]:
         return ranks[rank], []
     if "rng" not in payload:
         return None, [f"the checkpoint holds no RNG state (not saved by fntrain), {_NOT_EXACT}"]
-    if size == 1:
-        return payload["rng"], []
     saved = len(ranks) if isinstance(ranks, list) else 1
+    if size == 1:
+        lost = f"holds the RNG states of {saved} processes; one process restores rank 0's"
+        return payload["rng"], [f"the checkpoint {lost}, {_NOT_EXACT}"] * (saved > 1)
     return None, [
         f"the checkpoint holds the RNG states of {saved} process(es) but {size} ranks load "
         f"it; they were not restored, {_NOT_EXACT}"
@@ -636,6 +601,7 @@ def load_checkpoint(
                 f"{str(target)!r} is a single file: it loads into a sharded (FSDP2) model's "
                 f"weights, not its optimizer; resume from a sharded folder or omit 'optimizer'"
             )
+    position = _position(payload, target)
     plain = _unwrap(model)
     current = plain.state_dict()
     model_state = keyed = dict(payload["model"])  # or, wrapper prefixes cut, what fits it best
@@ -656,7 +622,7 @@ def load_checkpoint(
         if state is not None:
             before = _capture_rng()
             undo.append(lambda: _restore_rng(before))
-            notes = _restore_rng(state)
+            notes += _restore_rng(state)
         for name, obj in given.items():
             kept = copy.deepcopy(obj.state_dict()) if name != "optimizer" else obj.state_dict()
             undo.append(lambda obj=obj, kept=kept: obj.load_state_dict(kept))
@@ -679,4 +645,5 @@ def load_checkpoint(
     for note in notes:
         warnings.warn(note, RuntimeWarning, stacklevel=2)
     stored = {name: payload.get(name) for name in ("epoch", "step", "metrics", "extra")}
-    return Checkpoint(path=target, **stored, **keys._asdict())  # missing_, unexpected_keys
+    stored["batch_index"] = None if position is None else position["batch_index"]
+    return Checkpoint(path=target, **stored, **keys._asdict(), position=position)

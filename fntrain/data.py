@@ -1,13 +1,18 @@
-"""Batches: where they go, what they hold, how many samples they count; TensorLoader."""
+"""Batches: where they go, what they hold, how many samples they count, where a pass starts."""
 
 from __future__ import annotations
 
+import collections
 import copy
-from collections.abc import Callable, Iterator, Mapping
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from fntrain.restore import capture_rng, restore_rng
 
 _FORWARD_HINT = "; for other batch shapes pass forward=lambda model, batch: (outputs, targets)"
 
@@ -230,10 +235,16 @@ class TensorLoader:
         return order
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        """Yield tuples of batch tensors, sliced from runs of ``chunk_batches`` batches."""
-        order, size = self._order(), self.batch_size
+        """Return an iterator over tuples of batch tensors; the order is drawn now."""
+        return self._batches(self._order(), 0)
+
+    def _batches(
+        self, order: torch.Tensor | None, first: int
+    ) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Yield batches from batch ``first`` on, sliced from runs of ``chunk_batches`` batches."""
+        size = self.batch_size
         stop, step = len(self) * size, size * self.chunk_batches
-        for start in range(0, stop, step):  # views in order, else one gather per tensor
+        for start in range(first * size, stop, step):  # views in order, else one gather each
             rows = slice(start, min(start + step, stop))
             if order is None:
                 chunk = tuple(t[rows] for t in self.tensors)
@@ -244,3 +255,86 @@ class TensorLoader:
                 )
             for first in range(0, chunk[0].shape[0], size):
                 yield tuple(t[first : first + size] for t in chunk)
+
+
+def _generators(loader: Any) -> list[torch.Generator]:
+    """Return the ``torch.Generator``s that draw a loader's order: its own, its sampler's."""
+    batches = getattr(loader, "batch_sampler", None)
+    owners = (loader, getattr(loader, "sampler", None), getattr(batches, "sampler", None))
+    found = (getattr(owner, "generator", None) for owner in owners)
+    return list({id(g): g for g in found if isinstance(g, torch.Generator)}.values())
+
+
+def origin(loader: Any, accumulate: int) -> dict[str, Any]:
+    """Return what redraws a pass's data order later: the RNG states at its start."""
+    states = [generator.get_state() for generator in _generators(loader)]
+    return {"rng": capture_rng(), "loaders": states, "accumulate": accumulate}
+
+
+class _Skipping:
+    """A sampler that drops its inner sampler's first ``skip`` items, drawn by ``begin()``."""
+
+    def __init__(self, inner: Any, skip: int) -> None:
+        self.inner, self.skip, self.items = inner, skip, None
+
+    def __len__(self) -> int:
+        return max(len(self.inner) - self.skip, 0)
+
+    def __iter__(self) -> _Skipping:
+        return self
+
+    def begin(self) -> None:
+        """Draw the order (where the first batch would) and drop the skipped indices."""
+        if self.items is None:
+            self.items = iter(self.inner)
+            collections.deque(itertools.islice(self.items, self.skip), maxlen=0)
+
+    def __next__(self) -> Any:
+        self.begin()
+        return next(self.items)  # type: ignore[call-overload]
+
+
+def _skipped(loader: Iterable[Any], skip: int) -> Iterator[Any]:
+    """Return an iterator over ``loader`` past its first ``skip`` batches, loading none it can."""
+    if isinstance(loader, TensorLoader):
+        return loader._batches(loader._order(), skip)
+    if isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset):
+        name = "sampler" if loader.batch_sampler is None else "batch_sampler"
+        inner, skipping = getattr(loader, name), _Skipping(getattr(loader, name), skip)
+        object.__setattr__(loader, name, skipping)  # DataLoader forbids setattr
+        try:
+            batches = iter(loader)  # draws its base seed, then (workers) prefetches
+        finally:
+            object.__setattr__(loader, name, inner)
+        skipping.begin()
+        return batches
+    batches = iter(loader)  # any other iterable: its batches are drawn and dropped
+    collections.deque(itertools.islice(batches, skip), maxlen=0)
+    return batches
+
+
+def resumed(loader: Any, source: Iterable[Any], position: dict[str, Any]) -> Iterator[Any]:
+    """Return ``source``'s (``loader``, or it watched) batches after the saved one, exactly."""
+    skip, start = position["batch_index"] + 1, position["start"]
+    if callable(getattr(loader, "load_state_dict", None)):  # it keeps its own place
+        batches = iter(source)
+        if (at := getattr(batches, "_num_yielded", skip)) != skip:
+            raise ValueError(
+                f"'loader' is a {type(loader).__name__} that starts at batch {at}, but 'resume' "
+                f"was saved after batch {skip - 1}: call loader.load_state_dict() with the "
+                f"state saved with it (e.g. in extra) first"
+            )
+    else:
+        generators = _generators(loader)
+        if len(generators) != len(start["loaders"]):
+            raise ValueError(
+                f"'resume' drew its data order with {len(start['loaders'])} generator(s) of the "
+                f"loader, but 'loader' has {len(generators)}: pass a loader built as before"
+            )
+        restore_rng(start["rng"])
+        for generator, state in zip(generators, start["loaders"], strict=True):
+            generator.set_state(state)
+        batches = _skipped(source, skip)
+    if position["now"] is not None:  # as the next batch found them when the file was saved
+        restore_rng(position["now"])
+    return batches

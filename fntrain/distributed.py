@@ -87,6 +87,13 @@ def agree(flag: bool) -> tuple[bool, bool]:
     return most > 0, -least > 0
 
 
+def all_reduce_sum(value: float) -> float:
+    """Return ``value`` summed over all ranks, in float64."""
+    total = torch.tensor([value], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(total)
+    return float(total.item())
+
+
 def in_step(loader: Iterable[Any]) -> Iterable[Any]:
     """Return ``loader``, checked to give every rank as many batches (``len()``, else per batch)."""
     if not active():

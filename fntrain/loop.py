@@ -14,7 +14,15 @@ from torch import nn
 from fntrain import data, distributed, sharded
 from fntrain import metrics as metric_lib
 from fntrain.progress import Progress
-from fntrain.records import EvalResult, NonFiniteLossError, Predictions, Step, TrainResult, reword
+from fntrain.records import (
+    Checkpoint,
+    EvalResult,
+    NonFiniteLossError,
+    Predictions,
+    Step,
+    TrainResult,
+    reword,
+)
 from fntrain.restore import BatchGuard, mode
 from fntrain.stepping import StepOptions, Stepper, warn_if_built_for_epochs
 from fntrain.sums import Tally
@@ -70,20 +78,31 @@ def _call(model: nn.Module, run: Callable[[], Any], inputs: Any, index: int) -> 
         )) from None  # fmt: skip
 
 
-def _mean_loss(loss: Any, samples: int, index: int) -> torch.Tensor:
-    """Return the batch's mean loss from a scalar or a per-sample loss vector."""
+def _loss(loss: Any, samples: int, index: int) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+    """Return a batch's mean loss, its sum (None when given a mean) and the items it averages."""
+    if isinstance(loss, tuple) and len(loss) == 2:  # (sum, count): a per-item mean
+        total, items = loss
+        number = isinstance(items, int | float) and not isinstance(items, bool)
+        summed = isinstance(total, torch.Tensor) and total.is_floating_point() and not total.dim()
+        if not summed or not (number or (isinstance(items, torch.Tensor) and items.numel() == 1)):
+            raise TypeError(
+                f"'loss_fn' returned (sum, count) for batch {index} as ({data.describe(total)}, "
+                f"{data.describe(items)}); expected a floating-point scalar tensor and a number "
+                f"or one-element tensor"
+            )
+        return total / items, total, items
     if not isinstance(loss, torch.Tensor) or not loss.is_floating_point():
         raise TypeError(
-            f"'loss_fn' must return a floating-point tensor, but returned {data.describe(loss)} "
-            f"for batch {index}"
+            f"'loss_fn' must return a floating-point tensor or (sum, count), but returned "
+            f"{data.describe(loss)} for batch {index}"
         )
     if loss.dim() == 0:
-        return loss
+        return loss, None, samples
     if loss.shape == (samples,):
-        return loss.mean()
+        return loss.mean(), None, samples
     raise ValueError(
-        f"'loss_fn' must return a scalar or a per-sample vector of shape ({samples},), "
-        f"but returned a tensor of shape {tuple(loss.shape)} for batch {index}"
+        f"'loss_fn' must return a scalar, a per-sample vector of shape ({samples},) or "
+        f"(sum, count), but returned a tensor of shape {tuple(loss.shape)} for batch {index}"
     )
 
 
@@ -106,10 +125,10 @@ def _check_callable(name: str, value: Any, shape: str, optional: bool = True) ->
         raise TypeError(f"'{name}' must be callable as {shape}, but got {type(value).__name__}")
 
 
-def _totals(tally: Tally, start: float, skipped: int = 0) -> dict[str, Any]:
+def _totals(tally: Tally, start: float, empty_is_fine: bool = False) -> dict[str, Any]:
     """End a pass: return the record fields all passes share; raise if it had no batches."""
     loss, metrics = tally.finish()  # an all-reduce under DDP: every rank reaches it
-    if tally.batches == 0 and skipped == 0:
+    if tally.batches == 0 and not empty_is_fine:
         raise ValueError(_NO_BATCHES)
     samples, batches, seconds = tally.samples, tally.batches, time.perf_counter() - start
     return dict(loss=loss, metrics=metrics, samples=samples, batches=batches, seconds=seconds)
@@ -132,19 +151,24 @@ def train_epoch(
     scaler: torch.amp.GradScaler | None = None,
     clip_grad_norm: float | None = None,
     scheduler: Any = None,
+    max_steps: int | None = None,
+    resume: Checkpoint | None = None,
 ) -> TrainResult:
     """Train ``model`` for one pass over ``loader``; return the epoch's loss and metrics.
 
     Per batch, as the hand-written loop: ``optimizer.zero_grad()``, forward, loss, ``backward()``,
     ``optimizer.step()``, in train mode; every submodule's train/eval flag is restored afterwards.
-    Loss and metrics are averaged over samples (an uneven last batch counts by its size). Each
-    loss is read on the host once (``.item()``) before its backward: one host sync per batch.
+    Loss and metrics are averaged over samples (an uneven last batch counts by its size), or
+    over items when ``loss_fn`` counts them. Each loss is read on the host once (``.item()``)
+    before its backward: one host sync per batch.
 
     Args:
         model: the model, already on ``device``.
         loader: yields ``(inputs, targets)``; inputs (a tensor, tuple/list or mapping of tensors)
             are moved to ``device`` and passed as ``model(inputs)``. With ``forward``, any batch.
-        loss_fn: ``loss_fn(outputs, targets)``: a scalar mean loss or per-sample losses (batch,).
+        loss_fn: ``loss_fn(outputs, targets)``: a scalar mean loss, per-sample losses (batch,),
+            or ``(sum, count)``: the loss summed over the items it covers (tokens that are not
+            padding) and their number, so that accumulation and DDP average over all items.
         optimizer: the optimizer over the model's parameters.
         device: where the model is and the batches go.
         metrics: name to metric (``ft.accuracy()``, a torchmetrics object, ...).
@@ -152,12 +176,13 @@ def train_epoch(
             for other call shapes (``model(**batch)``, several inputs, mixup, distillation).
             Samples are counted from the targets, or the outputs if no target has a batch dim.
         on_step: ``on_step(step)`` with a frozen ``ft.Step`` after every optimizer (and scheduler)
-            step, to log or update an EMA; an exception from it ends the epoch, that step applied.
+            step, to log, update an EMA, evaluate or ``save_checkpoint(..., step=step)``; an
+            exception from it propagates out of train_epoch, that step applied.
         on_nonfinite: ``"raise"`` a ``NonFiniteLossError`` before the step, or ``"skip"`` the batch.
         progress: show progress on rank 0: a tqdm bar (terminal, notebook) with the running
             loss and fntrain metrics, kept with all final ones; else plain lines on stderr.
         accumulate: add up the gradients of this many batches per step (the gradient of their
-            sample-weighted mean loss); a partial window at the end is stepped too.
+            mean loss over samples or items); a partial window at the end is stepped too.
         autocast: ``torch.bfloat16`` or ``torch.float16`` to run forward and loss under autocast.
         scaler: a ``torch.amp.GradScaler`` for float16 (its skipped steps: ``.skipped_steps``).
         clip_grad_norm: clip the total gradient norm (after unscaling) to this before each step,
@@ -165,9 +190,14 @@ def train_epoch(
         scheduler: an LR scheduler stepped after every optimizer step (warmup, OneCycleLR,
             cosine over all steps); one built in epochs that runs out in the first (T_max=
             epochs) warns. Step per-epoch schedulers yourself.
+        max_steps: end the pass after this many optimizer steps (train by steps).
+        resume: a ``Checkpoint`` saved from ``on_step`` with ``step=step``: continue its pass
+            after its last batch, in the same data order and RNG stream (skipped batches are
+            not loaded from a DataLoader or TensorLoader; other iterables are drawn and
+            dropped); one from an epoch boundary is ignored.
 
     Returns:
-        A frozen ``TrainResult``.
+        A frozen ``TrainResult`` of what this call ran.
 
     Example:
         >>> import torch, fntrain as ft
@@ -185,6 +215,9 @@ def train_epoch(
     _check_callable("on_step", on_step, "on_step(step)")
     if on_nonfinite not in ("raise", "skip"):
         raise ValueError(f"'on_nonfinite' must be 'raise' or 'skip', but got {on_nonfinite!r}")
+    if max_steps is not None and (type(max_steps) is not int or max_steps < 1):
+        raise ValueError(f"'max_steps' must be None or an int >= 1, but got {max_steps!r}")
+    position = _position(resume, accumulate)
     if clip_grad_norm is not None:
         sharded.refuse_fsdp1(model, "the gradient norm clipped by")
     options = StepOptions(accumulate, autocast, scaler, clip_grad_norm, scheduler, on_nonfinite)
@@ -192,11 +225,18 @@ def train_epoch(
     warn_if_built_for_epochs(scheduler, loader, options.accumulate)
     tally, guard, skipped = Tally(metrics, resolved), BatchGuard(model), 0
     together = on_nonfinite == "skip" and distributed.active()  # all ranks skip it, or none
-    batches = distributed.in_step(loader)  # every rank must step as often
+    source = distributed.in_step(loader)  # every rank must step as often
+    if position is None:
+        first, stepper.origin = 0, data.origin(loader, accumulate) if on_step else None
+        batches = source
+    else:
+        first, stepper.origin = position["batch_index"] + 1, position["start"]
+        stepper.first = position["index"] + 1
+        batches = data.resumed(loader, source, position)
     start = time.perf_counter()
     with mode(model, True), Progress(progress, loader, "train") as bar:
-        index = -1
-        for index, batch in enumerate(batches):
+        index = first - 1
+        for index, batch in enumerate(batches, first):
             stepper.begin_batch()
             with guard:  # an error before the optimizer step puts buffers and metrics back
                 with stepper.autocast:
@@ -205,9 +245,11 @@ def train_epoch(
                         raise ValueError(f"batch {index} is empty on this rank; {_ALL_RUN}")
                     if not samples:
                         continue  # an empty batch: no forward, no step
-                    loss = _mean_loss(loss_fn(outputs, targets), samples, index)
+                    loss, total, items = _loss(loss_fn(outputs, targets), samples, index)
                 stepper.check_loss(loss, index)
-                value = loss.item()  # the one host sync per batch
+                value = (loss if total is None else total).item()  # the one host sync per batch
+                weight = items.item() if isinstance(items, torch.Tensor) else items
+                value = value / weight if total is not None and weight else value
                 nonfinite = not math.isfinite(value)
                 if distributed.agree(nonfinite)[0] if together else nonfinite:
                     if on_nonfinite == "raise":
@@ -216,18 +258,20 @@ def train_epoch(
                     skipped += 1
                     continue
                 parts = tally.stage(metric_lib.parts(tally.metrics, outputs, targets, guard.undo))
-                stepper.backward(loss, value, samples)
+                stepper.backward(loss, value, samples, weight, total)
                 step = stepper.step(index, guard)  # None until the window is full
-            del outputs, loss  # free this batch's outputs before the next forward
-            tally.add(value, samples, parts)  # checked by stage(): cannot fail
+            del outputs, loss, total  # free this batch's outputs before the next forward
+            tally.add(value * weight, samples, parts, weight)  # checked by stage(): cannot fail
             bar.tick(samples, tally.running)
             if step is not None and on_step is not None:
                 on_step(step)
+            if step is not None and stepper.steps == max_steps:
+                break
         with guard:
             last = stepper.step(index, guard, final=True)  # a partial window at the end
         if last is not None and on_step is not None:
             on_step(last)
-        totals = _totals(tally, start, skipped)
+        totals = _totals(tally, start, bool(skipped) or position is not None)
         bar.finish(totals)
     return TrainResult(
         **totals,
@@ -237,6 +281,20 @@ def train_epoch(
         skipped_steps=stepper.skipped_steps,
         grad_norm=None if clip_grad_norm is None else stepper.largest_norm,
     )
+
+
+def _position(resume: Any, accumulate: int) -> dict[str, Any] | None:
+    """Return where ``resume`` continues its pass (None: at an epoch boundary, a full pass)."""
+    if not isinstance(resume, Checkpoint | None):
+        kind = type(resume).__name__
+        raise TypeError(f"'resume' must be a Checkpoint from ft.load_checkpoint, but got {kind}")
+    position = None if resume is None else resume.position
+    if position is not None and position["start"]["accumulate"] != accumulate:
+        raise ValueError(
+            f"'accumulate' is {accumulate!r} but 'resume' was saved with accumulate="
+            f"{position['start']['accumulate']}; resume with the same window"
+        )
+    return position
 
 
 def _check_optimizer(model: nn.Module, optimizer: Any) -> None:
@@ -311,9 +369,12 @@ def evaluate(
                 outputs, targets, samples = _run(model, forward, batch, index, resolved)
                 if not samples:
                     continue
-                loss = _mean_loss(loss_fn(outputs, targets), samples, index)
-                parts = metric_lib.parts(tally.metrics, outputs, targets)
-                tally.add(loss, samples, tally.stage(parts))
+                loss, total, items = _loss(loss_fn(outputs, targets), samples, index)
+                parts = tally.stage(metric_lib.parts(tally.metrics, outputs, targets))
+                if total is None:
+                    tally.add(loss, samples, parts)
+                else:
+                    tally.add(total, samples, parts, items)
                 bar.tick(samples, tally.running)
         totals = _totals(tally, start)  # outside no_grad: tensor metrics are ordinary tensors
         bar.finish(totals)

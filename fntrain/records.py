@@ -51,7 +51,7 @@ class TrainResult:
     """What one ``train_epoch`` did.
 
     Attributes:
-        loss: mean loss over the samples that were trained on (sample-weighted).
+        loss: mean loss over the samples trained on (over items when ``loss_fn`` counts them).
         metrics: metric name to value, over the same samples.
         samples: number of samples trained on.
         batches: number of batches trained on (skipped batches not included).
@@ -82,10 +82,12 @@ class Step:
     Attributes:
         index: the step's index within the epoch, from 0 (GradScaler-skipped steps not counted).
         batch_index: the loader index of the step's last batch, from 0.
-        loss: the sample-weighted mean loss over the step's batches, already on the host.
+        loss: the mean loss over the step's samples (or items), already on the host.
         samples: the number of samples in the step's batches.
         lr: the learning rate of the first param group that the step used.
         grad_norm: the total gradient norm before clipping (``clip_grad_norm`` only, else None).
+        origin: the RNG states at the start of the pass (not shown), which a checkpoint saved
+            with ``save_checkpoint(..., step=step)`` keeps to redraw the pass's data order.
     """
 
     index: int
@@ -94,6 +96,7 @@ class Step:
     samples: int
     lr: float
     grad_norm: float | None = None
+    origin: Any = attrs.field(default=None, repr=False, eq=False)
 
 
 @attrs.frozen
@@ -101,7 +104,7 @@ class EvalResult:
     """What one ``evaluate`` measured.
 
     Attributes:
-        loss: mean loss over all samples (sample-weighted).
+        loss: mean loss over all samples (over items when ``loss_fn`` counts them).
         metrics: metric name to value.
         samples: number of samples evaluated.
         batches: number of batches evaluated.
@@ -154,11 +157,16 @@ class Checkpoint:
     Attributes:
         path: the file read.
         epoch: the epoch stored (None for a bare state_dict).
-        step: the step stored (None for a bare state_dict).
+        step: the step stored (None for a bare state_dict); saved with a ``Step``, the steps
+            completed in that pass.
+        batch_index: the loader index of the last batch trained when saved with a ``Step``
+            (``train_epoch(..., resume=ckpt)`` continues after it); None at an epoch boundary.
         metrics: the metrics stored, read-only.
         extra: the user's extra data stored, read-only at the top level.
         missing_keys: model keys the file did not hold, left as they were (``strict=False`` only).
         unexpected_keys: file keys the model does not have, ignored (``strict=False`` only).
+        position: what ``resume=`` needs to continue the pass (not shown): its origin, the RNG
+            states at the save, the step's index.
     """
 
     path: Path
@@ -168,6 +176,8 @@ class Checkpoint:
     extra: Mapping[str, Any] = _tensors(converter=ReadOnlyDict)
     missing_keys: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     unexpected_keys: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    batch_index: int | None = None
+    position: Any = attrs.field(default=None, repr=False, eq=False)
 
 
 class NonFiniteLossError(FloatingPointError):

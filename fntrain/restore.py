@@ -1,12 +1,17 @@
-"""What a pass puts back: every module's train/eval flag, and the buffers a failed batch changed."""
+"""What a pass puts back: module flags, the buffers a failed batch changed, the RNG states."""
 
 from __future__ import annotations
 
+import contextlib
+import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
+
+NOT_EXACT = "so resuming will not be bit-exact"
 
 
 @contextmanager
@@ -49,3 +54,70 @@ class BatchGuard:
     def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
         if kind is not None and not self.committed:
             self.restore()
+
+
+def capture_rng() -> dict[str, Any]:
+    """Return the states of Python's, NumPy's (if installed), torch's CPU and CUDA RNGs."""
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    with contextlib.suppress(ImportError):
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        keys = torch.from_numpy(keys.astype(np.int64))
+        state["numpy"] = (str(kind), keys, int(pos), int(has_gauss), float(cached))
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _bytes(value: Any) -> torch.Tensor:
+    """Return ``value`` on the CPU; raise TypeError unless it is a 1-D uint8 tensor."""
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.dim() != 1:
+        raise TypeError(f"expected a 1-D uint8 tensor, but it is a {type(value).__qualname__}")
+    return value.cpu()
+
+
+def _set_numpy(value: Any) -> list[str] | None:
+    """Set NumPy's global RNG from its five saved parts (or say it is not installed)."""
+    parts = list(value) if isinstance(value, tuple | list) else []
+    if len(parts) != 5 or not all(map(isinstance, parts, (str, torch.Tensor, int, int, float))):
+        raise TypeError(f"expected (str, Tensor, int, int, float), but got {value!r:.80}")
+    try:
+        import numpy as np
+    except ImportError:
+        return [f"the checkpoint holds a NumPy RNG state but NumPy is not installed; {NOT_EXACT}"]
+    np.random.set_state((parts[0], parts[1].cpu().numpy().astype(np.uint32), *parts[2:]))
+
+
+def _set_cuda(states: Any) -> list[str] | None:
+    """Set every CUDA device's RNG; say why not where CUDA or devices are missing."""
+    if not isinstance(states, list | tuple):
+        raise TypeError(f"expected a list of uint8 tensors, but it is a {type(states).__name__}")
+    states = [_bytes(state) for state in states]
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else "no CUDA device"
+    if len(states) != visible:  # always so without CUDA
+        return [
+            f"the checkpoint holds the CUDA RNG states of {len(states)} device(s) but "
+            f"{visible} are visible here; they were not restored, {NOT_EXACT}"
+        ]
+    torch.cuda.set_rng_state_all(states)
+
+
+def restore_rng(state: Any) -> list[str]:
+    """Restore what :func:`capture_rng` saved; return why parts were skipped (bad ones raise)."""
+    if not isinstance(state, dict):
+        raise ValueError(f"the RNG state in the file must be a dict, not {type(state).__name__}")
+    setters: dict[str, Callable[[Any], list[str] | None]] = {
+        "Python": random.setstate, "torch": lambda value: torch.set_rng_state(_bytes(value)),
+        "NumPy": _set_numpy, "CUDA": _set_cuda,
+    }  # fmt: skip
+    notes: list[str] = []
+    for name, restore in setters.items():
+        if name in ("Python", "torch") or name.lower() in state:  # NumPy, CUDA only if saved
+            try:
+                notes += restore(state.get(name.lower())) or []
+            except Exception as error:  # any failure means the saved state cannot be restored
+                why = (str(error).strip().splitlines() or [repr(error)])[0]
+                problem = f"the {name} RNG state in the file cannot be restored"
+                raise ValueError(f"{problem}: {why}") from None
+    return notes

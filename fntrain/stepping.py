@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from fntrain import distributed, sharded
 from fntrain.records import NonFiniteLossError, Step, reword
 from fntrain.restore import BatchGuard
 
@@ -111,7 +112,11 @@ class Stepper:
         ordered = {id(p): p for p in model.parameters() if id(p) in params}  # as clip_grad_norm_
         self.params = [*ordered.values(), *(p for i, p in params.items() if i not in ordered)]
         self.window_batches, self.window_samples, self.window_loss = 0, 0, 0.0  # loss: sum(n*mean)
-        self.steps = self.skipped_steps = 0
+        self.window_items: float = 0  # what the window's loss averages over: samples or items
+        self.summed = self.by_items = False  # the window's grads are of sums: divide them
+        self.lockstep = sharded.in_lockstep(model)  # DDP/FSDP2 average the grads over ranks
+        self.steps = self.skipped_steps = self.first = 0  # first: the pass's first Step.index
+        self.origin: Any = None  # the pass's RNG states at its start, for Step
         self.largest_norm = math.nan  # the largest finite norm before clipping (inf: none was)
         self.cleared: bool | None = None  # zero_grad() sets .grad to None
         self.probe: torch.Tensor | None = None  # a parameter the first backward gave a grad
@@ -138,10 +143,16 @@ class Stepper:
                 f"them; return the loss without calling backward()"
             )
 
-    def backward(self, loss: torch.Tensor, value: float, samples: int) -> None:
-        """Back-propagate one batch's mean ``loss`` (``value`` on the host) into the window."""
-        if self.options.accumulate > 1:
-            loss = loss * samples  # the window's grads are divided by its samples at the step
+    def backward(
+        self, loss: torch.Tensor, value: float, samples: int, weight: float, total: Any
+    ) -> None:
+        """Back-propagate a batch's ``loss`` over ``weight`` samples or items into the window."""
+        many = self.options.accumulate > 1
+        if total is not None and (many or self.lockstep or not weight):
+            loss, self.summed = total, True  # divided by the window's (global) items at the step
+            self.by_items = self.by_items or self.lockstep
+        elif many:
+            loss, self.summed = loss * weight, True  # divided by the window's samples
         if self.options.scaler is not None:
             loss = self.options.scaler.scale(loss)
         loss.backward()
@@ -149,15 +160,17 @@ class Stepper:
             self.probe = next((p for p in self.params if p.grad is not None), None)
         self.window_batches += 1
         self.window_samples += samples
-        self.window_loss += value * samples
+        self.window_items += weight
+        self.window_loss += value * weight
 
     def _clip(self) -> float | None:
         """Average an accumulated window's gradients; clip them; return the norm before clipping."""
         options, scaler = self.options, self.options.scaler
-        if options.accumulate > 1:
-            grads = [p.grad for p in self.params if p.grad is not None]
-            if grads:
-                torch._foreach_div_(grads, float(self.window_samples))
+        if self.summed and (grads := [p.grad for p in self.params if p.grad is not None]):
+            items = self.window_items
+            if self.by_items:  # DDP/FSDP2 averaged the grads: divide by the mean rank's items
+                items = distributed.all_reduce_sum(items) / distributed.world()[1]
+            torch._foreach_div_(grads, float(items or 1))  # no items: zero grads stay zero
         if options.clip_grad_norm is None:
             return None
         if scaler is not None:
@@ -173,8 +186,9 @@ class Stepper:
         if self.window_batches < (1 if final else self.options.accumulate):
             return None
         norm, scaler = self._clip(), self.options.scaler
-        samples, loss = self.window_samples, self.window_loss / self.window_samples
+        samples, loss = self.window_samples, self.window_loss / (self.window_items or 1)
         self.window_batches, self.window_samples, self.window_loss = 0, 0, 0.0
+        self.window_items, self.summed, self.by_items = 0, False, False
         if norm is not None and not math.isfinite(norm) and not (scaler and scaler.is_enabled()):
             if self.options.on_nonfinite == "raise":
                 raise NonFiniteLossError(batch_index, norm, "gradient norm")
@@ -205,4 +219,4 @@ class Stepper:
             self.skipped_steps += 1
             return None
         self.steps += 1
-        return Step(self.steps - 1, batch_index, loss, samples, lr, norm)
+        return Step(self.first + self.steps - 1, batch_index, loss, samples, lr, norm, self.origin)

@@ -1,4 +1,4 @@
-"""The running sums of one pass: sample-weighted loss, sample and batch counts, metric parts."""
+"""The running sums of one pass: loss over samples or items, counts, metric parts."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from fntrain import metrics as metric_lib
 from fntrain.metrics import Part
 from fntrain.records import MetricValue
 
-_LOSS, _SAMPLES, _BATCHES = (None, "loss"), (None, "samples"), (None, "batches")  # parts: (str, i)
+_LOSS, _ITEMS = (None, "loss"), (None, "items")  # the loss's sum and what it is over
+_SAMPLES, _BATCHES = (None, "samples"), (None, "batches")  # metric parts: (str, i)
 
 
 class Tally:
@@ -49,15 +50,17 @@ class Tally:
         else:
             self.totals[key] = total + part
 
-    def add(self, loss: float | torch.Tensor, samples: int, parts: dict[Hashable, Part]) -> None:
-        """Add one batch: its mean loss (a float, or a device scalar), samples, staged parts."""
+    def add(self, loss: Any, samples: int, parts: dict[Hashable, Part], items: Any = None) -> None:
+        """Add a batch: its loss (float, device scalar) summed over ``items``, else its mean."""
+        summed, items = items is not None, samples if items is None else items
         if not isinstance(loss, torch.Tensor) or loss.is_cpu:
-            self._add(_LOSS, float(loss) * samples)
+            self._add(_LOSS, float(loss) if summed else float(loss) * samples)
         elif _LOSS in self.totals:  # one kernel: total += samples * loss, on the device
-            self.totals[_LOSS].add_(loss.detach(), alpha=samples)
+            self.totals[_LOSS].add_(loss.detach(), alpha=1 if summed else samples)
         else:  # float64 where the device has it (not MPS)
             wide = torch.float32 if loss.device.type == "mps" else torch.float64
-            self.totals[_LOSS] = loss.detach().to(wide) * samples
+            self.totals[_LOSS] = loss.detach().to(wide) * (1 if summed else samples)
+        self._add(_ITEMS, items.detach() if isinstance(items, torch.Tensor) else items)
         self.samples += samples
         self.batches += 1
         for key, part in parts.items():
@@ -68,7 +71,7 @@ class Tally:
         if not self.samples:
             return {}
         totals = self._host()
-        loss = float(totals.pop(_LOSS)) / self.samples
+        loss = float(totals.pop(_LOSS)) / float(totals.pop(_ITEMS))
         own = {name: m for name, m in self.metrics.items() if isinstance(m, metric_lib.Metric)}
         try:
             return {"loss": loss, **metric_lib.finish(own, totals)}
@@ -97,9 +100,11 @@ class Tally:
         totals = self._host()
         if distributed.active():
             totals.setdefault(_LOSS, torch.tensor(0.0, dtype=torch.float64))
+            totals.setdefault(_ITEMS, torch.tensor(0.0, dtype=torch.float64))
             totals[_SAMPLES] = torch.tensor(self.samples)
             totals[_BATCHES] = torch.tensor(self.batches)
             totals = distributed.all_reduce_totals(totals, self.metrics)
             self.samples, self.batches = int(totals.pop(_SAMPLES)), int(totals.pop(_BATCHES))
-        loss = float(totals.pop(_LOSS)) / self.samples if self.samples else float("nan")
+        loss, items = float(totals.pop(_LOSS, 0.0)), float(totals.pop(_ITEMS, 0.0))
+        loss = loss / items if items else float("nan")
         return loss, metric_lib.finish(self.metrics, totals)

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 import fntrain as ft
-from tests.helpers import make_data
+from tests.helpers import TokenModel, make_data, summed_tokens, token_batches
 
 
 def small_model() -> nn.Module:
@@ -114,6 +114,16 @@ def node_local_case(out: Path, model: nn.Module) -> dict[str, Any]:
     return {"local_size": size, "missing_on_one": missing, "stale_on_one": stale, "kept": kept}
 
 
+def items_case() -> dict[str, Any]:
+    """Train a DDP token model with a (sum, count) loss, ranks holding unequal token counts."""
+    model = nn.parallel.DistributedDataParallel(TokenModel())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    batches = token_batches(10 + dist.get_rank(), [3, 8, 5, 2] if dist.get_rank() else [6, 1, 7, 4])
+    result = ft.train_epoch(model, batches, summed_tokens, optimizer, "cpu", accumulate=2)
+    params = [p.detach().clone() for p in model.module.parameters()]
+    return {"items_loss": result.loss, "items_params": params}
+
+
 def main(out: Path) -> None:
     """Evaluate (exact and padded), train one epoch, checkpoint; write this rank's results."""
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
@@ -162,6 +172,7 @@ def main(out: Path) -> None:
         **rng_case(out, model, optimizer),
         **node_local_case(out, model),
         **desync_cases(),
+        **items_case(),
     }
     torch.save(results, out / f"rank{rank}.pt")
     dist.barrier()  # no rank tears the group down while another still uses it

@@ -44,6 +44,45 @@ def mlp(features: int, classes: int, seed: int, dropout: float = 0.25) -> nn.Mod
     )
 
 
+def token_batches(seed: int, lengths: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Return padded token batches: ids (batch, length) and targets, padding as -100."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for length in lengths:
+        ids = torch.randint(1, 20, (3, length), generator=gen)
+        targets = torch.randint(0, 5, (3, length), generator=gen)
+        keep = torch.rand(3, length, generator=gen) < 0.7  # uneven real lengths
+        batches.append((ids * keep, targets.masked_fill(~keep, -100)))
+    return batches
+
+
+class TokenModel(nn.Module):
+    """A tiny per-token classifier (a language model's shape), initialised from seed 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.head = nn.Embedding(20, 8), nn.Linear(8, 5)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(ids))
+
+
+def summed_tokens(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """The loss summed over non-padding tokens, and their count."""
+    flat = nn.functional.cross_entropy(
+        logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum"
+    )
+    return flat, (targets != -100).sum()
+
+
+def pad_cat(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+    """Return token batches joined into one, padded to the longest."""
+    length = max(ids.shape[1] for ids, _ in batches)
+    pad = lambda t, v: nn.functional.pad(t, (0, length - t.shape[1]), value=v)  # noqa: E731
+    return torch.cat([pad(i, 0) for i, _ in batches]), torch.cat([pad(t, -100) for _, t in batches])
+
+
 def hand_train_epoch(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -87,10 +126,13 @@ def assert_bit_identical(
             assert torch.equal(value, other), key
 
 
-def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+def torchrun(
+    args: list[str], cwd: Path, options: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
     """Run a script or ``-m module`` with ``args`` on 2 gloo ranks under torchrun; fail with
     its output (and a crashed rank's Python stack, from faulthandler) unless it succeeds."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += options
     root = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     env.update(

@@ -12,7 +12,14 @@ from torch.utils.data import DataLoader
 
 import fntrain as ft
 from tests.distributed_worker import small_model
-from tests.helpers import make_data, run_two_ranks
+from tests.helpers import (
+    TokenModel,
+    make_data,
+    pad_cat,
+    run_two_ranks,
+    summed_tokens,
+    token_batches,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,6 +64,22 @@ def test_ddp_training_equals_one_process_on_the_combined_batches(ranks: Any) -> 
     for key, value in model.state_dict().items():
         torch.testing.assert_close(results[0]["params"][key], value, rtol=1e-5, atol=1e-6)
     assert results[0]["trained"]["samples"] == 48 and results[0]["trained"]["steps"] == 3
+
+
+def test_a_per_item_loss_under_ddp_averages_over_every_ranks_items(ranks: Any) -> None:
+    """With (sum, count) losses and accumulate=2, 2 DDP ranks holding unequal token counts step
+    like one process on each window's batches of both ranks joined: the mean over all items
+    of all ranks, not the mean of the ranks' means; the epoch loss is the global per-item mean."""
+    _, results = ranks
+    windows = [token_batches(10, [6, 1, 7, 4]), token_batches(11, [3, 8, 5, 2])]
+    joined = [pad_cat(windows[0][i : i + 2] + windows[1][i : i + 2]) for i in (0, 2)]
+    model = TokenModel()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    one = ft.train_epoch(model, joined, summed_tokens, optimizer, "cpu")
+    for result in results:
+        assert result["items_loss"] == pytest.approx(one.loss, rel=1e-5)
+        for mine, theirs in zip(result["items_params"], model.parameters(), strict=True):
+            torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
 
 
 def test_every_rank_returns_the_same_record(ranks: Any) -> None:

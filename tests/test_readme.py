@@ -1,4 +1,4 @@
-"""The README: its python snippets run, in order, and its set-up commands are CI's."""
+"""The README and docs/recipes.md: their snippets run, in order; the set-up commands are CI's."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ from tests.behaviour_doc import COMMAND, render
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
+RECIPES = (ROOT / "docs" / "recipes.md").read_text(encoding="utf-8")  # the README continued
 
 
-def _blocks(language: str) -> list[str]:
-    """Return the README's fenced code blocks of ``language``, in order."""
-    return re.findall(rf"^```{language}\n(.*?)^```$", README, flags=re.S | re.M)
+def _blocks(language: str, text: str = README) -> list[str]:
+    """Return the fenced code blocks of ``language`` in ``text``, in order."""
+    return re.findall(rf"^```{language}\n(.*?)^```$", text, flags=re.S | re.M)
 
 
 def _command(marker: str) -> str:
@@ -31,15 +32,16 @@ def _command(marker: str) -> str:
 def test_every_python_snippet_runs_in_order(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """All ```python blocks run top to bottom in one namespace, as a reader pastes them."""
+    """All ```python blocks of the README, then of docs/recipes.md, run top to bottom in one
+    namespace, as a reader pastes them."""
     pytest.importorskip("torchmetrics")
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, object] = {"__name__": "readme"}
-    blocks = _blocks("python")
+    blocks = [("README.md", b) for b in _blocks("python")]
+    blocks += [("docs/recipes.md", b) for b in _blocks("python", RECIPES)]
     assert len(blocks) >= 5
-    for number, block in enumerate(blocks, start=1):
-        code = compile(block, f"README.md python block {number}", "exec")
-        exec(code, namespace)
+    for number, (name, block) in enumerate(blocks, start=1):
+        exec(compile(block, f"{name} python block {number}", "exec"), namespace)
 
 
 def test_the_readme_stays_a_reference_of_at_most_25_000_bytes() -> None:
@@ -79,8 +81,8 @@ def test_the_code_is_ruff_clean() -> None:
 
 
 def test_every_test_the_readme_cites_exists() -> None:
-    """Each `test_...` name the README links a behaviour to is a test in tests/."""
-    cited = set(re.findall(r"`(test_[a-z0-9_]+)`", README))
+    """Each `test_...` name the README or the recipes link a behaviour to is a test in tests/."""
+    cited = set(re.findall(r"`(test_[a-z0-9_]+)`", README + RECIPES))
     defined: set[str] = set()
     for path in (ROOT / "tests").glob("test_*.py"):
         defined |= set(re.findall(r"^def (test_[a-z0-9_]+)", path.read_text(), flags=re.M))
