@@ -123,13 +123,22 @@ def count(outputs: Any, targets: Any, index: int) -> int:
 
 
 def concat(parts: list[Any]) -> Any:
-    """Concatenate per-batch structures (tensors, tuples, lists, mappings) along dim 0."""
+    """Concatenate per-batch structures along dim 0; lists of plain values (names) join as one."""
     first = parts[0]
     if isinstance(first, torch.Tensor):
+        odd = next((i for i, part in enumerate(parts) if part.shape[1:] != first.shape[1:]), 0)
+        if odd:
+            raise ValueError(
+                f"predict cannot join outputs (or targets) of shape {tuple(first.shape)} in batch "
+                f"0 but {tuple(parts[odd].shape)} in batch {odd}: pad them to one length in the "
+                f"loader's collate_fn, or return padded ones from forward=lambda model, batch: ..."
+            )
         return torch.cat(parts) if first.dim() else torch.stack(parts)
     if isinstance(first, Mapping):
         return _rebuild(first, {key: concat([part[key] for part in parts]) for key in first})
     if isinstance(first, tuple | list):
+        if not any(isinstance(x, torch.Tensor | Mapping | tuple | list) for x in first):
+            return [item for part in parts for item in part]  # ids, file names: one per sample
         items = [concat([part[i] for part in parts]) for i in range(len(first))]
         return type(first)(*items) if hasattr(first, "_fields") else type(first)(items)
     return parts

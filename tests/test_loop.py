@@ -1309,3 +1309,42 @@ def test_a_failing_metric_is_named_in_the_message(where: str) -> None:
     metric = ft.Metric(fail, ok[1]) if where == "state" else ft.Metric(ok[0], fail)
     with pytest.raises(ValueError, match=r"metrics\['f1'\].*bad shape"):
         ft.evaluate(nn.Linear(3, 2), _BATCHES, nn.CrossEntropyLoss(), CPU, metrics={"f1": metric})
+
+
+# --- issue 21: predict with ids as targets; quantization observers --------------------------
+
+
+class _Named(torch.utils.data.Dataset):
+    """Inputs with their file names, as an image folder data set gives them."""
+
+    def __init__(self, samples: int) -> None:
+        self.x = torch.randn(samples, 3, generator=torch.Generator().manual_seed(samples))
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        return self.x[i], f"img{i:03d}.png"
+
+
+@FAST
+@given(samples=st.integers(1, 30), batch_size=st.integers(1, 8), as_lists=st.booleans())
+def test_predict_keeps_file_names_with_the_outputs_in_loader_order(
+    samples: int, batch_size: int, as_lists: bool
+) -> None:
+    """Names per batch (default_collate's tuples, or lists) come back as one list in order."""
+    dataset, model = _Named(samples), nn.Linear(3, 2)
+    batches = DataLoader(dataset, batch_size=batch_size)
+    if as_lists:
+        batches = [(x, list(names)) for x, names in batches]
+    preds = ft.predict(model, batches, CPU)
+    assert preds.targets == [f"img{i:03d}.png" for i in range(samples)]
+    with torch.no_grad():
+        assert torch.equal(preds.outputs, model(dataset.x))
+
+
+def test_predict_on_outputs_of_other_lengths_suggests_padding_or_forward() -> None:
+    """Variable-length outputs across batches get an error naming predict, not torch.cat's."""
+    batches = [torch.zeros(4, 7), torch.zeros(4, 9)]
+    with pytest.raises(ValueError, match=r"predict.*\(4, 9\) in batch 1.*pad.*forward="):
+        ft.predict(nn.Identity(), batches, CPU)
