@@ -15,7 +15,7 @@ from fntrain import data, distributed, sharded
 from fntrain import metrics as metric_lib
 from fntrain.progress import Progress
 from fntrain.records import EvalResult, NonFiniteLossError, Predictions, Step, TrainResult, reword
-from fntrain.restore import BatchGuard, mode
+from fntrain.restore import BatchGuard, evaluating, mode
 from fntrain.stepping import StepOptions, Stepper, warn_if_built_for_epochs
 from fntrain.sums import Tally
 
@@ -306,7 +306,7 @@ def evaluate(
     no_grad = torch.inference_mode() if inference_mode else torch.no_grad()
     batches = distributed.in_step(loader) if sharded.is_sharded(model) else loader
     with Progress(progress, loader, "eval") as bar:
-        with mode(model, False), no_grad, distributed.told():
+        with evaluating(model), no_grad, distributed.told():
             for index, batch in enumerate(batches):
                 outputs, targets, samples = _run(model, forward, batch, index, resolved)
                 if not samples:
@@ -376,7 +376,7 @@ def predict(
     targets: list[Any] = []
     cpu, samples = torch.device("cpu"), 0
     batches = distributed.in_step(loader) if sharded.is_sharded(model) else loader
-    with mode(model, False), torch.no_grad(), Progress(progress, loader, "predict") as bar:
+    with evaluating(model), torch.no_grad(), Progress(progress, loader, "predict") as bar:
         for index, batch in enumerate(batches):
             batch_outputs, batch_targets = _outputs(model, forward, batch, index, resolved)
             if index and (batch_targets is None) != (not targets):

@@ -49,3 +49,18 @@ class BatchGuard:
     def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
         if kind is not None and not self.committed:
             self.restore()
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Set eval mode; torch.ao observers (they observe in eval mode too) stop; all put back."""
+    observers = [m for m in model.modules() if hasattr(m, "calculate_qparams")]  # torchao's too
+    saved = [(b, b.clone()) for m in observers for b in m.buffers(recurse=False)]
+    try:
+        for module in observers:  # fake-quant (prepare_qat) stops; bare (prepare) gets buffers back
+            getattr(module, "disable_observer", lambda: None)()
+        with mode(model, False):
+            yield
+    finally:
+        for live, copy in saved:  # a per-channel observer's first batch resizes its buffers
+            live.resize_(copy.shape).copy_(copy)
