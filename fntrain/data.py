@@ -126,8 +126,7 @@ def concat(parts: list[Any]) -> Any:
     """Concatenate per-batch structures along dim 0; lists of plain values (names) join as one."""
     first = parts[0]
     if isinstance(first, torch.Tensor):
-        odd = next((i for i, part in enumerate(parts) if part.shape[1:] != first.shape[1:]), 0)
-        if odd:
+        if odd := next((i for i, part in enumerate(parts) if part.shape[1:] != first.shape[1:]), 0):
             raise ValueError(
                 f"predict cannot join outputs (or targets) of shape {tuple(first.shape)} in batch "
                 f"0 but {tuple(parts[odd].shape)} in batch {odd}: pad them to one length in the "

@@ -372,9 +372,7 @@ def predict(
         raise ValueError(f"'gather' must be 'main', 'all' or 'none', but got {gather!r}")
     gathering = distributed.active() and gather != "none"
     indices = distributed.sampler_indices(loader) if gathering else []
-    outputs: list[Any] = []
-    targets: list[Any] = []
-    cpu, samples = torch.device("cpu"), 0
+    outputs, targets, cpu, samples = list[Any](), list[Any](), torch.device("cpu"), 0
     batches = distributed.in_step(loader) if sharded.is_sharded(model) else loader
     with evaluating(model), torch.no_grad(), Progress(progress, loader, "predict") as bar:
         for index, batch in enumerate(batches):

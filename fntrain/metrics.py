@@ -142,8 +142,7 @@ def accuracy(threshold: float = 0.0, ignore_index: int | None = None) -> Metric:
 
     Example:
         >>> import torch, fntrain as ft
-        >>> acc = ft.accuracy()
-        >>> acc.state(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([1, 1]))[:2]
+        >>> ft.accuracy().state(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([1, 1]))[:2]
         (tensor(1), 2)
         >>> ft.accuracy().state(torch.tensor([2.0, -1.0]), torch.tensor([1.0, 1.0]))[:2]
         (tensor(1), 2)

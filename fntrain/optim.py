@@ -23,11 +23,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
     Decay goes to the weight matrices and kernels (two or more dimensions) of Linear, Conv,
     Embedding, attention and recurrent layers, chosen by module type and shape, not name;
-    biases, norm layers and other modules get none. A parametrized weight (``weight_norm``,
-    ``orthogonal``, ``spectral_norm``) is judged by its owner: its >= 2-D originals decay
-    (weight_norm's g (out, 1) too, as the older ``weight_g`` does: decaying v alone would not
-    shrink the weight). Every trainable parameter appears once (tied weights too); frozen ones
-    and empty groups are left out.
+    biases, norm layers and other modules get none. A parametrized weight (weight_norm,
+    orthogonal, spectral_norm) is judged by its owner: its >= 2-D originals decay (weight_norm's
+    g (out, 1) too, like the older weight_g: decaying v alone would not shrink the weight). Every
+    trainable parameter appears once (tied weights too); frozen ones and empty groups are left out.
 
     Args:
         model: the model whose parameters to group.
