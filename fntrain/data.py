@@ -128,13 +128,21 @@ def count(outputs: Any, targets: Any, index: int) -> int:
 
 
 def concat(parts: list[Any]) -> Any:
-    """Concatenate per-batch structures (tensors, tuples, lists, mappings) along dim 0."""
+    """Concatenate per-batch structures along dim 0; lists of plain values (names) join as one."""
     first = parts[0]
     if isinstance(first, torch.Tensor):
+        if odd := next((i for i, part in enumerate(parts) if part.shape[1:] != first.shape[1:]), 0):
+            raise ValueError(
+                f"predict cannot join outputs (or targets) of shape {tuple(first.shape)} in batch "
+                f"0 but {tuple(parts[odd].shape)} in batch {odd}: pad them to one length in the "
+                f"loader's collate_fn, or return padded ones from forward=lambda model, batch: ..."
+            )
         return torch.cat(parts) if first.dim() else torch.stack(parts)
     if isinstance(first, Mapping):
         return _rebuild(first, {key: concat([part[key] for part in parts]) for key in first})
     if isinstance(first, tuple | list):
+        if _plain(first):
+            return [item for part in parts for item in part]  # ids, file names: one per sample
         items = [concat([part[i] for part in parts]) for i in range(len(first))]
         return type(first)(*items) if hasattr(first, "_fields") else type(first)(items)
     return parts
@@ -153,16 +161,25 @@ def _rebuild(like: Mapping[Any, Any], items: dict[Any, Any]) -> Mapping[Any, Any
     return rebuilt
 
 
-def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], data: Any) -> Any:
-    """Apply ``fn`` to every tensor in nested tuples, lists, namedtuples and mappings."""
+def _plain(items: tuple[Any, ...] | list[Any]) -> bool:
+    """Tell whether a sequence holds plain values (names, ids), one per sample."""
+    return not any(isinstance(x, torch.Tensor | Mapping | tuple | list) for x in items)
+
+
+def map_tensors(
+    fn: Callable[[torch.Tensor], torch.Tensor], data: Any, names: Callable[..., Any] | None = None
+) -> Any:
+    """Apply ``fn`` to every tensor in nested containers (``names`` to lists of plain values)."""
     if isinstance(data, torch.Tensor):
         return fn(data)
     if isinstance(data, Mapping):
-        return _rebuild(data, {key: map_tensors(fn, value) for key, value in data.items()})
+        return _rebuild(data, {k: map_tensors(fn, v, names) for k, v in data.items()})
+    if names is not None and isinstance(data, list) and _plain(data):
+        return names(data)
     if isinstance(data, tuple) and hasattr(data, "_fields"):
-        return type(data)(*(map_tensors(fn, value) for value in data))
+        return type(data)(*(map_tensors(fn, value, names) for value in data))
     if isinstance(data, tuple | list):
-        return type(data)(map_tensors(fn, value) for value in data)
+        return type(data)(map_tensors(fn, value, names) for value in data)
     return data
 
 

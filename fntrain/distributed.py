@@ -191,7 +191,9 @@ def gather_in_order(
     first = torch.ones_like(ordered, dtype=torch.bool)
     first[1:] = ordered[1:] != ordered[:-1]
     keep = positions[first]  # data set order, each index once (DistributedSampler pads)
-    outputs, targets = map_tensors(lambda t: t[keep], concat([part[:2] for part in parts]))
+    order = keep.tolist()  # names (lists of plain values) follow the outputs
+    pick = lambda names: [names[i] for i in order]  # noqa: E731
+    outputs, targets = map_tensors(lambda t: t[keep], concat([p[:2] for p in parts]), pick)
     return outputs, None if parts[0][1] is None else targets, int(keep.numel())
 
 

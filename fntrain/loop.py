@@ -23,7 +23,7 @@ from fntrain.records import (
     TrainResult,
     reword,
 )
-from fntrain.restore import BatchGuard, mode
+from fntrain.restore import BatchGuard, evaluating, mode
 from fntrain.stepping import StepOptions, Stepper, warn_if_built_for_epochs
 from fntrain.sums import Tally
 
@@ -364,7 +364,7 @@ def evaluate(
     no_grad = torch.inference_mode() if inference_mode else torch.no_grad()
     batches = distributed.in_step(loader) if sharded.is_sharded(model) else loader
     with Progress(progress, loader, "eval") as bar:
-        with mode(model, False), no_grad, distributed.told():
+        with evaluating(model), no_grad, distributed.told():
             for index, batch in enumerate(batches):
                 outputs, targets, samples = _run(model, forward, batch, index, resolved)
                 if not samples:
@@ -433,11 +433,9 @@ def predict(
         raise ValueError(f"'gather' must be 'main', 'all' or 'none', but got {gather!r}")
     gathering = distributed.active() and gather != "none"
     indices = distributed.sampler_indices(loader) if gathering else []
-    outputs: list[Any] = []
-    targets: list[Any] = []
-    cpu, samples = torch.device("cpu"), 0
+    outputs, targets, cpu, samples = list[Any](), list[Any](), torch.device("cpu"), 0
     batches = distributed.in_step(loader) if sharded.is_sharded(model) else loader
-    with mode(model, False), torch.no_grad(), Progress(progress, loader, "predict") as bar:
+    with evaluating(model), torch.no_grad(), Progress(progress, loader, "predict") as bar:
         for index, batch in enumerate(batches):
             batch_outputs, batch_targets = _outputs(model, forward, batch, index, resolved)
             if index and (batch_targets is None) != (not targets):

@@ -27,8 +27,8 @@ class Metric:
     """A metric whose per-batch states add up.
 
     Attributes:
-        state: ``(outputs, targets) -> tuple of parts`` for one batch; a part is a tensor
-            (of any fixed shape) or a number, and each part is summed over batches.
+        state: ``(outputs, targets) -> tuple (or list) of parts`` for one batch; a part is a
+            tensor (of any fixed shape) or a number, and each part is summed over batches.
         compute: ``(summed parts as CPU tensors) -> value``.
 
     Example:
@@ -42,7 +42,7 @@ class Metric:
         2.0
     """
 
-    state: Callable[[Any, Any], tuple[Part, ...]]
+    state: Callable[[Any, Any], tuple[Part, ...] | list[Part]]
     compute: Callable[[tuple[torch.Tensor, ...]], MetricValue]
 
 
@@ -137,16 +137,21 @@ def accuracy(threshold: float = 0.0, ignore_index: int | None = None) -> Metric:
     per class, a probability row counting by its argmax. With one output column or 1-D
     outputs, a score above ``threshold`` predicts 1 (0.0 for logits, 0.5 after a sigmoid).
     Targets it cannot judge (regression values, multi-hot rows, indices out of range) are
-    refused, naming the metric to use. ``ignore_index`` skips targets as the loss does.
+    refused, naming the metric to use. ``ignore_index`` skips targets as the loss does: the
+    fraction is then over the non-ignored targets, per item (e.g. per token), not per sample.
 
     Example:
         >>> import torch, fntrain as ft
-        >>> acc = ft.accuracy()
-        >>> acc.state(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([1, 1]))[:2]
+        >>> ft.accuracy().state(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([1, 1]))[:2]
         (tensor(1), 2)
         >>> ft.accuracy().state(torch.tensor([2.0, -1.0]), torch.tensor([1.0, 1.0]))[:2]
         (tensor(1), 2)
     """
+    finite = isinstance(threshold, int | float) and abs(threshold) < float("inf")  # nan: not
+    if isinstance(threshold, bool) or not finite:
+        raise ValueError(f"'threshold' must be a finite number, but got {threshold!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int | None):
+        raise TypeError(f"'ignore_index' must be an int or None, but got {ignore_index!r}")
     return _classification("accuracy()", threshold, ignore_index, 1)
 
 
@@ -236,7 +241,7 @@ def parts(
             _named(name, lambda metric=metric: metric.update(outputs, targets))
             continue
         state = _named(name, lambda metric=metric: metric.state(outputs, targets))
-        for position, part in enumerate(state if isinstance(state, tuple) else (state,)):
+        for position, part in enumerate(state if isinstance(state, tuple | list) else (state,)):
             found[name, position] = part
     return found
 

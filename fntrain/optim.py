@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
+from torch.nn.utils.parametrize import is_parametrized
 
 _DECAYED_LAYERS: tuple[type[nn.Module], ...] = (
     nn.Linear,
@@ -22,8 +23,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
     Decay goes to the weight matrices and kernels (two or more dimensions) of Linear, Conv,
     Embedding, attention and recurrent layers, chosen by module type and shape, not name;
-    biases, norm layers and other modules get none. Every trainable parameter appears once
-    (tied weights too); frozen ones are left out, and so are empty groups.
+    biases, norm layers and other modules get none. A parametrized weight (weight_norm,
+    orthogonal, spectral_norm) is judged by its owner: its >= 2-D originals decay (weight_norm's
+    g (out, 1) too, like the older weight_g: decaying v alone would not shrink the weight). Every
+    trainable parameter appears once (tied weights too); frozen ones and empty groups are left out.
 
     Args:
         model: the model whose parameters to group.
@@ -42,17 +45,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """
     if isinstance(weight_decay, bool) or not isinstance(weight_decay, int | float):
         raise TypeError(f"'weight_decay' must be a number, but got {weight_decay!r}")
-    if weight_decay < 0:
-        raise ValueError(f"'weight_decay' must be >= 0, but got {weight_decay!r}")
+    if not 0 <= weight_decay < float("inf"):  # nan: one AdamW step would make every weight nan
+        raise ValueError(f"'weight_decay' must be finite and >= 0, but got {weight_decay!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"'model' must be a torch.nn.Module, but got {type(model).__name__}")
     decayed: dict[nn.Parameter, bool] = {}  # by identity, first use wins: tied weights once
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
+    for module in model.modules():  # an owner comes before its parametrizations' originals
+        lists = module.parametrizations.values() if is_parametrized(module) else ()
+        for param in (p for owner in (module, *lists) for p in owner.parameters(recurse=False)):
             if param.requires_grad:
                 decayed.setdefault(param, isinstance(module, _DECAYED_LAYERS) and param.dim() >= 2)
-    groups = [
-        {"params": [p for p, d in decayed.items() if d], "weight_decay": float(weight_decay)},
-        {"params": [p for p, d in decayed.items() if not d], "weight_decay": 0.0},
-    ]
-    return [group for group in groups if group["params"]]
+    split = [[p for p, d in decayed.items() if d == on] for on in (True, False)]
+    decays = zip(split, (float(weight_decay), 0.0), strict=True)
+    return [{"params": params, "weight_decay": decay} for params, decay in decays if params]

@@ -38,14 +38,20 @@ class BatchGuard:
         self.committed = False
 
     def __enter__(self) -> BatchGuard:
-        if self.live:
-            torch._foreach_copy_(self.copy, self.live)
+        try:
+            if self.live:
+                torch._foreach_copy_(self.copy, self.live)
+        except RuntimeError:  # a buffer was resized (a per-channel QAT observer's first batch)
+            self.copy = [buffer.detach().clone() for buffer in self.live]
         self.undo.clear()
         self.committed = False
         return self
 
     def restore(self) -> None:
         """Put the buffers back and undo what was registered since entry."""
+        for live, copy in zip(self.live, self.copy, strict=True):
+            if live.shape != copy.shape:  # resized since __enter__: a QAT observer's first batch
+                live.resize_(copy.shape)
         if self.live:
             torch._foreach_copy_(self.live, self.copy)
         while self.undo:
@@ -54,6 +60,21 @@ class BatchGuard:
     def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
         if kind is not None and not self.committed:
             self.restore()
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Set eval mode; torch.ao observers (they observe in eval mode too) stop; all put back."""
+    observers = [m for m in model.modules() if hasattr(m, "calculate_qparams")]  # torchao's too
+    saved = [(b, b.clone()) for m in observers for b in m.buffers(recurse=False)]
+    try:
+        for module in observers:  # fake-quant (prepare_qat) stops; bare (prepare) gets buffers back
+            getattr(module, "disable_observer", lambda: None)()
+        with mode(model, False):
+            yield
+    finally:
+        for live, copy in saved:  # a per-channel observer's first batch resizes its buffers
+            live.resize_(copy.shape).copy_(copy)
 
 
 def capture_rng() -> dict[str, Any]:

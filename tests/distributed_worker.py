@@ -114,6 +114,23 @@ def node_local_case(out: Path, model: nn.Module) -> dict[str, Any]:
     return {"local_size": size, "missing_on_one": missing, "stale_on_one": stale, "kept": kept}
 
 
+class Named(torch.utils.data.Dataset):
+    """Samples whose target is a file name: (value, "n{index}")."""
+
+    def __len__(self) -> int:
+        return 11
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        return torch.full((4,), float(index)), f"n{index}"
+
+
+def names_case(model: nn.Module) -> dict[str, Any]:
+    """Predict with names as targets, gathered in data set order on every rank."""
+    loader = DataLoader(Named(), batch_size=2, sampler=ft.ShardSampler(Named()))
+    preds = ft.predict(nn.Identity(), loader, "cpu", gather="all")
+    return {"named": (preds.outputs[:, 0].tolist(), preds.targets)}
+
+
 def items_case() -> dict[str, Any]:
     """Train a DDP token model with a (sum, count) loss, ranks holding unequal token counts."""
     model = nn.parallel.DistributedDataParallel(TokenModel())
@@ -173,6 +190,7 @@ def main(out: Path) -> None:
         **node_local_case(out, model),
         **desync_cases(),
         **items_case(),
+        **names_case(model),
     }
     torch.save(results, out / f"rank{rank}.pt")
     dist.barrier()  # no rank tears the group down while another still uses it

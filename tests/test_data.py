@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fntrain as ft
-from fntrain.data import as_device, to_device
+from fntrain.data import as_device, concat, to_device
 from tests import strategies as s
 from tests.helpers import assert_bit_identical, mlp, snapshot
 
@@ -152,3 +152,29 @@ def test_cuda_tensors_give_cuda_batches() -> None:
     x, y = _data(20, 0)
     on_gpu = ft.TensorLoader(x.cuda(), y.cuda(), batch_size=8, shuffle=True)
     assert all(t.is_cuda for batch in on_gpu for t in batch)
+
+
+@FAST
+@given(
+    sizes=st.lists(st.integers(1, 5), min_size=1, max_size=6), kind=st.sampled_from([list, tuple])
+)
+def test_concat_joins_per_batch_lists_of_names_into_one_list(sizes: list[int], kind: type) -> None:
+    """Per-batch lists or tuples of str/int ids (file names) become one list in loader order."""
+    names = [f"img{i}.png" for i in range(sum(sizes))]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    parts = [kind(names[start : start + n]) for start, n in zip(starts, sizes, strict=True)]
+    assert concat(parts) == names
+    assert concat(
+        [kind(range(start, start + n)) for start, n in zip(starts, sizes, strict=True)]
+    ) == list(range(sum(sizes)))
+    nested = concat([(torch.zeros(len(part)), part) for part in parts])  # default_collate's shape
+    assert isinstance(nested, tuple) and nested[0].shape == (sum(sizes),) and nested[1] == names
+
+
+def test_concat_of_tensors_of_other_lengths_names_predict_and_padding() -> None:
+    """Outputs of (4, 7) then (4, 9) get an error naming predict, padding and forward=."""
+    message = r"predict.*\(4, 7\) in batch 0 but \(4, 9\) in batch 1.*pad.*forward="
+    with pytest.raises(ValueError, match=message):
+        concat([torch.zeros(4, 7), torch.zeros(4, 9)])
+    with pytest.raises(ValueError, match=r"\(2, 3, 5\) in batch 2"):
+        concat([{"x": torch.zeros(2, 3, 4)}] * 2 + [{"x": torch.zeros(2, 3, 5)}])

@@ -82,6 +82,14 @@ def test_a_per_item_loss_under_ddp_averages_over_every_ranks_items(ranks: Any) -
             torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
 
 
+def test_predict_gathers_names_with_their_outputs_in_data_set_order(ranks: Any) -> None:
+    """Targets that are lists of names (default_collate's strings) are gathered in the same
+    data set order as the outputs, on every rank."""
+    _, results = ranks
+    for result in results:
+        assert result["named"] == ([float(i) for i in range(11)], [f"n{i}" for i in range(11)])
+
+
 def test_every_rank_returns_the_same_record(ranks: Any) -> None:
     """Loss, metrics, samples, batches and steps agree across ranks (seconds are per rank)."""
     _, results = ranks

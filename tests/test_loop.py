@@ -1309,3 +1309,145 @@ def test_a_failing_metric_is_named_in_the_message(where: str) -> None:
     metric = ft.Metric(fail, ok[1]) if where == "state" else ft.Metric(ok[0], fail)
     with pytest.raises(ValueError, match=r"metrics\['f1'\].*bad shape"):
         ft.evaluate(nn.Linear(3, 2), _BATCHES, nn.CrossEntropyLoss(), CPU, metrics={"f1": metric})
+
+
+# --- issue 21: predict with ids as targets; quantization observers --------------------------
+
+
+class _Named(torch.utils.data.Dataset):
+    """Inputs with their file names, as an image folder data set gives them."""
+
+    def __init__(self, samples: int) -> None:
+        self.x = torch.randn(samples, 3, generator=torch.Generator().manual_seed(samples))
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        return self.x[i], f"img{i:03d}.png"
+
+
+@FAST
+@given(samples=st.integers(1, 30), batch_size=st.integers(1, 8), as_lists=st.booleans())
+def test_predict_keeps_file_names_with_the_outputs_in_loader_order(
+    samples: int, batch_size: int, as_lists: bool
+) -> None:
+    """Names per batch (default_collate's tuples, or lists) come back as one list in order."""
+    dataset, model = _Named(samples), nn.Linear(3, 2)
+    batches = DataLoader(dataset, batch_size=batch_size)
+    if as_lists:
+        batches = [(x, list(names)) for x, names in batches]
+    preds = ft.predict(model, batches, CPU)
+    assert preds.targets == [f"img{i:03d}.png" for i in range(samples)]
+    with torch.no_grad():
+        assert torch.equal(preds.outputs, model(dataset.x))
+
+
+def test_predict_on_outputs_of_other_lengths_suggests_padding_or_forward() -> None:
+    """Variable-length outputs across batches get an error naming predict, not torch.cat's."""
+    batches = [torch.zeros(4, 7), torch.zeros(4, 9)]
+    with pytest.raises(ValueError, match=r"predict.*\(4, 9\) in batch 1.*pad.*forward="):
+        ft.predict(nn.Identity(), batches, CPU)
+
+
+def _quantization_model(qat: bool = True, observed: bool = True) -> nn.Module:
+    """Return a small model prepared for quantization-aware training (or for calibration)."""
+    import warnings
+
+    from torch.ao import quantization
+
+    model = nn.Sequential(
+        quantization.QuantStub(), nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3),
+        quantization.DeQuantStub(),
+    )  # fmt: skip
+    qconfig = quantization.get_default_qat_qconfig if qat else quantization.get_default_qconfig
+    model.qconfig = qconfig("x86")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices
+        (quantization.prepare_qat if qat else quantization.prepare)(model.train(qat), inplace=True)
+    with torch.no_grad():
+        if observed:  # as after some training or calibration
+            model(torch.randn(16, 5))
+    return model
+
+
+def _observing(model: nn.Module) -> list[bool]:
+    """Return whether each fake-quant module of ``model`` observes."""
+    return [bool(m.observer_enabled[0]) for m in model.modules() if hasattr(m, "observer_enabled")]
+
+
+@pytest.mark.parametrize("qat", [True, False])
+def test_evaluate_and_predict_change_no_observer_of_a_quantization_model(qat: bool) -> None:
+    """Fake-quant (prepare_qat) and calibration (prepare) observers are left bit-identical."""
+    model = _quantization_model(qat)
+    batches = [(torch.randn(8, 5), torch.randint(0, 3, (8,))) for _ in range(3)]
+    before = snapshot(model)
+    ft.evaluate(model, batches, nn.CrossEntropyLoss(), CPU, metrics={"acc": ft.accuracy()})
+    ft.predict(model, batches, CPU)
+    assert_bit_identical(before, snapshot(model))
+
+
+def test_predict_on_a_qat_model_uses_its_quantization_as_it_is() -> None:
+    """The fake-quant scales do not move between batches: the same input, the same output."""
+    import copy
+
+    model, x = _quantization_model(), torch.randn(8, 5)
+    frozen = copy.deepcopy(model).eval().apply(torch.ao.quantization.disable_observer)
+    outputs = ft.predict(model, [x * 10, x], CPU).outputs  # the first would widen the ranges
+    with torch.no_grad():
+        assert torch.equal(outputs[8:], frozen(x))
+
+
+def test_observers_the_user_disabled_stay_disabled_and_an_error_re_enables_the_rest() -> None:
+    """Exactly the observers that observed before observe again, also after an exception."""
+    model = _quantization_model()
+    model[1].weight_fake_quant.disable_observer()
+    flags = _observing(model)
+    assert flags.count(False) == 1
+    ft.predict(model, [torch.randn(4, 5)], CPU)
+    assert _observing(model) == flags
+
+    def fail(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("loss failed")
+
+    with pytest.raises(RuntimeError, match="loss failed"):
+        ft.evaluate(model, [(torch.randn(4, 5), torch.zeros(4).long())], fail, CPU)
+    assert _observing(model) == flags
+
+
+def test_a_fresh_per_channel_observer_gets_its_empty_statistics_back() -> None:
+    """An observer that resizes its buffers on its first batch is put back to its first shape."""
+    import warnings
+
+    from torch.ao import quantization
+
+    model = nn.Sequential(quantization.QuantStub(), nn.Linear(5, 3), quantization.DeQuantStub())
+    per_channel = quantization.PerChannelMinMaxObserver.with_args(ch_axis=1)
+    weight = quantization.default_weight_observer
+    model.qconfig = quantization.QConfig(activation=per_channel, weight=weight)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices
+        quantization.prepare(model.eval(), inplace=True)
+    before = snapshot(model)
+    ft.evaluate(model, [(torch.randn(4, 5), torch.zeros(4).long())], nn.CrossEntropyLoss(), CPU)
+    assert_bit_identical(before, snapshot(model))
+    assert model[0].activation_post_process.min_val.shape == (0,)
+
+
+@pytest.mark.parametrize(
+    "observed",
+    [True, False],
+)  # fmt: skip
+def test_train_epoch_on_a_qat_model_equals_the_hand_written_loop(observed: bool) -> None:
+    """A prepare_qat model trains as the tutorial loop trains it, also fresh: a per-channel
+    fake-quant resizes its buffers on its first batch, and the batch guard follows."""
+    batches = [(torch.randn(8, 5), torch.randint(0, 3, (8,))) for _ in range(3)]
+    results = []
+    for run in ("hand", "fntrain"):
+        torch.manual_seed(0)
+        model = _quantization_model(observed=observed)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        train = hand_train_epoch if run == "hand" else ft.train_epoch
+        train(model, batches, nn.CrossEntropyLoss(), opt, CPU)
+        results.append(snapshot(model))
+    assert_bit_identical(*results)

@@ -398,3 +398,50 @@ def test_top_k_accuracy_needs_several_classes() -> None:
     """top_k_accuracy on one logit column says it needs class scores."""
     with pytest.raises(ValueError, match=r"top_k_accuracy.*one output column"):
         ft.top_k_accuracy(1).state(torch.randn(4, 1), torch.zeros(4, 1))
+
+
+@settings(max_examples=15, deadline=None)
+@given(samples=s.sample_counts, batch=st.integers(1, 16), seed=s.seeds)
+def test_a_metric_state_may_be_a_list(samples: int, batch: int, seed: int) -> None:
+    """A state returned as a list of parts is summed as the same parts in a tuple are."""
+
+    def metric(kind: type) -> ft.Metric:
+        return ft.Metric(
+            state=lambda out, y: kind(((out.argmax(1) == y).sum(), y.numel())),
+            compute=lambda total: float(total[0]) / float(total[1]),
+        )
+
+    data, model = make_data(samples, 4, 3, seed), nn.Linear(4, 3)
+    runs = [{"m": metric(kind), "acc": ft.accuracy()} for kind in (list, tuple)]
+    values = [
+        ft.evaluate(model, loader(data, batch), nn.CrossEntropyLoss(), "cpu", metrics=m).metrics
+        for m in runs
+    ]
+    assert values[0] == values[1] and values[0]["m"] == pytest.approx(values[0]["acc"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"threshold": float("nan")}, r"'threshold' must be a finite number, but got nan"),
+        ({"threshold": float("inf")}, r"'threshold' must be a finite number, but got inf"),
+        ({"threshold": "0.5"}, r"'threshold' must be a finite number, but got '0.5'"),
+        ({"threshold": None}, r"'threshold' must be a finite number, but got None"),
+        ({"threshold": True}, r"'threshold' must be a finite number, but got True"),
+        ({"ignore_index": -100.0}, r"'ignore_index' must be an int or None, but got -100.0"),
+        ({"ignore_index": "-100"}, r"'ignore_index' must be an int or None, but got '-100'"),
+        ({"ignore_index": True}, r"'ignore_index' must be an int or None, but got True"),
+    ],
+)
+def test_bad_accuracy_arguments_are_refused_at_construction(kwargs: dict, message: str) -> None:
+    """accuracy() refuses a non-finite or non-numeric threshold and a non-int ignore_index."""
+    with pytest.raises((TypeError, ValueError), match=message):
+        ft.accuracy(**kwargs)
+
+
+def test_accuracy_with_ignore_index_averages_over_the_items_not_the_samples() -> None:
+    """With ignore_index, each non-ignored target (token) counts once, however many a sample has."""
+    outputs = torch.tensor([[[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]], [[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]]])
+    targets = torch.tensor([[0, 0, 0], [0, -100, -100]])  # 3 right tokens; 1 wrong, 2 ignored
+    assert _value(ft.accuracy(ignore_index=-100), outputs, targets) == 0.75  # not (1 + 0) / 2
+    assert "per item" in ft.accuracy.__doc__

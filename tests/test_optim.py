@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn.utils import parametrizations, parametrize
 
 import fntrain as ft
 
@@ -101,8 +104,74 @@ def test_the_groups_feed_an_optimizer_with_the_right_decay() -> None:
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.3, 0.0]
 
 
-@pytest.mark.parametrize("decay", [-0.1, "0.1", True])
+@pytest.mark.parametrize("decay", [-0.1, "0.1", True, math.nan, math.inf, -math.inf])
 def test_bad_weight_decay_is_named(decay: object) -> None:
-    """A negative or non-numeric weight_decay names the argument."""
+    """A negative, non-finite or non-numeric weight_decay names the argument."""
     with pytest.raises((TypeError, ValueError), match="'weight_decay' must be"):
         ft.param_groups(nn.Linear(2, 2), decay)  # type: ignore[arg-type]
+
+
+PARAMETRIZE = {
+    "weight_norm": lambda m: parametrizations.weight_norm(m),
+    "weight_norm_scalar_g": lambda m: parametrizations.weight_norm(m, dim=None),
+    "orthogonal": lambda m: parametrizations.orthogonal(m),
+    "spectral_norm": lambda m: parametrizations.spectral_norm(m),
+}
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    layers=st.lists(
+        st.tuples(
+            st.sampled_from(["linear", "conv", "layernorm"]), st.sampled_from(sorted(PARAMETRIZE))
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_a_parametrized_weight_decays_as_the_owning_layer_decides(
+    layers: list[tuple[str, str]],
+) -> None:
+    """weight_norm/orthogonal/spectral_norm: a weight layer's >=2-D originals decay, others not."""
+    model = nn.ModuleList()
+    for name, how in layers:
+        layer = LAYERS[name]()
+        model.append(PARAMETRIZE[how](layer) if name != "layernorm" else layer)
+    expected = {
+        id(p)
+        for (name, _), layer in zip(layers, model, strict=True)
+        if name != "layernorm"
+        for p in layer.parametrizations.weight.parameters()
+        if p.dim() >= 2
+    }
+    groups = {g["weight_decay"]: _ids(g["params"]) for g in ft.param_groups(model, 0.05)}
+    assert expected or {name for name, _ in layers} == {"layernorm"}  # each has a 2-D one
+    assert groups.get(0.05, set()) == expected
+    assert groups.get(0.0, set()) == {id(p) for p in model.parameters()} - expected
+
+
+def test_weight_norm_decays_as_the_older_weight_norm_does() -> None:
+    """The parametrization's g (out, 1) and v decay like nn.utils.weight_norm's weight_g/_v."""
+    with pytest.warns(FutureWarning):
+        older = nn.utils.weight_norm(nn.Conv1d(4, 6, 3))
+    newer = parametrizations.weight_norm(nn.Conv1d(4, 6, 3))
+    decayed = [ft.param_groups(m, 0.1)[0] for m in (older, newer)]
+    assert [sorted(p.shape for p in d["params"]) for d in decayed] == [
+        sorted([(6, 1, 1), (6, 4, 3)])
+    ] * 2
+    assert [d["weight_decay"] for d in decayed] == [0.1, 0.1]
+
+
+def test_a_parametrized_norm_weight_or_bias_gets_no_decay() -> None:
+    """A parametrization on a LayerNorm weight or on a Linear's bias leaves it undecayed."""
+    norm, linear = nn.LayerNorm(4), nn.Linear(4, 4)
+    parametrize.register_parametrization(norm, "weight", _Square())
+    parametrize.register_parametrization(linear, "bias", _Square())
+    groups = ft.param_groups(nn.ModuleList([norm, linear]), 0.1)
+    assert [(g["weight_decay"], len(g["params"])) for g in groups] == [(0.1, 1), (0.0, 3)]
+    assert _ids(groups[0]["params"]) == {id(linear.weight)}
+
+
+class _Square(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * x
