@@ -243,8 +243,9 @@ def train_epoch(
                     outputs, targets, samples = _run(model, forward, batch, index, resolved)
                     if not samples and sharded.in_lockstep(model):  # the others would step
                         raise ValueError(f"batch {index} is empty on this rank; {_ALL_RUN}")
-                    if not samples:
-                        continue  # an empty batch: no forward, no step
+                    if not samples:  # an empty batch: no step, buffers as before
+                        guard.restore()  # (forward= ran the model on it)
+                        continue
                     loss, total, items = _loss(loss_fn(outputs, targets), samples, index)
                 stepper.check_loss(loss, index)
                 value = (loss if total is None else total).item()  # the one host sync per batch

@@ -30,9 +30,7 @@ class BatchGuard:
     """Puts a batch's buffers back and runs ``undo`` if it fails before its step (private)."""
 
     def __init__(self, model: nn.Module) -> None:
-        state = model.state_dict(keep_vars=True).values()
-        unique = {id(t): t for t in state if isinstance(t, torch.Tensor)}
-        self.live = [t for t in unique.values() if not isinstance(t, nn.Parameter)]
+        self.live = list(model.buffers())  # persistent or not, each once
         self.copy = [buffer.detach().clone() for buffer in self.live]
         self.undo: list[Callable[[], object]] = []
         self.committed = False

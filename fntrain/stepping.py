@@ -194,8 +194,8 @@ class Stepper:
                 raise NonFiniteLossError(batch_index, norm, "gradient norm")
             self.skipped_steps += 1
             return None
-        probe, lr = self.probe, float(self.optimizer.param_groups[0]["lr"])
-        version = probe._version if probe is not None else 0  # bumped by in-place updates
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        version = sum(p._version for p in self.params)  # in-place updates bump these
         try:
             if scaler is None:
                 self.optimizer.step()
@@ -208,8 +208,9 @@ class Stepper:
             guard.committed = True
             if taken and self.options.scheduler is not None:
                 self.options.scheduler.step()
-        except Exception as error:
-            guard.committed = guard.committed or (probe is not None and probe._version != version)
+        except BaseException as error:  # Ctrl-C too: judged by the parameters, any of them
+            changed = sum(p._version for p in self.params) != version
+            guard.committed = guard.committed or changed
             if guard.committed:
                 raise reword(error, suffix=f" (raised after optimizer.step() of batch "
                              f"{batch_index}: that batch's update of the weights, buffers and "

@@ -1451,3 +1451,85 @@ def test_train_epoch_on_a_qat_model_equals_the_hand_written_loop(observed: bool)
         train(model, batches, nn.CrossEntropyLoss(), opt, CPU)
         results.append(snapshot(model))
     assert_bit_identical(*results)
+
+
+# Edges, third pass (issue 21): every exception, every parameter, every buffer.
+
+
+def _bn_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+
+
+@pytest.mark.parametrize("kind", [KeyboardInterrupt, SystemExit, GeneratorExit])
+def test_ctrl_c_after_the_weights_changed_keeps_that_batchs_buffers(kind: type) -> None:
+    """A KeyboardInterrupt (SystemExit, GeneratorExit) from an optimizer post-hook leaves the
+    batch applied whole: its BatchNorm statistics stay with its stepped weights."""
+    model = _bn_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt.register_step_post_hook(lambda *_: (_ for _ in ()).throw(kind()))
+    hand = _bn_model()
+    hand.train()
+    hand_opt = torch.optim.SGD(hand.parameters(), lr=0.1)
+    nn.CrossEntropyLoss()(hand(_BATCHES[0][0]), _BATCHES[0][1]).backward()
+    hand_opt.step()
+    with pytest.raises(kind):
+        ft.train_epoch(model, _BATCHES, nn.CrossEntropyLoss(), opt, CPU)
+    assert_bit_identical(snapshot(hand, grads=False), snapshot(model, grads=False))
+
+
+def test_a_step_that_did_not_touch_the_first_parameter_is_still_judged_applied() -> None:
+    """Whether the step applied is told from every parameter: a multi-head model whose later
+    batch leaves the first head alone, failing after its step, keeps its buffers and says so."""
+
+    class Heads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.norm = nn.Linear(3, 2), nn.Linear(3, 2), nn.BatchNorm1d(3)
+
+        def forward(self, x: tuple[torch.Tensor, int]) -> torch.Tensor:
+            return (self.a if x[1] == 0 else self.b)(self.norm(x[0]))
+
+    torch.manual_seed(0)
+    model = Heads()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # plain SGD: only grads change weights
+    calls = []
+    opt.register_step_post_hook(lambda *_: calls.append(1) if len(calls) < 1 else 1 / 0)
+    batches = [((torch.randn(4, 3), head), torch.randint(0, 2, (4,))) for head in (0, 1)]
+    with pytest.raises(ZeroDivisionError) as caught:
+        ft.train_epoch(model, batches, nn.CrossEntropyLoss(), opt, CPU)
+    assert "stays applied" in str(caught.value)
+    assert int(model.norm.num_batches_tracked) == 2
+
+
+def test_non_persistent_buffers_are_put_back_when_a_batch_fails() -> None:
+    """A buffer registered with persistent=False (not in state_dict) is restored too."""
+
+    class Counting(nn.Linear):
+        def __init__(self) -> None:
+            super().__init__(3, 2)
+            self.register_buffer("seen", torch.zeros(()), persistent=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.seen += 1
+            return super().forward(x)
+
+    model = Counting()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    bad = [_BATCHES[0], (torch.full((4, 3), float("nan")), _BATCHES[0][1])]
+    with pytest.raises(ft.NonFiniteLossError):
+        ft.train_epoch(model, bad, nn.CrossEntropyLoss(), opt, CPU)
+    assert float(model.seen) == 1
+
+
+def test_an_empty_batch_through_forward_leaves_the_buffers_as_they_were() -> None:
+    """With forward=, an empty batch's model call is undone: BatchNorm's num_batches_tracked
+    and (momentum=None) running statistics stay as they were."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=None))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    empty = (torch.randn(4, 3), torch.zeros(0, dtype=torch.long))  # the model runs on the inputs
+    forward = lambda m, b: (m(b[0]), b[1])  # noqa: E731
+    before = snapshot(model, grads=False)
+    with pytest.raises(ValueError, match="no batches"):
+        ft.train_epoch(model, [empty, empty], nn.CrossEntropyLoss(), opt, CPU, forward=forward)
+    assert_bit_identical(before, snapshot(model, grads=False))
