@@ -205,8 +205,8 @@ def _digest(payload: dict[str, Any]) -> int:
     seen: list[Any] = []
 
     def walk(value: Any) -> None:
-        if isinstance(value, torch.Tensor):
-            raw = value.detach().reshape(-1).view(torch.uint8)
+        if isinstance(value, torch.Tensor) and value.layout == torch.strided and not value.is_meta:
+            raw = value.detach().resolve_conj().resolve_neg().ravel().view(torch.uint8)  # views too
             whole = raw.numel() // 8 * 8 if raw.storage_offset() % 8 == 0 else 0
             total = int(raw[:whole].view(torch.int64).sum()) if whole else 0  # wraps: fine
             total += int(raw[whole:].sum(dtype=torch.int64)) if whole < raw.numel() else 0

@@ -1161,3 +1161,23 @@ def test_a_map_location_function_that_raises_is_blamed_not_the_file(tmp_path: Pa
     with pytest.raises(KeyError, match="'map_location' raised") as caught:
         ft.load_checkpoint(tmp_path / "c.pt", nn.Linear(2, 2), map_location=broken)
     assert "not a loadable checkpoint" not in str(caught.value)
+
+
+def test_strided_conjugate_and_negative_bit_tensors_save_and_load_back(tmp_path: Path) -> None:
+    """Tensors torch.save takes (a strided view, a column view buffer, conj, neg bit) round-trip."""
+    model = nn.Linear(2, 3)
+    model.register_buffer("column", torch.arange(6.0).reshape(3, 2)[:, 1])
+    extra = {
+        "strided": torch.arange(9.0)[::3],
+        "conj": torch.tensor([1 + 2j, 3 - 1j]).conj(),
+        "neg": torch._neg_view(torch.tensor([1.0, 2.0])),
+        "expanded": torch.ones(1).expand(4),
+    }
+    torch.save({"model": model.state_dict(), "extra": extra}, tmp_path / "plain.pt")
+    ft.save_checkpoint(tmp_path / "c.pt", model, epoch=0, extra=extra)
+    fresh = nn.Linear(2, 3)
+    fresh.register_buffer("column", torch.zeros(3))
+    loaded = ft.load_checkpoint(tmp_path / "c.pt", fresh)
+    assert_bit_identical(snapshot(model, grads=False), snapshot(fresh, grads=False))
+    assert loaded.extra.keys() == extra.keys()
+    assert all(torch.equal(loaded.extra[key], value) for key, value in extra.items())
