@@ -36,6 +36,7 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device, torch.Tensor, nn.Parameter)
 _LABELS = {"metrics": "'metrics'", "extra": "'extra'", "rng": "the RNG state"}
 _STATES = ("optimizer", "scheduler", "scaler")
+_MARKS = {"torch_version", "digest", *(f"{name}_class" for name in _STATES)}  # fntrain's only
 _NOT_EXACT = "so resuming will not be bit-exact"
 _LOOP_KEYS = {  # where hand-written loops' checkpoint dicts keep each state
     "model": ("model", "state_dict", "model_state_dict", "net"),
@@ -436,7 +437,8 @@ def _from_loop(saved: dict[Any, Any]) -> dict[str, Any] | None:
 
 def _normalise(payload: Any, target: Path) -> dict[str, Any]:
     """Return a checked fntrain payload; a bare state_dict or a loop's dict becomes one."""
-    if not (isinstance(payload, dict) and payload.get("format") == FORMAT):
+    keyed = isinstance(payload, dict) and len(_MARKS & payload.keys()) >= len(_MARKS) - 1
+    if not (keyed or (isinstance(payload, dict) and payload.get("format") == FORMAT)):
         if isinstance(payload, dict) and payload and _state_dict_problem(payload) is None:
             return {"model": payload}
         if isinstance(payload, dict) and (from_loop := _from_loop(payload)) is not None:
@@ -461,7 +463,7 @@ def _normalise(payload: Any, target: Path) -> dict[str, Any]:
             problem = f"its {name!r} entry must be a {kind.__name__}, but is a {type_name(value)}"
     if problem is not None:
         raise CheckpointError(f"{str(target)!r} is a malformed fntrain checkpoint: {problem}")
-    if "digest" in payload and payload["digest"] != _digest(payload):
+    if "digest" in payload and payload["digest"] != _digest(payload):  # a flipped "format" too
         raise CheckpointError(
             f"{str(target)!r} is corrupt: its contents do not match the checksum written with "
             f"them (a changed byte on disk or in transfer); nothing was loaded, use another copy"

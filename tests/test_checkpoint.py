@@ -1181,3 +1181,28 @@ def test_strided_conjugate_and_negative_bit_tensors_save_and_load_back(tmp_path:
     assert_bit_identical(snapshot(model, grads=False), snapshot(fresh, grads=False))
     assert loaded.extra.keys() == extra.keys()
     assert all(torch.equal(loaded.extra[key], value) for key, value in extra.items())
+
+
+def test_single_bit_flips_in_the_format_marker_are_detected_or_harmless(tmp_path: Path) -> None:
+    """Any one bit of the "format" key or value flipped: a CheckpointError naming the file,
+    or a load equal to the original, never a foreign loop dict loaded without its checksum."""
+    source, path, flipped = nn.Linear(3, 2), tmp_path / "c.pt", tmp_path / "flipped.pt"
+    ft.save_checkpoint(path, source, _adam(source.parameters()), epoch=3, step=5,
+                       metrics={"a": 0.5}, extra={"n": 7})  # fmt: skip
+    data = path.read_bytes()
+    value = data.index(b"fntrain.checkpoint")
+    start, end = data.index(b"format") - 5, value + len(b"fntrain.checkpoint")  # with opcodes
+    assert start < value < end < start + 60  # the key and its value, in data.pkl
+    for position, bit in itertools.product(range(start, end), range(8)):
+        corrupt = bytearray(data)
+        corrupt[position] ^= 1 << bit
+        flipped.write_bytes(bytes(corrupt))
+        model = nn.Linear(3, 2)
+        try:
+            loaded = ft.load_checkpoint(flipped, model, _adam(model.parameters()))
+        except ft.CheckpointError as error:
+            assert str(flipped) in str(error), (position, bit, error)
+            continue
+        stored = (loaded.epoch, loaded.step, dict(loaded.metrics), dict(loaded.extra))
+        assert stored == (3, 5, {"a": 0.5}, {"n": 7}), (position, bit)
+        assert_bit_identical(snapshot(source, grads=False), snapshot(model, grads=False))
