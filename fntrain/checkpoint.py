@@ -651,22 +651,22 @@ def load_checkpoint(
     unfit = f"{str(target)!r} does not fit what was given; nothing was loaded:"
     if problems:
         raise CheckpointError("\n  ".join([unfit, *problems]))
-    undo: list[Callable[[], object]] = []  # load every state, the model last; on failure undo
+    undo: dict[str, Callable[[], object]] = {}  # load every state, the model last; or undo all
     try:
         restore = optimizer is not None if restore_rng is None else restore_rng
         state, notes = _rng_state(payload) if restore else (None, [])
         if state is not None:
             before = _capture_rng()
-            undo.append(lambda: _restore_rng(before))
+            undo["the RNG states"] = lambda: _restore_rng(before)
             notes = _restore_rng(state)
         for name, obj in given.items():
             kept = copy.deepcopy(obj.state_dict()) if name != "optimizer" else obj.state_dict()
-            undo.append(lambda obj=obj, kept=kept: obj.load_state_dict(kept))
+            undo[f"'{name}'"] = lambda obj=obj, kept=kept: obj.load_state_dict(kept)
             obj.load_state_dict(payload[name])
         if _custom_loading(plain):  # code that may fail after earlier keys were copied
             kept = {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
                     for k, v in plain.state_dict().items()}  # fmt: skip
-            undo.append(lambda: plain.load_state_dict(kept, strict=False))
+            undo["'model'"] = lambda: plain.load_state_dict(kept, strict=False)
         if not sharded.is_sharded(plain) or any(map(sharded.is_dtensor, model_state.values())):
             keys = plain.load_state_dict(model_state, strict=strict)
         else:  # full tensors into a sharded model: sharded first
@@ -675,8 +675,14 @@ def load_checkpoint(
             options = dsd.StateDictOptions(full_state_dict=True, strict=strict)
             keys = dsd.set_model_state_dict(plain, dict(model_state), options=options)  # a copy
     except Exception as error:
-        for put_back in reversed(undo):
-            put_back()
+        failed = []  # an undo that fails does not stop the others
+        for what, put_back in reversed(undo.items()):
+            try:
+                put_back()
+            except Exception as undo_error:
+                failed.append(f"{what} ({_first_line(undo_error)})")
+        if failed:  # the rest was put back
+            unfit = unfit.replace("nothing was loaded", f"could not put back {', '.join(failed)}")
         raise CheckpointError(f"{unfit} {_first_line(error)}") from error
     for note in notes:
         warnings.warn(note, RuntimeWarning, stacklevel=2)

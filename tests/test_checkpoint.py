@@ -1206,3 +1206,48 @@ def test_single_bit_flips_in_the_format_marker_are_detected_or_harmless(tmp_path
         stored = (loaded.epoch, loaded.step, dict(loaded.metrics), dict(loaded.extra))
         assert stored == (3, 5, {"a": 0.5}, {"n": 7}), (position, bit)
         assert_bit_identical(snapshot(source, grads=False), snapshot(model, grads=False))
+
+
+class _Stubborn(nn.Module):
+    """A layer whose extra state refuses every value, also its own on the way back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+
+    def get_extra_state(self) -> int:
+        return 0
+
+    def set_extra_state(self, state: int) -> None:
+        raise ValueError(f"refuses the state {state!r}")
+
+
+def test_an_undo_that_fails_does_not_stop_the_others_and_is_named(tmp_path: Path) -> None:
+    """If putting the model back fails, the optimizer, scheduler and RNG are put back anyway."""
+
+    def trained(seed: int) -> tuple[nn.Module, torch.optim.Optimizer, object]:
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(2, 2), _Stubborn())
+        optimizer = _adam(model.parameters())
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+        for _ in range(seed + 1):
+            model[1].linear(model[0](torch.randn(4, 2))).sum().backward()
+            optimizer.step()
+            scheduler.step()
+        return model, optimizer, scheduler
+
+    source, optimizer, scheduler = trained(0)
+    ft.save_checkpoint(tmp_path / "c.pt", source, optimizer, scheduler=scheduler, epoch=1)
+    model, opt, sched = trained(2)
+    optimizer_before, scheduler_before = copy.deepcopy(opt), copy.deepcopy(sched.state_dict())
+    torch.manual_seed(123)
+    rng_before = _rng_states()
+    with pytest.raises(ft.CheckpointError) as caught:
+        ft.load_checkpoint(tmp_path / "c.pt", model, opt, scheduler=sched, restore_rng=True)
+    message = str(caught.value)
+    assert str(tmp_path / "c.pt") in message and "refuses the state" in message
+    assert "could not put back 'model'" in message and "nothing was loaded" not in message
+    assert _same_state(opt, optimizer_before) and sched.state_dict() == scheduler_before
+    python, numpy, torch_rng = rng_before
+    assert random.getstate() == python and torch.equal(torch.get_rng_state(), torch_rng)
+    assert np.array_equal(np.random.get_state()[1], numpy[1])
