@@ -128,14 +128,16 @@ def _restore_rng(state: Any) -> list[str]:
 
 def write_atomically(target: Path, write: Callable[[BinaryIO], None]) -> int:
     """Run ``write`` on a locked temp file, fsync it, rename it over ``target``; return its size."""
-    started = time.time()
-    temp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
+    started, room = time.time(), 255 - 22  # a name's bytes, less the 22 the temp name adds
+    with contextlib.suppress(AttributeError, OSError, ValueError):  # no os.pathconf on Windows
+        room = os.pathconf(target.parent, "PC_NAME_MAX") - 22  # -23: no limit
+    stem = os.fsencode(target.name)[: room if room > 0 else None].decode(errors="ignore")
+    temp = target.with_name(f".{stem}.{secrets.token_hex(8)}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     try:
         with os.fdopen(os.open(temp, flags, 0o666), "wb") as handle:  # the umask applies
-            if fcntl is not None:
-                with contextlib.suppress(OSError):
-                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # released when the writer dies
+            with contextlib.suppress(AttributeError, OSError):  # fcntl is None on Windows
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # released when the writer dies
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
@@ -156,10 +158,9 @@ def write_atomically(target: Path, write: Callable[[BinaryIO], None]) -> int:
             raise OSError(errno.ENOSPC, why) from error
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable
-        folder = os.open(target.parent, os.O_RDONLY)
-        os.fsync(folder)
+        os.fsync(folder := os.open(target.parent, os.O_RDONLY))
         os.close(folder)
-    names = re.compile(rf"\.{re.escape(target.name)}\.[0-9a-f]{{16}}\.tmp")
+    names = re.compile(rf"\.{re.escape(stem)}\.[0-9a-f]{{16}}\.tmp")
     with contextlib.suppress(OSError):  # what killed saves of target left: older, unlocked
         for orphan in [e.path for e in os.scandir(target.parent) if names.fullmatch(e.name)]:
             with contextlib.suppress(OSError), open(orphan, "rb") as probe:

@@ -1251,3 +1251,23 @@ def test_an_undo_that_fails_does_not_stop_the_others_and_is_named(tmp_path: Path
     python, numpy, torch_rng = rng_before
     assert random.getstate() == python and torch.equal(torch.get_rng_state(), torch_rng)
     assert np.array_equal(np.random.get_state()[1], numpy[1])
+
+
+def test_a_file_name_of_255_bytes_saves_and_its_orphans_are_swept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A legal 255-byte name saves and loads; its temp name fits, and old ones are removed."""
+    target = tmp_path / ("é" * 126 + ".pt")  # 255 bytes in UTF-8, the usual limit
+    assert len(os.fsencode(target.name)) == 255
+    torch.save({}, target)  # a name the file system takes
+    temps: list[str] = []
+    replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (temps.append(Path(a).name), replace(a, b)))
+    ft.save_checkpoint(target, nn.Linear(2, 2), epoch=4)
+    assert ft.load_checkpoint(target, nn.Linear(2, 2)).epoch == 4
+    assert len(os.fsencode(temps[0])) <= 255 and temps[0].startswith(".éé")
+    orphan = tmp_path / temps[0]  # what a save killed before its rename leaves
+    orphan.write_bytes(b"x")
+    os.utime(orphan, (time.time() - 3600, time.time() - 3600))
+    ft.save_checkpoint(target, nn.Linear(2, 2), epoch=5)
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
