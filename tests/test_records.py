@@ -99,3 +99,28 @@ def test_a_history_of_results_can_be_saved_and_sent_to_another_process(tmp_path:
     ]  # fmt: skip
     (tmp_path / "history.pkl").write_bytes(pickle.dumps(history))
     assert pickle.loads((tmp_path / "history.pkl").read_bytes()) == history
+
+
+_WITH_NAN = st.floats(width=32) | st.just(float("nan"))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    metrics=st.dictionaries(st.text(min_size=1, max_size=5), _WITH_NAN, min_size=1, max_size=4),
+    samples=st.integers(1, 6),
+)
+def test_records_with_nan_equal_themselves_their_pickle_and_copies(
+    metrics: dict[str, float], samples: int
+) -> None:
+    """A NaN loss, metric or output compares equal to NaN: a record equals its round trips."""
+    nan = float("nan")
+    outputs = torch.tensor([[nan, 1.0]] * samples)
+    records = [*_records(metrics, nan, samples), ft.Predictions(outputs, [nan], samples)]
+    for record in records:
+        for clone in (record, pickle.loads(pickle.dumps(record)), copy.copy(record),
+                      copy.deepcopy(record)):  # fmt: skip
+            assert clone == record and not clone != record  # noqa: SIM202 (__ne__ too)
+            assert hash(clone) == hash(record)
+    moved = ft.Predictions(outputs.flip(1), None, samples)
+    assert ft.Predictions(outputs, None, samples) != moved  # NaN at other places: unequal
+    assert ft.EvalResult(nan, {}, 1, 1, 0.1) != ft.EvalResult(0.5, {}, 1, 1, 0.1)
