@@ -22,7 +22,7 @@ from fntrain.records import (
     TrainResult,
 )
 
-__version__ = "0.5.1"
+__version__ = "0.6.0"
 
 __all__ = [
     "Checkpoint",
