@@ -294,9 +294,6 @@ class _Skipping:
     def __init__(self, inner: Any, skip: int) -> None:
         self.inner, self.skip, self.items = inner, skip, None
 
-    def __len__(self) -> int:
-        return max(len(self.inner) - self.skip, 0)
-
     def __iter__(self) -> _Skipping:
         return self
 
@@ -324,6 +321,7 @@ def _skipped(loader: Iterable[Any], skip: int) -> Iterator[Any]:
         finally:
             object.__setattr__(loader, name, inner)
         skipping.begin()
+        batches._index_sampler = inner  # persistent workers' next epochs: the whole sampler
         return batches
     batches = iter(loader)  # any other iterable: its batches are drawn and dropped
     collections.deque(itertools.islice(batches, skip), maxlen=0)

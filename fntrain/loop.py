@@ -194,7 +194,8 @@ def train_epoch(
         resume: a ``Checkpoint`` saved from ``on_step`` with ``step=step``: continue its pass
             after its last batch, in the same data order and RNG stream (skipped batches are
             not loaded from a DataLoader or TensorLoader; other iterables are drawn and
-            dropped); one from an epoch boundary is ignored.
+            dropped; random transforms in DataLoader workers and persistent workers' seeds
+            are not reproduced); one from an epoch boundary is ignored.
 
     Returns:
         A frozen ``TrainResult`` of what this call ran.
