@@ -56,6 +56,8 @@ def make_loader(kind: str, data: TensorDataset, batch: int) -> Iterable[Any]:
         return ft.TensorLoader(*data.tensors, batch_size=batch, shuffle=True, generator=seeded)
     if kind == "stateful":
         return StatefulDataLoader(data, batch_size=batch, shuffle=True)
+    if kind == "workers":
+        return DataLoader(data, batch_size=batch, shuffle=True, num_workers=2)
     return [data[i : i + batch] for i in range(0, len(data), batch)]  # "list": in order
 
 
@@ -143,6 +145,16 @@ def test_a_run_killed_at_any_step_resumes_bit_for_bit(
     for a, b in zip(whole, resumed, strict=True):
         assert torch.equal(a, b)
     assert results[0].steps == -(-8 // accumulate) - step - 1  # what this call ran
+
+
+def test_a_dataloader_with_workers_resumes_bit_for_bit(tmp_path: Path) -> None:
+    """num_workers=2: the order is drawn in the main process, so a resume is exact too."""
+    whole, _ = run("workers", 3, tmp_path / "w.pt", accumulate=2)
+    with pytest.raises(Killed):
+        run("workers", 3, tmp_path / "w.pt", kill=(1, 1), accumulate=2)
+    resumed, _ = run("workers", 3, tmp_path / "w.pt", accumulate=2, resume_run=True)
+    for a, b in zip(whole, resumed, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_a_resumed_pass_counts_what_it_ran_and_continues_the_step_index(tmp_path: Path) -> None:
