@@ -20,27 +20,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 import fntrain as ft
+from tests.checkpoint_worker import NoisyDigits
 from tests.helpers import make_data, mlp
 
 TOTAL, EVERY = 23, 5  # optimizer steps; a checkpoint every EVERY
-
-
-class Noisy(Dataset):
-    """Samples with noise from NumPy's and Python's RNGs, drawn in the main process."""
-
-    def __init__(self) -> None:
-        self.data = make_data(90, 5, 3, 0)
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs, target = self.data[index]
-        noise = torch.from_numpy(np.random.normal(size=inputs.shape).astype(np.float32))
-        return inputs + noise * 0.05 * random.random(), target
 
 
 def init_group() -> None:
@@ -71,7 +57,7 @@ def main(out: Path, path: Path, kill_at: int | None) -> None:
         model = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.AdamW(model.parameters(), lr=0.02)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 0.05, total_steps=TOTAL)
-    data = Noisy()
+    data = NoisyDigits()  # augmentation noise from NumPy and Python, in the main process
     sampler = DistributedSampler(data, shuffle=True, seed=3) if size > 1 else None
     train = DataLoader(data, batch_size=8, shuffle=sampler is None, sampler=sampler)
     val = DataLoader(make_data(30, 5, 3, 1), batch_size=10, sampler=ft.ShardSampler(range(30)))
