@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from fntrain import data, distributed, sharded
+from fntrain import data, distributed, sharded, sums
 from fntrain import metrics as metric_lib
 from fntrain.progress import Progress
 from fntrain.records import (
@@ -24,13 +25,17 @@ from fntrain.records import (
     reword,
 )
 from fntrain.restore import BatchGuard, evaluating, mode
-from fntrain.stepping import StepOptions, Stepper, warn_if_built_for_epochs
-from fntrain.sums import Tally
+from fntrain.stepping import StepOptions, Stepper, Window, warn_if_built_for_epochs
+from fntrain.stepping import amp as autocast_context
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 Forward = Callable[[nn.Module, Any], tuple[Any, Any]]
 OnStep = Callable[[Step], object]
 _ALL_RUN = "under torch.distributed every rank runs every batch: drop empty ones in the loader"
+_APPLIED = (
+    " (raised after optimizer.step() of batch {}: that batch's update of the weights, buffers "
+    "and optimizer state stays applied)"
+)
 _NO_BATCHES = (
     "'loader' yielded no batches; expected at least one (is the dataset empty, or is "
     "drop_last=True with fewer samples than batch_size?)"
@@ -46,36 +51,57 @@ def _run(
         return outputs, targets, data.count(outputs, targets, index)
     inputs, targets = data.pair(batch, index)
     targets = data.to_device(targets, device)
-    if isinstance(targets, torch.Tensor) and targets.dim() and not targets.shape[0]:
+    samples = data.batch_size(targets)  # None: targets without a batch dimension
+    if samples == 0:
         return None, targets, 0
-    outputs = _call(model, lambda: model(data.to_device(inputs, device)), inputs, index)
-    if all(isinstance(t, torch.Tensor) and t.dim() for t in (inputs, outputs, targets)) and (
-        inputs.shape[0] == outputs.shape[0] != targets.shape[0]  # the model kept the length
-    ):
-        raise ValueError(
+    outputs = _call(model, None, inputs, index, device)
+    if samples is None:
+        return outputs, targets, data.count(outputs, targets, index)
+    tensors = isinstance(inputs, torch.Tensor) and isinstance(outputs, torch.Tensor)
+    if tensors and inputs.dim() and inputs.shape[:1] == outputs.shape[:1] != (samples,):
+        raise ValueError(  # the model kept the inputs' length, not the targets'
             f"the inputs and outputs have {inputs.shape[0]} samples but the targets "
-            f"{targets.shape[0]} in batch {index}; 'loader' must yield inputs and targets "
-            f"of one length"
+            f"{samples} in batch {index}; 'loader' must yield inputs and targets of one length"
         )
-    return outputs, targets, data.count(outputs, targets, index)
+    return outputs, targets, samples
 
 
-def _call(model: nn.Module, run: Callable[[], Any], inputs: Any, index: int) -> Any:
-    """Return ``run()``; a dtype error gets the batch's and the model's float dtypes added."""
+def _call(
+    model: nn.Module, forward: Forward | None, given: Any, index: int, device: torch.device
+) -> Any:
+    """Return ``model(inputs)`` or ``forward(model, batch)``; errors get what explains them."""
     try:
-        return run()
-    except RuntimeError as error:
-        wanted = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-        dtypes: set[torch.dtype] = set()
-        data.map_tensors(lambda tensor: dtypes.add(tensor.dtype) or tensor, inputs)
-        found = {dtype for dtype in dtypes if dtype.is_floating_point} - {wanted}
-        if wanted is None or not found or "type" not in str(error).lower():
+        if forward is None:
+            return model(data.to_device(given, device))
+        return forward(model, data.to_device(given, device))
+    except (RuntimeError, AttributeError, TypeError) as error:
+        if (hint := _hint(error, model, given, index, forward)) is None:
             raise
-        raise reword(error, suffix=(
-            f" (batch {index} holds {', '.join(map(str, sorted(found, key=str)))} inputs but "
-            f"the model's parameters are {wanted}: convert the data, e.g. x.float() or "
-            f"torch.from_numpy(x).float(), or the model, e.g. model.to({wanted}))"
-        )) from None  # fmt: skip
+        raise reword(error, suffix=hint) from None
+
+
+def _hint(
+    error: Exception, model: nn.Module, given: Any, index: int, forward: Forward | None
+) -> str | None:
+    """Say why a batch failed in the model: a mapping it cannot take, or a dtype mismatch."""
+    if forward is None and isinstance(given, Mapping) and not isinstance(error, RuntimeError):
+        return (
+            f" (batch {index} is {data.describe(given)}, passed as model(batch); for "
+            f"model(**batch) pass forward=lambda model, batch: (model(**batch), batch['labels']))"
+        )
+    if not isinstance(error, RuntimeError):
+        return None
+    wanted = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    dtypes: set[torch.dtype] = set()
+    data.map_tensors(lambda tensor: dtypes.add(tensor.dtype) or tensor, given)
+    found = {dtype for dtype in dtypes if dtype.is_floating_point} - {wanted}
+    if wanted is None or not found or "type" not in str(error).lower():
+        return None
+    return (
+        f" (batch {index} holds {', '.join(map(str, sorted(found, key=str)))} inputs but "
+        f"the model's parameters are {wanted}: convert the data, e.g. x.float() or "
+        f"torch.from_numpy(x).float(), or the model, e.g. model.to({wanted}))"
+    )
 
 
 def _loss(loss: Any, samples: int, index: int) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
@@ -125,13 +151,17 @@ def _check_callable(name: str, value: Any, shape: str, optional: bool = True) ->
         raise TypeError(f"'{name}' must be callable as {shape}, but got {type(value).__name__}")
 
 
-def _totals(tally: Tally, start: float, empty_is_fine: bool = False) -> dict[str, Any]:
+def _finish(
+    totals: sums.Sums, metrics: Mapping[str, Any], start: float, empty_is_fine: bool = False
+) -> dict[str, Any]:
     """End a pass: return the record fields all passes share; raise if it had no batches."""
-    loss, metrics = tally.finish()  # an all-reduce under DDP: every rank reaches it
-    if tally.batches == 0 and not empty_is_fine:
+    loss, values, totals = sums.finish(totals, metrics)  # an all-reduce: every rank reaches it
+    if totals.batches == 0 and not empty_is_fine:
         raise ValueError(_NO_BATCHES)
-    samples, batches, seconds = tally.samples, tally.batches, time.perf_counter() - start
-    return dict(loss=loss, metrics=metrics, samples=samples, batches=batches, seconds=seconds)
+    seconds = time.perf_counter() - start
+    return dict(
+        loss=loss, metrics=values, samples=totals.samples, batches=totals.batches, seconds=seconds
+    )
 
 
 def train_epoch(
@@ -153,6 +183,7 @@ def train_epoch(
     scheduler: Any = None,
     max_steps: int | None = None,
     resume: Checkpoint | None = None,
+    keep_eval: bool = False,
 ) -> TrainResult:
     """Train ``model`` for one pass over ``loader``; return the epoch's loss and metrics.
 
@@ -196,6 +227,8 @@ def train_epoch(
             not loaded from a DataLoader or TensorLoader; other iterables are drawn and
             dropped; random transforms in DataLoader workers and persistent workers' seeds
             are not reproduced); one from an epoch boundary is ignored.
+        keep_eval: leave every module's train/eval flag as it is instead of ``model.train()``,
+            so that submodules put in eval stay in eval (frozen BatchNorm statistics).
 
     Returns:
         A frozen ``TrainResult`` of what this call ran.
@@ -222,33 +255,41 @@ def train_epoch(
     if clip_grad_norm is not None:
         sharded.refuse_fsdp1(model, "the gradient norm clipped by")
     options = StepOptions(accumulate, autocast, scaler, clip_grad_norm, scheduler, on_nonfinite)
-    stepper = Stepper(optimizer, options, resolved, model)
-    warn_if_built_for_epochs(scheduler, loader, options.accumulate)
-    tally, guard, skipped = Tally(metrics, resolved), BatchGuard(model), 0
+    warn_if_built_for_epochs(scheduler, loader, accumulate)
+    metrics = metric_lib.prepare(metrics, resolved)
     together = on_nonfinite == "skip" and distributed.active()  # all ranks skip it, or none
     source = distributed.in_step(loader)  # every rank must step as often
     if position is None:
-        first, stepper.origin = 0, data.origin(loader, accumulate) if on_step else None
-        batches = source
+        first, batches = 0, source
+        record = (0, data.origin(loader, accumulate)) if on_step else None
     else:
-        first, stepper.origin = position["batch_index"] + 1, position["start"]
-        stepper.first = position["index"] + 1
-        batches = data.resumed(loader, source, position)
-    start = time.perf_counter()
-    with mode(model, True), Progress(progress, loader, "train") as bar:
-        index = first - 1
+        first, batches = position["batch_index"] + 1, data.resumed(loader, source, position)
+        record = (position["index"] + 1, position["start"]) if on_step else None
+    stepper = Stepper(optimizer, options, resolved, model, record)
+    length = _length(loader) if stepper.ddp is not None else None  # DDP: a window's last batch
+    totals, window, skipped, index, start = sums.Sums(), Window(), 0, first - 1, time.perf_counter()
+    parts: Mapping[Any, Any] = {}
+    with mode(model, True, keep_eval), Progress(progress, loader, "train") as bar, stepper:
+        guard = BatchGuard(model)  # the buffers of the modules in train mode
         for index, batch in enumerate(batches, first):
-            stepper.begin_batch()
-            with guard:  # an error before the optimizer step puts buffers and metrics back
+            if not window.batches:
+                stepper.zero_grad()
+            full = window.batches + 1 == accumulate
+            if length is not None:  # DDP with accumulation: sync the window's last backward
+                stepper.sync(full or index + 1 == length)
+            guard.save()
+            version = stepper.version() if full else None  # tells whether the step changed them
+            try:
                 with stepper.autocast:
                     outputs, targets, samples = _run(model, forward, batch, index, resolved)
-                    if not samples and sharded.in_lockstep(model):  # the others would step
+                    if not samples and stepper.lockstep:  # the other ranks would step
                         raise ValueError(f"batch {index} is empty on this rank; {_ALL_RUN}")
                     if not samples:  # an empty batch: no step, buffers as before
                         guard.restore()  # (forward= ran the model on it)
                         continue
                     loss, total, items = _loss(loss_fn(outputs, targets), samples, index)
-                stepper.check_loss(loss, index)
+                if index == first:  # once: a loss_fn that called backward() itself
+                    stepper.check_untouched(index)
                 value = (loss if total is None else total).item()  # the one host sync per batch
                 weight = items.item() if isinstance(items, torch.Tensor) else items
                 value = value / weight if total is not None and weight else value
@@ -259,30 +300,55 @@ def train_epoch(
                     guard.restore()
                     skipped += 1
                     continue
-                parts = tally.stage(metric_lib.parts(tally.metrics, outputs, targets, guard.undo))
-                stepper.backward(loss, value, samples, weight, total)
-                step = stepper.step(index, guard)  # None until the window is full
-            del outputs, loss, total  # free this batch's outputs before the next forward
-            tally.add(value * weight, samples, parts, weight)  # checked by stage(): cannot fail
-            bar.tick(samples, tally.running)
-            if step is not None and on_step is not None:
-                on_step(step)
-            if step is not None and stepper.steps == max_steps:
-                break
-        with guard:
-            last = stepper.step(index, guard, final=True)  # a partial window at the end
-        if last is not None and on_step is not None:
-            on_step(last)
-        totals = _totals(tally, start, bool(skipped) or position is not None)
-        bar.finish(totals)
+                if metrics:
+                    parts = metric_lib.parts(metrics, outputs, targets, guard.undo)
+                    parts = sums.stage(parts, totals)
+                del outputs, targets  # the graph keeps what backward needs
+                window = stepper.backward(window, loss, total, value, samples, weight, index)
+                step = stepper.step(window, index) if full else None
+            except BaseException as error:  # Ctrl-C too: the weights tell whether it stepped
+                if version is not None and stepper.version() != version:
+                    raise reword(error, suffix=_APPLIED.format(index)) from None
+                guard.restore()
+                raise
+            del loss, total  # free this batch's graph before the next forward
+            totals = sums.added(totals, value, weight, weight, samples, parts)  # cannot fail
+            if bar.on:
+                bar.tick(samples, lambda totals=totals: sums.running(totals, metrics))
+            if full:
+                window = Window()
+                if step is not None:
+                    on_step(step)  # type: ignore[misc]  # a Step only when on_step is given
+                if stepper.steps == max_steps:
+                    break
+        if window.batches:  # a partial window at the end
+            version = stepper.version()
+            try:
+                step = stepper.step(window, index)
+            except BaseException as error:
+                if stepper.version() != version:
+                    raise reword(error, suffix=_APPLIED.format(index)) from None
+                guard.restore()
+                raise
+            if step is not None:
+                on_step(step)  # type: ignore[misc]
+        result = _finish(totals, metrics, start, bool(skipped) or position is not None)
+        bar.finish(result)
     return TrainResult(
-        **totals,
+        **result,
         steps=stepper.steps,
         lr=float(optimizer.param_groups[0]["lr"]),
         skipped_batches=skipped,
         skipped_steps=stepper.skipped_steps,
         grad_norm=None if clip_grad_norm is None else stepper.largest_norm,
     )
+
+
+def _length(loader: Any) -> int | None:
+    """Return ``len(loader)``, or None for an iterable without one."""
+    with contextlib.suppress(TypeError):
+        return len(loader)
+    return None
 
 
 def _position(resume: Any, accumulate: int) -> dict[str, Any] | None:
@@ -331,6 +397,7 @@ def evaluate(
     forward: Forward | None = None,
     inference_mode: bool = False,
     progress: bool = False,
+    autocast: torch.dtype | None = None,
 ) -> EvalResult:
     """Measure ``model``'s loss and metrics over ``loader`` without changing the model.
 
@@ -347,6 +414,8 @@ def evaluate(
         forward: ``forward(model, batch) -> (outputs, targets)``, as for ``train_epoch``.
         inference_mode: use ``torch.inference_mode()`` instead of ``torch.no_grad()``.
         progress: show progress on rank 0, as for ``train_epoch``.
+        autocast: ``torch.bfloat16`` or ``torch.float16`` to run forward and loss under autocast,
+            as ``train_epoch`` does (not inherited from it: pass the same dtype).
 
     Returns:
         A frozen ``EvalResult``.
@@ -362,25 +431,40 @@ def evaluate(
     """
     resolved = _check_args(model, loader, device, forward)
     _check_callable("loss_fn", loss_fn, "loss_fn(outputs, targets)", optional=False)
-    tally, start = Tally(metrics, resolved), time.perf_counter()
-    no_grad = torch.inference_mode() if inference_mode else torch.no_grad()
-    batches = distributed.in_step(loader) if sharded.is_sharded(model) else loader
+    metrics, totals = metric_lib.prepare(metrics, resolved), sums.Sums()
+    start = time.perf_counter()
     with Progress(progress, loader, "eval") as bar:
-        with evaluating(model), no_grad, distributed.told():
-            for index, batch in enumerate(batches):
+        with _inference(model, resolved, autocast, inference_mode), distributed.told():
+            for index, batch in enumerate(_in_step(model, loader)):
                 outputs, targets, samples = _run(model, forward, batch, index, resolved)
                 if not samples:
                     continue
                 loss, total, items = _loss(loss_fn(outputs, targets), samples, index)
-                parts = tally.stage(metric_lib.parts(tally.metrics, outputs, targets))
+                parts = sums.stage(metric_lib.parts(metrics, outputs, targets), totals)
                 if total is None:
-                    tally.add(loss, samples, parts)
+                    totals = sums.added(totals, loss, samples, samples, samples, parts)
                 else:
-                    tally.add(total, samples, parts, items)
-                bar.tick(samples, tally.running)
-        totals = _totals(tally, start)  # outside no_grad: tensor metrics are ordinary tensors
-        bar.finish(totals)
-    return EvalResult(**totals)
+                    totals = sums.added(totals, total, 1, items, samples, parts)
+                if bar.on:
+                    bar.tick(samples, lambda totals=totals: sums.running(totals, metrics))
+        result = _finish(totals, metrics, start)  # outside no_grad: tensor metrics are ordinary
+        bar.finish(result)
+    return EvalResult(**result)
+
+
+@contextlib.contextmanager
+def _inference(
+    model: nn.Module, device: torch.device, autocast: Any, inference_mode: bool = False
+) -> Iterator[None]:
+    """Run evaluate's and predict's batches: eval mode, no_grad (or inference_mode), autocast."""
+    amp = autocast_context(autocast, device)
+    with evaluating(model), torch.inference_mode() if inference_mode else torch.no_grad(), amp:
+        yield
+
+
+def _in_step(model: nn.Module, loader: Iterable[Any]) -> Iterable[Any]:
+    """Return ``loader``, checked to run in step on every rank if ``model`` is sharded."""
+    return distributed.in_step(loader) if sharded.is_sharded(model) else loader
 
 
 def _outputs(
@@ -389,9 +473,8 @@ def _outputs(
     """Return a batch's outputs and targets (None when a prediction batch has none)."""
     if forward is None:
         inputs, targets = data.inputs_and_targets(batch, index)
-        return _call(model, lambda: model(data.to_device(inputs, device)), inputs, index), targets
-    result = _call(model, lambda: forward(model, data.to_device(batch, device)), batch, index)
-    return data.pair(result, index, "'forward' must return")
+        return _call(model, None, inputs, index, device), targets
+    return data.pair(_call(model, forward, batch, index, device), index, "'forward' must return")
 
 
 def predict(
@@ -402,6 +485,7 @@ def predict(
     forward: Forward | None = None,
     progress: bool = False,
     gather: Literal["main", "all", "none"] = "main",
+    autocast: torch.dtype | None = None,
 ) -> Predictions:
     """Return ``model``'s outputs over ``loader``, in loader order, on the CPU.
 
@@ -419,6 +503,7 @@ def predict(
             (padding removed) on rank 0 (``"main"``; the other ranks get None outputs and
             targets), on every rank (``"all"``), or keep each rank's own (``"none"``).
             The loader's sampler must be a ``ShardSampler`` or ``DistributedSampler``.
+        autocast: ``torch.bfloat16`` or ``torch.float16`` to run forward under autocast.
 
     Returns:
         A frozen ``Predictions``; ``targets`` is None when the loader gave none.
@@ -436,9 +521,8 @@ def predict(
     gathering = distributed.active() and gather != "none"
     indices = distributed.sampler_indices(loader) if gathering else []
     outputs, targets, cpu, samples = list[Any](), list[Any](), torch.device("cpu"), 0
-    batches = distributed.in_step(loader) if sharded.is_sharded(model) else loader
-    with evaluating(model), torch.no_grad(), Progress(progress, loader, "predict") as bar:
-        for index, batch in enumerate(batches):
+    with _inference(model, resolved, autocast), Progress(progress, loader, "predict") as bar:
+        for index, batch in enumerate(_in_step(model, loader)):
             batch_outputs, batch_targets = _outputs(model, forward, batch, index, resolved)
             if index and (batch_targets is None) != (not targets):
                 raise TypeError(

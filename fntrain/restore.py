@@ -15,10 +15,11 @@ NOT_EXACT = "so resuming will not be bit-exact"
 
 
 @contextmanager
-def mode(model: nn.Module, training: bool) -> Iterator[None]:
-    """Set ``model``'s train/eval mode; restore every submodule's own flag on exit or error."""
+def mode(model: nn.Module, training: bool, keep_eval: bool = False) -> Iterator[None]:
+    """Set ``model``'s train/eval mode (or keep every flag); restore each submodule's own after."""
     before = [(module, module.training) for module in model.modules()]
-    model.train(training)
+    if not keep_eval:
+        model.train(training)
     try:
         yield
     finally:
@@ -27,37 +28,32 @@ def mode(model: nn.Module, training: bool) -> Iterator[None]:
 
 
 class BatchGuard:
-    """Puts a batch's buffers back and runs ``undo`` if it fails before its step (private)."""
+    """Saves the buffers a batch may change; puts them back, and runs ``undo``, if it fails."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.live = list(model.buffers())  # persistent or not, each once
+        training = (m for m in model.modules() if m.training)  # eval-mode BatchNorm keeps its
+        self.live = list({id(b): b for m in training for b in m.buffers(recurse=False)}.values())
         self.copy = [buffer.detach().clone() for buffer in self.live]
-        self.undo: list[Callable[[], object]] = []
-        self.committed = False
+        self.undo: list[Callable[[], object]] = []  # what puts torchmetrics states back
 
-    def __enter__(self) -> BatchGuard:
+    def save(self) -> None:
+        """Copy the buffers before a batch changes them."""
+        self.undo.clear()
         try:
             if self.live:
                 torch._foreach_copy_(self.copy, self.live)
         except RuntimeError:  # a buffer was resized (a per-channel QAT observer's first batch)
             self.copy = [buffer.detach().clone() for buffer in self.live]
-        self.undo.clear()
-        self.committed = False
-        return self
 
     def restore(self) -> None:
-        """Put the buffers back and undo what was registered since entry."""
+        """Put the buffers back and undo what was registered since ``save()``."""
         for live, copy in zip(self.live, self.copy, strict=True):
-            if live.shape != copy.shape:  # resized since __enter__: a QAT observer's first batch
+            if live.shape != copy.shape:  # resized since save(): a QAT observer's first batch
                 live.resize_(copy.shape)
         if self.live:
             torch._foreach_copy_(self.live, self.copy)
         while self.undo:
             self.undo.pop()()
-
-    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
-        if kind is not None and not self.committed:
-            self.restore()
 
 
 @contextmanager

@@ -1,4 +1,4 @@
-"""How train_epoch turns batch losses into optimizer steps: accumulation, AMP, clipping."""
+"""How train_epoch turns batch losses into optimizer steps: windows, AMP, clipping, DDP sync."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import inspect
 import math
 import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
-from typing import Any
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, NamedTuple
 
 import attrs
 import torch
@@ -16,8 +16,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from fntrain import distributed, sharded
-from fntrain.records import NonFiniteLossError, Step, reword
-from fntrain.restore import BatchGuard
+from fntrain.records import NonFiniteLossError, Step
 
 
 def _required(method: Callable[..., Any]) -> list[str]:
@@ -27,6 +26,15 @@ def _required(method: Callable[..., Any]) -> list[str]:
     except (TypeError, ValueError):  # a builtin without a signature: assume it needs none
         return []
     return [p.name for p in params if p.default is p.empty and p.kind <= p.POSITIONAL_OR_KEYWORD]
+
+
+def amp(dtype: Any, device: torch.device) -> AbstractContextManager[Any]:
+    """Return the autocast context for ``dtype`` (None: none) on ``device``; raise if unknown."""
+    if dtype not in (None, torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"'autocast' must be None, torch.bfloat16 or torch.float16, but got {dtype!r}"
+        )
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 @attrs.frozen
@@ -45,10 +53,7 @@ class StepOptions:
         accumulate, autocast, scaler, clip, scheduler, _ = attrs.astuple(self, recurse=False)
         if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
             raise ValueError(f"'accumulate' must be an int >= 1, but got {accumulate!r}")
-        if autocast not in (None, torch.bfloat16, torch.float16):
-            raise ValueError(
-                f"'autocast' must be None, torch.bfloat16 or torch.float16, but got {autocast!r}"
-            )
+        amp(autocast, device)
         if autocast is torch.float16 and device.type == "cuda" and scaler is None:
             raise ValueError(
                 "'autocast' is torch.float16 on CUDA but 'scaler' is None; float16 gradients "
@@ -99,125 +104,156 @@ def warn_if_built_for_epochs(scheduler: Any, loader: Any, accumulate: int) -> No
             )
 
 
+class Window(NamedTuple):
+    """The batches back-propagated since the last step: a value, each batch makes a new one."""
+
+    batches: int = 0
+    samples: int = 0
+    items: float = 0  # what the window's loss averages over: samples, or the items counted
+    loss: float = 0.0  # the batch losses' sum over those samples or items
+    summed: bool = False  # its gradients are of sums: the step divides them by ``items``
+    by_items: bool = False  # of (sum, count) under DDP/FSDP2: by the ranks' mean items
+
+
 class Stepper:
-    """Adds up a window of batches and takes its optimizer step (private; checks ``options``)."""
+    """One call's optimizer, options and parameters, and the steps it took (private)."""
 
     def __init__(
-        self, optimizer: Optimizer, options: StepOptions, device: torch.device, model: nn.Module
-    ) -> None:
+        self, optimizer: Optimizer, options: StepOptions, device: torch.device, model: nn.Module,
+        record: tuple[int, Any] | None = None,
+    ) -> None:  # fmt: skip
         self.optimizer, self.options = optimizer, options.check(optimizer, device)
-        dtype = options.autocast
-        self.autocast = nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+        self.autocast, self.scaler = amp(options.autocast, device), options.scaler
+        self.many = many = options.accumulate > 1
         params = {id(p): p for group in optimizer.param_groups for p in group["params"]}
         ordered = {id(p): p for p in model.parameters() if id(p) in params}  # as clip_grad_norm_
         self.params = [*ordered.values(), *(p for i, p in params.items() if i not in ordered)]
-        self.window_batches, self.window_samples, self.window_loss = 0, 0, 0.0  # loss: sum(n*mean)
-        self.window_items: float = 0  # what the window's loss averages over: samples or items
-        self.summed = self.by_items = False  # the window's grads are of sums: divide them
         self.lockstep = sharded.in_lockstep(model)  # DDP/FSDP2 average the grads over ranks
-        self.steps = self.skipped_steps = self.first = 0  # first: the pass's first Step.index
-        self.origin: Any = None  # the pass's RNG states at its start, for Step
+        ddp = isinstance(model, nn.parallel.DistributedDataParallel) and self.lockstep
+        self.ddp = model if ddp and many else None  # all-reduces only a window's last backward
+        self.unsynced = False  # the window's last backward skipped DDP's all-reduce
+        self.steps = self.skipped_steps = 0
         self.largest_norm = math.nan  # the largest finite norm before clipping (inf: none was)
+        self.record = record  # for on_step: the pass's first Step.index and its RNG origin
         self.cleared: bool | None = None  # zero_grad() sets .grad to None
-        self.probe: torch.Tensor | None = None  # a parameter the first backward gave a grad
+        clip, scheduler = options.clip_grad_norm, options.scheduler
+        self.plain = clip is None and self.scaler is None and scheduler is None  # step only
 
-    def begin_batch(self) -> None:
-        """Zero the gradients at the start of each window."""
-        if self.window_batches == 0:
-            self.optimizer.zero_grad()
-            if self.cleared is None:  # does zero_grad() leave None (set_to_none)?
-                self.cleared = all(p.grad is None for p in self.params)
+    def __enter__(self) -> Stepper:
+        return self
 
-    def check_loss(self, loss: torch.Tensor, index: int) -> None:
-        """Raise unless ``loss`` can be back-propagated and nothing back-propagated before it."""
-        if not loss.requires_grad:
-            raise ValueError(
-                f"'loss_fn' returned a loss that does not require grad for batch {index}; was "
-                f"it detached or computed under torch.no_grad(), or are all parameters frozen?"
-            )
-        probes = self.params if self.probe is None else (self.probe,)  # O(1) after batch 0
-        if not self.window_batches and self.cleared and any(p.grad is not None for p in probes):
+    def __exit__(self, *_: object) -> None:
+        if self.ddp is not None:  # the user's own loop syncs again
+            self.ddp.require_backward_grad_sync = True
+
+    def zero_grad(self) -> None:
+        """Zero the gradients at a window's start (the first time: see whether to None)."""
+        self.optimizer.zero_grad()
+        if self.cleared is None:
+            self.cleared = all(p.grad is None for p in self.params)
+
+    def check_untouched(self, index: int) -> None:
+        """Raise if the gradients are set before train_epoch's backward: loss_fn called it."""
+        if self.cleared and any(p.grad is not None for p in self.params):
             raise ValueError(
                 f"'loss_fn' called backward() itself for batch {index} (or 'forward' did): the "
                 f"gradients are already set, and train_epoch's own backward() would double "
                 f"them; return the loss without calling backward()"
             )
 
-    def backward(
-        self, loss: torch.Tensor, value: float, samples: int, weight: float, total: Any
-    ) -> None:
-        """Back-propagate a batch's ``loss`` over ``weight`` samples or items into the window."""
-        many = self.options.accumulate > 1
-        if total is not None and (many or self.lockstep or not weight):
-            loss, self.summed = total, True  # divided by the window's (global) items at the step
-            self.by_items = self.by_items or self.lockstep
-        elif many:
-            loss, self.summed = loss * weight, True  # divided by the window's samples
-        if self.options.scaler is not None:
-            loss = self.options.scaler.scale(loss)
-        loss.backward()
-        if self.probe is None:
-            self.probe = next((p for p in self.params if p.grad is not None), None)
-        self.window_batches += 1
-        self.window_samples += samples
-        self.window_items += weight
-        self.window_loss += value * weight
+    def version(self) -> int:
+        """Return the sum of the parameters' version counters: in-place updates raise it."""
+        return sum(p._version for p in self.params)
 
-    def _clip(self) -> float | None:
-        """Average an accumulated window's gradients; clip them; return the norm before clipping."""
-        options, scaler = self.options, self.options.scaler
-        if self.summed and (grads := [p.grad for p in self.params if p.grad is not None]):
-            items = self.window_items
-            if self.by_items:  # DDP/FSDP2 averaged the grads: divide by the mean rank's items
+    def sync(self, last: bool) -> None:
+        """Under DDP with accumulation, all-reduce the gradients on a window's last batch only."""
+        if self.ddp is not None:  # read by DDP's forward: set before it
+            self.ddp.require_backward_grad_sync = last
+            self.unsynced = not last
+
+    def backward(
+        self, window: Window, loss: torch.Tensor, total: Any, value: float, samples: int,
+        weight: float, index: int,
+    ) -> Window:  # fmt: skip
+        """Back-propagate a batch's loss over ``weight`` samples or items; return the window."""
+        summed, by_items = window.summed, window.by_items
+        if total is not None and (self.many or self.lockstep or not weight):
+            loss, summed = total, True  # divided by the window's (global) items at the step
+            by_items = by_items or self.lockstep
+        elif self.many:
+            loss, summed = loss * weight, True  # divided by the window's samples
+        if self.scaler is not None:
+            loss = self.scaler.scale(loss)
+        try:
+            loss.backward()
+        except RuntimeError:
+            if not loss.requires_grad:
+                raise ValueError(
+                    f"'loss_fn' returned a loss that does not require grad for batch {index}; "
+                    f"was it detached or computed under torch.no_grad(), or are all parameters "
+                    f"frozen?"
+                ) from None
+            raise
+        return Window(
+            window.batches + 1, window.samples + samples, window.items + weight,
+            window.loss + value * weight, summed, by_items,
+        )  # fmt: skip
+
+    def _clip(self, window: Window) -> float | None:
+        """Average a summed window's gradients; clip them; return the norm before clipping."""
+        if not (window.summed or self.unsynced or self.options.clip_grad_norm is not None):
+            return None
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if self.unsynced and grads:  # the loader ended before its len(): all-reduce now
+            for grad in grads:
+                torch.distributed.all_reduce(grad)
+            torch._foreach_div_(grads, float(distributed.world()[1]))
+            self.unsynced = False
+        if window.summed and grads:
+            items = window.items
+            if window.by_items:  # the ranks' grads were averaged: divide by their mean items
                 items = distributed.all_reduce_sum(items) / distributed.world()[1]
             torch._foreach_div_(grads, float(items or 1))  # no items: zero grads stay zero
-        if options.clip_grad_norm is None:
+        if self.options.clip_grad_norm is None:
             return None
-        if scaler is not None:
-            scaler.unscale_(self.optimizer)
-        total = torch.nn.utils.clip_grad_norm_(self.params, options.clip_grad_norm)
+        if self.options.scaler is not None:
+            self.options.scaler.unscale_(self.optimizer)
+        total = torch.nn.utils.clip_grad_norm_(self.params, self.options.clip_grad_norm)
         norm = float(getattr(total, "full_tensor", lambda: total)())  # FSDP2: a DTensor
         finite = [value for value in (norm, self.largest_norm) if math.isfinite(value)]
         self.largest_norm = max(finite) if finite else math.inf
         return norm
 
-    def step(self, batch_index: int, guard: BatchGuard, final: bool = False) -> Step | None:
-        """Step on a full window (any if ``final``); return the Step taken (None: none, skipped)."""
-        if self.window_batches < (1 if final else self.options.accumulate):
-            return None
-        norm, scaler = self._clip(), self.options.scaler
-        samples, loss = self.window_samples, self.window_loss / (self.window_items or 1)
-        self.window_batches, self.window_samples, self.window_loss = 0, 0, 0.0
-        self.window_items, self.summed, self.by_items = 0, False, False
+    def step(self, window: Window, index: int) -> Step | None:
+        """Step on ``window``; return the Step taken when ``record`` asks (None: none, skipped)."""
+        if self.plain and not window.summed and not self.unsynced:  # the hand loop's step
+            self.optimizer.step()
+            self.steps += 1
+            return None if self.record is None else self._record(window, index, None)
+        norm, scaler = self._clip(window), self.scaler
         if norm is not None and not math.isfinite(norm) and not (scaler and scaler.is_enabled()):
             if self.options.on_nonfinite == "raise":
-                raise NonFiniteLossError(batch_index, norm, "gradient norm")
+                raise NonFiniteLossError(index, norm, "gradient norm")
             self.skipped_steps += 1
             return None
-        lr = float(self.optimizer.param_groups[0]["lr"])
-        version = sum(p._version for p in self.params)  # in-place updates bump these
-        try:
-            if scaler is None:
-                self.optimizer.step()
-                taken = True
-            else:  # read the scaler's record of inf/NaN gradients before update() clears it
-                scaler.step(self.optimizer)
-                found = scaler._found_inf_per_device(self.optimizer) if scaler.is_enabled() else {}
-                scaler.update()
-                taken = not any(bool(flag) for flag in found.values())
-            guard.committed = True
-            if taken and self.options.scheduler is not None:
-                self.options.scheduler.step()
-        except BaseException as error:  # Ctrl-C too: judged by the parameters, any of them
-            changed = sum(p._version for p in self.params) != version
-            guard.committed = guard.committed or changed
-            if guard.committed:
-                raise reword(error, suffix=f" (raised after optimizer.step() of batch "
-                             f"{batch_index}: that batch's update of the weights, buffers and "
-                             f"optimizer state stays applied)") from None  # fmt: skip
-            raise
-        if not taken:
-            self.skipped_steps += 1
-            return None
-        self.steps += 1
-        return Step(self.first + self.steps - 1, batch_index, loss, samples, lr, norm, self.origin)
+        lr = self.optimizer.param_groups[0]["lr"]
+        if scaler is None:
+            self.optimizer.step()
+            taken = True
+        else:  # read the scaler's record of inf/NaN gradients before update() clears it
+            scaler.step(self.optimizer)
+            found = scaler._found_inf_per_device(self.optimizer) if scaler.is_enabled() else {}
+            scaler.update()
+            taken = not any(bool(flag) for flag in found.values())
+        if taken and self.options.scheduler is not None:
+            self.options.scheduler.step()
+        self.steps += taken
+        self.skipped_steps += not taken
+        return None if not taken or self.record is None else self._record(window, index, norm, lr)
+
+    def _record(self, window: Window, index: int, norm: float | None, lr: Any = None) -> Step:
+        """Return the Step just taken, for on_step (``lr``: the one it used)."""
+        first, origin = self.record or (0, None)
+        lr = float(self.optimizer.param_groups[0]["lr"] if lr is None else lr)
+        loss = window.loss / (window.items or 1)
+        return Step(first + self.steps - 1, index, loss, window.samples, lr, norm, origin)

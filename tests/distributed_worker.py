@@ -17,6 +17,7 @@ import attrs
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.utils.data import DataLoader, DistributedSampler
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
@@ -141,6 +142,39 @@ def items_case() -> dict[str, Any]:
     return {"items_loss": result.loss, "items_params": params}
 
 
+def no_sync_case() -> dict[str, Any]:
+    """accumulate=3 over 7 batches under DDP: count the gradient all-reduces, keep the weights."""
+    batches = [make_data(8, 4, 3, 20 + 7 * dist.get_rank() + i)[:] for i in range(7)]
+    counted = nn.parallel.DistributedDataParallel(small_model())
+    calls: list[int] = []
+
+    def counting(state, bucket):  # noqa: ANN001, ANN202 (DDP checks these, strings fail)
+        calls.append(bucket.index())
+        return allreduce_hook(None, bucket)  # DDP's own: the gradients' mean over the ranks
+
+    counted.register_comm_hook(None, counting)
+    optimizer = torch.optim.SGD(counted.parameters(), lr=0.5)
+    result = ft.train_epoch(counted, batches, nn.CrossEntropyLoss(), optimizer, "cpu", accumulate=3)
+    hand = nn.parallel.DistributedDataParallel(small_model())  # nanoGPT's loop, same arithmetic
+    hand_optimizer = torch.optim.SGD(hand.parameters(), lr=0.5)
+    for first in range(0, 7, 3):
+        window = batches[first : first + 3]
+        hand_optimizer.zero_grad()
+        for number, (x, y) in enumerate(window):
+            hand.require_backward_grad_sync = number == len(window) - 1
+            (nn.functional.cross_entropy(hand(x), y) * len(y)).backward()
+        grads = [p.grad for p in hand.parameters()]
+        torch._foreach_div_(grads, float(sum(len(y) for _, y in window)))
+        hand_optimizer.step()
+    same = all(map(torch.equal, counted.module.parameters(), hand.module.parameters()))
+    return {
+        "no_sync_calls": len(calls),
+        "no_sync_steps": result.steps,
+        "no_sync_same": same,
+        "no_sync_flag_after": counted.require_backward_grad_sync,
+    }
+
+
 def main(out: Path) -> None:
     """Evaluate (exact and padded), train one epoch, checkpoint; write this rank's results."""
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
@@ -191,6 +225,7 @@ def main(out: Path) -> None:
         **desync_cases(),
         **items_case(),
         **names_case(model),
+        **no_sync_case(),
     }
     torch.save(results, out / f"rank{rank}.pt")
     dist.barrier()  # no rank tears the group down while another still uses it

@@ -66,6 +66,16 @@ def test_ddp_training_equals_one_process_on_the_combined_batches(ranks: Any) -> 
     assert results[0]["trained"]["samples"] == 48 and results[0]["trained"]["steps"] == 3
 
 
+def test_accumulation_under_ddp_all_reduces_once_per_optimizer_step(ranks: Any) -> None:
+    """With accumulate=3 over 7 batches, DDP all-reduces the gradients on each window's last
+    backward only (3 times, not 7), and the weights equal a hand-written no_sync loop's bit
+    for bit; afterwards the model syncs every backward again, for the user's own loop."""
+    _, results = ranks
+    for result in results:
+        assert (result["no_sync_steps"], result["no_sync_calls"]) == (3, 3)
+        assert result["no_sync_same"] and result["no_sync_flag_after"] is True
+
+
 def test_a_per_item_loss_under_ddp_averages_over_every_ranks_items(ranks: Any) -> None:
     """With (sum, count) losses and accumulate=2, 2 DDP ranks holding unequal token counts step
     like one process on each window's batches of both ranks joined: the mean over all items
