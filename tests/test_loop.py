@@ -1533,3 +1533,61 @@ def test_an_empty_batch_through_forward_leaves_the_buffers_as_they_were() -> Non
     with pytest.raises(ValueError, match="no batches"):
         ft.train_epoch(model, [empty, empty], nn.CrossEntropyLoss(), opt, CPU, forward=forward)
     assert_bit_identical(before, snapshot(model, grads=False))
+
+
+@pytest.mark.parametrize("keep_eval", [False, True])
+def test_keep_eval_leaves_frozen_batchnorm_frozen(keep_eval: bool) -> None:
+    """A BatchNorm put in eval before train_epoch trains frozen with keep_eval=True: its
+    running statistics stay bit-identical while the weights learn; without it, train_epoch
+    calls model.train() and they move. Either way every flag is as before afterwards."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).train()
+    model[1].eval()
+    stats = [b.clone() for b in model[1].buffers()]
+    weight = model[0].weight.detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ft.train_epoch(model, _BATCHES * 3, nn.CrossEntropyLoss(), opt, CPU, keep_eval=keep_eval)
+    frozen = all(map(torch.equal, stats, model[1].buffers()))
+    assert frozen is keep_eval and not torch.equal(weight, model[0].weight)
+    assert [m.training for m in model] == [True, False, True]
+
+
+def test_evaluate_and_predict_run_under_the_autocast_they_are_given() -> None:
+    """autocast=torch.bfloat16 runs evaluate's and predict's forward under autocast, as
+    train_epoch's does: the outputs are bfloat16 and the loss is autocast's; another dtype
+    is refused by name."""
+    torch.manual_seed(0)
+    model, (x, y) = nn.Linear(3, 2), _BATCHES[0]
+    preds = ft.predict(model, [x], CPU, autocast=torch.bfloat16)
+    assert preds.outputs.dtype == torch.bfloat16
+    assert ft.predict(model, [x], CPU).outputs.dtype == torch.float32
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = nn.functional.cross_entropy(model(x), y).item()
+    ev = ft.evaluate(model, [(x, y)], nn.CrossEntropyLoss(), CPU, autocast=torch.bfloat16)
+    assert ev.loss == expected
+    with pytest.raises(ValueError, match="'autocast' must be None"):
+        ft.evaluate(model, [(x, y)], nn.CrossEntropyLoss(), CPU, autocast=torch.float32)
+
+
+class _Tokens(nn.Module):
+    """A model called as model(input_ids), as transformers' models are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 2)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(input_ids).view(input_ids.size(0), -1)
+
+
+@pytest.mark.parametrize("name", ["evaluate", "predict"])
+def test_dict_batches_without_forward_get_the_hint_train_epoch_gives(name: str) -> None:
+    """A dict batch (a tokenizer's output) without forward= fails with the hint to pass
+    forward=lambda model, batch: (model(**batch), ...), not deep inside the model."""
+    batch = {"input_ids": torch.randint(0, 10, (4, 3)), "labels": torch.randint(0, 6, (4,))}
+    if name == "evaluate":
+        run = lambda: ft.evaluate(_Tokens(), [batch], nn.CrossEntropyLoss(), CPU)  # noqa: E731
+    else:
+        run = lambda: ft.predict(_Tokens(), [batch], CPU)  # noqa: E731
+    with pytest.raises((TypeError, AttributeError), match=r"forward=lambda model, batch"):
+        run()
