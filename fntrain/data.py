@@ -292,20 +292,21 @@ class _Skipping:
     """A sampler that drops its inner sampler's first ``skip`` items, drawn by ``begin()``."""
 
     def __init__(self, inner: Any, skip: int) -> None:
-        self.inner, self.skip, self.items = inner, skip, None
+        self.inner, self.skip, self.items = inner, skip, iter(())
+        self.begun = False
 
     def __iter__(self) -> _Skipping:
         return self
 
     def begin(self) -> None:
         """Draw the order (where the first batch would) and drop the skipped indices."""
-        if self.items is None:
-            self.items = iter(self.inner)
+        if not self.begun:
+            self.begun, self.items = True, iter(self.inner)
             collections.deque(itertools.islice(self.items, self.skip), maxlen=0)
 
     def __next__(self) -> Any:
         self.begin()
-        return next(self.items)  # type: ignore[call-overload]
+        return next(self.items)
 
 
 def _skipped(loader: Iterable[Any], skip: int) -> Iterator[Any]:
@@ -317,12 +318,12 @@ def _skipped(loader: Iterable[Any], skip: int) -> Iterator[Any]:
         inner, skipping = getattr(loader, name), _Skipping(getattr(loader, name), skip)
         object.__setattr__(loader, name, skipping)  # DataLoader forbids setattr
         try:
-            batches = iter(loader)  # draws its base seed, then (workers) prefetches
+            started = iter(loader)  # draws its base seed, then (workers) prefetches
         finally:
             object.__setattr__(loader, name, inner)
         skipping.begin()
-        batches._index_sampler = inner  # persistent workers' next epochs: the whole sampler
-        return batches
+        started._index_sampler = inner  # persistent workers' next epochs: the whole sampler
+        return started
     batches = iter(loader)  # any other iterable: its batches are drawn and dropped
     collections.deque(itertools.islice(batches, skip), maxlen=0)
     return batches

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 import warnings
@@ -11,6 +12,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from fntrain import data, distributed, sharded, sums
 from fntrain import metrics as metric_lib
@@ -93,7 +95,12 @@ def _hint(
         return None
     wanted = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     dtypes: set[torch.dtype] = set()
-    data.map_tensors(lambda tensor: dtypes.add(tensor.dtype) or tensor, given)
+
+    def note(tensor: torch.Tensor) -> torch.Tensor:
+        dtypes.add(tensor.dtype)
+        return tensor
+
+    data.map_tensors(note, given)
     found = {dtype for dtype in dtypes if dtype.is_floating_point} - {wanted}
     if wanted is None or not found or "type" not in str(error).lower():
         return None
@@ -180,7 +187,7 @@ def train_epoch(
     autocast: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
     clip_grad_norm: float | None = None,
-    scheduler: Any = None,
+    scheduler: LRScheduler | None = None,
     max_steps: int | None = None,
     resume: Checkpoint | None = None,
     keep_eval: bool = False,
@@ -307,14 +314,12 @@ def train_epoch(
                 window = stepper.backward(window, loss, total, value, samples, weight, index)
                 step = stepper.step(window, index) if full else None
             except BaseException as error:  # Ctrl-C too: the weights tell whether it stepped
-                if version is not None and stepper.version() != version:
-                    raise reword(error, suffix=_APPLIED.format(index)) from None
-                guard.restore()
+                _failed(error, index, guard, stepper, version)
                 raise
             del loss, total  # free this batch's graph before the next forward
             totals = sums.added(totals, value, weight, weight, samples, parts)  # cannot fail
             if bar.on:
-                bar.tick(samples, lambda totals=totals: sums.running(totals, metrics))
+                bar.tick(samples, functools.partial(sums.running, totals, metrics))
             if full:
                 window = Window()
                 if step is not None:
@@ -326,9 +331,7 @@ def train_epoch(
             try:
                 step = stepper.step(window, index)
             except BaseException as error:
-                if stepper.version() != version:
-                    raise reword(error, suffix=_APPLIED.format(index)) from None
-                guard.restore()
+                _failed(error, index, guard, stepper, version)
                 raise
             if step is not None:
                 on_step(step)  # type: ignore[misc]
@@ -342,6 +345,16 @@ def train_epoch(
         skipped_steps=stepper.skipped_steps,
         grad_norm=None if clip_grad_norm is None else stepper.largest_norm,
     )
+
+
+def _failed(
+    error: BaseException, index: int, guard: BatchGuard, stepper: Stepper, version: int | None
+) -> None:
+    """Put a failed batch's buffers back, or say in its error that its step changed weights."""
+    if version is not None and stepper.version() != version:
+        reword(error, suffix=_APPLIED.format(index))
+    else:
+        guard.restore()
 
 
 def _length(loader: Any) -> int | None:
@@ -446,7 +459,7 @@ def evaluate(
                 else:
                     totals = sums.added(totals, total, 1, items, samples, parts)
                 if bar.on:
-                    bar.tick(samples, lambda totals=totals: sums.running(totals, metrics))
+                    bar.tick(samples, functools.partial(sums.running, totals, metrics))
         result = _finish(totals, metrics, start)  # outside no_grad: tensor metrics are ordinary
         bar.finish(result)
     return EvalResult(**result)

@@ -77,9 +77,9 @@ def capture_rng() -> dict[str, Any]:
     with contextlib.suppress(ImportError):
         import numpy as np
 
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
-        keys = torch.from_numpy(keys.astype(np.int64))
-        state["numpy"] = (str(kind), keys, int(pos), int(has_gauss), float(cached))
+        kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+        words = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+        state["numpy"] = (str(kind), words, int(pos), int(has_gauss), float(cached))
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -102,6 +102,7 @@ def _set_numpy(value: Any) -> list[str] | None:
     except ImportError:
         return [f"the checkpoint holds a NumPy RNG state but NumPy is not installed; {NOT_EXACT}"]
     np.random.set_state((parts[0], parts[1].cpu().numpy().astype(np.uint32), *parts[2:]))
+    return None
 
 
 def _set_cuda(states: Any) -> list[str] | None:
@@ -116,6 +117,7 @@ def _set_cuda(states: Any) -> list[str] | None:
             f"{visible} are visible here; they were not restored, {NOT_EXACT}"
         ]
     torch.cuda.set_rng_state_all(states)
+    return None
 
 
 def restore_rng(state: Any) -> list[str]:

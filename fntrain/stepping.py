@@ -129,9 +129,9 @@ class Stepper:
         ordered = {id(p): p for p in model.parameters() if id(p) in params}  # as clip_grad_norm_
         self.params = [*ordered.values(), *(p for i, p in params.items() if i not in ordered)]
         self.lockstep = sharded.in_lockstep(model)  # DDP/FSDP2 average the grads over ranks
-        ddp = isinstance(model, nn.parallel.DistributedDataParallel) and self.lockstep
-        self.ddp = model if ddp and many else None  # all-reduces only a window's last backward
-        self.unsynced = False  # the window's last backward skipped DDP's all-reduce
+        ddp = nn.parallel.DistributedDataParallel
+        self.ddp = model if isinstance(model, ddp) and self.lockstep and many else None
+        self.unsynced = False  # ddp: all-reduces a window's last backward; this one skipped it
         self.steps = self.skipped_steps = 0
         self.largest_norm = math.nan  # the largest finite norm before clipping (inf: none was)
         self.record = record  # for on_step: the pass's first Step.index and its RNG origin

@@ -15,7 +15,7 @@ from fntrain.records import MetricValue
 
 _LOSS, _ITEMS = (None, "loss"), (None, "items")  # metric parts are keyed (name, position)
 _SAMPLES, _BATCHES = (None, "samples"), (None, "batches")
-Parts = Mapping[Hashable, Part]
+Parts = Mapping[Any, Part]  # keyed (metric name, position)
 
 
 class Sums(NamedTuple):
@@ -28,15 +28,18 @@ class Sums(NamedTuple):
     parts: Parts = MappingProxyType({})  # metric parts by (name, position)
 
 
-def stage(parts: Parts, sums: Sums) -> dict[Hashable, Part]:
+def stage(parts: Parts, sums: Sums) -> dict[Any, Part]:
     """Return a batch's parts ready to add (then adding cannot fail); raise naming a misfit."""
-    staged: dict[Hashable, Part] = {}
+    staged: dict[Any, Part] = {}
     for key, part in parts.items():
         if isinstance(part, torch.Tensor):
             part = part.item() if part.is_cpu and part.numel() == 1 else part.detach()
         had = sums.parts.get(key)
-        both = isinstance(had, torch.Tensor) and isinstance(part, torch.Tensor)
-        if both and (part.shape, torch.result_type(had, part)) != (had.shape, had.dtype):
+        if (
+            isinstance(had, torch.Tensor)
+            and isinstance(part, torch.Tensor)
+            and (part.shape, torch.result_type(had, part)) != (had.shape, had.dtype)
+        ):
             raise ValueError(
                 f"metrics[{key[0]!r}]: part {key[1]} of its state is a {part.dtype} tensor "
                 f"of shape {tuple(part.shape)} in this batch but a {had.dtype} of shape "
