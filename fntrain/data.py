@@ -88,7 +88,7 @@ def describe(obj: object) -> str:
 def pair(batch: Any, index: int, who: str = "'loader' must yield") -> tuple[Any, Any]:
     """Split a training/evaluation batch into ``(inputs, targets)``."""
     if isinstance(batch, (tuple, list)) and len(batch) == 2:  # a tuple: faster than a union
-        return batch[0], batch[1]
+        return batch
     hint = _FORWARD_HINT if who.startswith("'loader'") else ""
     raise TypeError(f"{who} (inputs, targets) pairs, but batch {index} is {describe(batch)}{hint}")
 

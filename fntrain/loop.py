@@ -52,8 +52,11 @@ def _run(
         outputs, targets = _outputs(model, forward, batch, index, device)
         return outputs, targets, data.count(outputs, targets, index)
     inputs, targets = data.pair(batch, index)
-    targets = data.to_device(targets, device)
-    samples = data.batch_size(targets)  # None: targets without a batch dimension
+    if not isinstance(targets, torch.Tensor) or targets.device != device or not targets.dim():
+        targets = data.to_device(targets, device)
+        samples = data.batch_size(targets)  # None: targets without a batch dimension
+    else:  # the common case, checked at the cost of three attributes
+        samples = targets.shape[0]
     if samples == 0:
         return None, targets, 0
     outputs = _call(model, None, inputs, index, device)
@@ -113,6 +116,8 @@ def _hint(
 
 def _loss(loss: Any, samples: int, index: int) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
     """Return a batch's mean loss, its sum (None when given a mean) and the items it averages."""
+    if isinstance(loss, torch.Tensor) and not loss.dim() and loss.is_floating_point():
+        return loss, None, samples  # a scalar mean: the common case first
     if isinstance(loss, tuple) and len(loss) == 2:  # (sum, count): a per-item mean
         total, items = loss
         number = isinstance(items, int | float) and not isinstance(items, bool)
@@ -129,8 +134,6 @@ def _loss(loss: Any, samples: int, index: int) -> tuple[torch.Tensor, torch.Tens
             f"'loss_fn' must return a floating-point tensor or (sum, count), but returned "
             f"{data.describe(loss)} for batch {index}"
         )
-    if loss.dim() == 0:
-        return loss, None, samples
     if loss.shape == (samples,):
         return loss.mean(), None, samples
     raise ValueError(

@@ -38,7 +38,8 @@ class BatchGuard:
 
     def save(self) -> None:
         """Copy the buffers before a batch changes them."""
-        self.undo.clear()
+        if self.undo:
+            self.undo.clear()
         try:
             if self.live:
                 torch._foreach_copy_(self.copy, self.live)

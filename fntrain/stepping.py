@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import operator
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -104,6 +105,9 @@ def warn_if_built_for_epochs(scheduler: Any, loader: Any, accumulate: int) -> No
             )
 
 
+_VERSION = operator.attrgetter("_version")
+
+
 class Window(NamedTuple):
     """The batches back-propagated since the last step: a value, each batch makes a new one."""
 
@@ -163,7 +167,7 @@ class Stepper:
 
     def version(self) -> int:
         """Return the sum of the parameters' version counters: in-place updates raise it."""
-        return sum(p._version for p in self.params)
+        return sum(map(_VERSION, self.params))
 
     def sync(self, last: bool) -> None:
         """Under DDP with accumulation, all-reduce the gradients on a window's last batch only."""
@@ -177,13 +181,14 @@ class Stepper:
     ) -> Window:  # fmt: skip
         """Back-propagate a batch's loss over ``weight`` samples or items; return the window."""
         summed, by_items = window.summed, window.by_items
-        if total is not None and (self.many or self.lockstep or not weight):
-            loss, summed = total, True  # divided by the window's (global) items at the step
-            by_items = by_items or self.lockstep
-        elif self.many:
-            loss, summed = loss * weight, True  # divided by the window's samples
-        if self.scaler is not None:
-            loss = self.scaler.scale(loss)
+        if self.many or total is not None or self.scaler is not None:
+            if total is not None and (self.many or self.lockstep or not weight):
+                loss, summed = total, True  # divided by the window's (global) items at the step
+                by_items = by_items or self.lockstep
+            elif self.many:
+                loss, summed = loss * weight, True  # divided by the window's samples
+            if self.scaler is not None:
+                loss = self.scaler.scale(loss)
         try:
             loss.backward()
         except RuntimeError:
