@@ -33,32 +33,27 @@ def stage(parts: Parts, sums: Sums) -> dict[Any, Part]:
     staged: dict[Any, Part] = {}
     for key, part in parts.items():
         if isinstance(part, torch.Tensor):
-            part = part.item() if part.is_cpu and part.numel() == 1 else part.detach()
-        had = sums.parts.get(key)
-        if (
-            isinstance(had, torch.Tensor)
-            and isinstance(part, torch.Tensor)
-            and (part.shape, torch.result_type(had, part)) != (had.shape, had.dtype)
-        ):
-            raise ValueError(
-                f"metrics[{key[0]!r}]: part {key[1]} of its state is a {part.dtype} tensor "
-                f"of shape {tuple(part.shape)} in this batch but a {had.dtype} of shape "
-                f"{tuple(had.shape)} in the ones before; each part must keep its shape"
-            )
+            if part.is_cpu and part.numel() == 1:
+                part = part.item()
+            elif isinstance(had := sums.parts.get(key), torch.Tensor) and (
+                (part.shape, torch.result_type(had, part)) != (had.shape, had.dtype)
+            ):
+                raise ValueError(
+                    f"metrics[{key[0]!r}]: part {key[1]} of its state is a {part.dtype} tensor "
+                    f"of shape {tuple(part.shape)} in this batch but a {had.dtype} of shape "
+                    f"{tuple(had.shape)} in the ones before; each part must keep its shape"
+                )
+            else:
+                part = part.detach()
         staged[key] = part
     return staged
 
 
-def _sum(total: Any, part: Any) -> Any:
-    """Return ``total + part`` (a first tensor part is cloned: the batch's may be a view)."""
-    if total is None:
-        return part.clone() if isinstance(part, torch.Tensor) else part
-    return total + part
-
-
 def added(sums: Sums, loss: Any, scale: float, items: Any, samples: int, parts: Parts) -> Sums:
     """Return ``sums`` with a batch added: ``loss * scale`` (its sum over ``items``), its parts."""
-    if not isinstance(loss, torch.Tensor) or loss.is_cpu:
+    if not isinstance(loss, torch.Tensor):
+        loss = sums.loss + loss * scale
+    elif loss.is_cpu:
         loss = sums.loss + float(loss) * scale
     elif isinstance(sums.loss, torch.Tensor):  # evaluate on a device: one kernel, no sync
         loss = torch.add(sums.loss, loss.detach(), alpha=scale)
@@ -67,10 +62,14 @@ def added(sums: Sums, loss: Any, scale: float, items: Any, samples: int, parts: 
         loss = loss.detach().to(wide) * scale + sums.loss
     if isinstance(items, torch.Tensor):
         items = items.detach()
-    if parts:
-        totals = dict(sums.parts)
+    if parts:  # a first tensor part is cloned: the batch's may be a view
+        before, totals = sums.parts, dict(sums.parts)
         for key, part in parts.items():
-            totals[key] = _sum(totals.get(key), part)
+            had = before.get(key)
+            if had is not None:
+                totals[key] = had + part
+            else:
+                totals[key] = part.clone() if isinstance(part, torch.Tensor) else part
         parts = totals
     else:
         parts = sums.parts
