@@ -14,15 +14,24 @@ import warnings
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+from torch.serialization import MAP_LOCATION
 
 from fntrain import distributed, sharded
-from fntrain.records import Checkpoint, CheckpointError, SavedCheckpoint, Step, reword
+from fntrain.records import (
+    Checkpoint,
+    CheckpointError,
+    MetricValue,
+    SavedCheckpoint,
+    Step,
+    reword,
+)
 from fntrain.restore import NOT_EXACT as _NOT_EXACT
 from fntrain.restore import capture_rng as _capture_rng
 from fntrain.restore import restore_rng as _restore_rng
@@ -46,7 +55,7 @@ _LOOP_KEYS = {  # where hand-written loops' checkpoint dicts keep each state
 }  # fmt: skip
 
 PathLike = str | os.PathLike[str]
-MapLocation = str | torch.device | dict[str, str] | Callable[..., Any] | None
+MapLocation = MAP_LOCATION  # torch.load's: a device, str, dict, function or None
 Scheduler = LRScheduler | ReduceLROnPlateau
 
 
@@ -200,8 +209,8 @@ def _check_is_file(target: Path, must_exist: bool, folder: bool = False) -> None
     if must_exist and not target.exists():
         raise FileNotFoundError(errno.ENOENT, f"no checkpoint at 'path' {str(target)!r}")
     if not target.parent.is_dir():
-        folder = str(target.parent)
-        raise FileNotFoundError(errno.ENOENT, f"the folder of 'path' does not exist: {folder!r}")
+        where = str(target.parent)
+        raise FileNotFoundError(errno.ENOENT, f"the folder of 'path' does not exist: {where!r}")
 
 
 def save_checkpoint(
@@ -213,7 +222,7 @@ def save_checkpoint(
     scaler: torch.amp.GradScaler | None = None,
     epoch: int,
     step: int | Step = 0,
-    metrics: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, MetricValue] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> SavedCheckpoint:
     """Write a complete, resumable checkpoint atomically (never torn); return what was written.
@@ -262,13 +271,13 @@ def save_checkpoint(
     for name, value in (("epoch", epoch), ("step", step)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"'{name}' must be a non-negative int, but got {value!r}")
-    for name, value in (("metrics", metrics), ("extra", extra)):
-        if value is not None and not isinstance(value, Mapping):
-            raise TypeError(f"'{name}' must be a mapping or None, but got {type_name(value)}")
+    for name, given in (("metrics", metrics), ("extra", extra)):
+        if given is not None and not isinstance(given, Mapping):
+            raise TypeError(f"'{name}' must be a mapping or None, but got {type_name(given)}")
     payload = {"format": FORMAT, "version": VERSION, "torch_version": str(torch.__version__)}
     for name, obj in zip(_STATES, (optimizer, scheduler, scaler), strict=True):
-        skip = obj is None or (shards and name == "optimizer")
-        payload[name] = None if skip else obj.state_dict()
+        skip = obj is None or (shards and name == "optimizer")  # FSDP2's goes into the shards
+        payload[name] = None if obj is None or skip else obj.state_dict()
         payload[f"{name}_class"] = None if obj is None else type(obj).__qualname__
     origin = None if at is None else at.origin
     gathered = distributed.all_gather((_capture_rng(), origin))  # every rank's: an exact resume
@@ -280,8 +289,8 @@ def save_checkpoint(
     payload["extra"] = dict(extra or {})
     if len(states) > 1:
         payload["rng_ranks"] = states
-    for key, value in payload.items():
-        _check_plain(value, _LABELS.get(key, f"'{key}' state"))
+    for key, entry in payload.items():
+        _check_plain(entry, _LABELS.get(key, f"'{key}' state"))
     if shards:  # each rank writes its own shards: nothing is gathered
         import torch.distributed.checkpoint.state_dict as dsd
 
@@ -347,15 +356,16 @@ def _check_map_location(value: Any, where: str = "'map_location'") -> None:
 def _read(target: Path, map_location: MapLocation) -> Any:
     """Load ``target`` with ``weights_only=True``; a failure of the file is a CheckpointError."""
     raised: list[BaseException] = []
+    where = map_location
+    if callable(map_location):
 
-    def located(storage: Any, location: str) -> Any:
-        try:
-            return map_location(storage, location)  # type: ignore[operator]
-        except Exception as error:  # the user's function failed, not the file
-            raised.append(error)
-            raise
+        def where(storage: Any, location: str) -> Any:
+            try:
+                return map_location(storage, location)
+            except Exception as error:  # the user's function failed, not the file
+                raised.append(error)
+                raise
 
-    where = located if callable(map_location) else map_location
     try:
         return torch.load(target, map_location=where, weights_only=True)
     except Exception as error:
@@ -408,11 +418,11 @@ def _normalise(payload: Any, target: Path) -> dict[str, Any]:
             return {"model": payload}
         if isinstance(payload, dict) and (from_loop := _from_loop(payload)) is not None:
             return from_loop
-        kind = f"a dict with keys {list(payload)[:8]}" if isinstance(payload, dict) else None
+        held = f"a dict with keys {list(payload)[:8]}" if isinstance(payload, dict) else None
         raise CheckpointError(
             f"{str(target)!r} is neither an fntrain checkpoint nor a model state_dict (bare, "
             f"or under {', '.join(map(repr, _LOOP_KEYS['model']))}); it holds "
-            f"{kind or 'a ' + type(payload).__name__}"
+            f"{held or 'a ' + type(payload).__name__}"
         )
     if payload.get("version") != VERSION:
         raise CheckpointError(
@@ -444,11 +454,12 @@ def _model_problems(saved: dict[str, Any], current: dict[str, Any], strict: bool
             problems.append(f"{label} the file: {', '.join(absent)}")
     for key, value in saved.items():
         other = current.get(key)
-        tensors = isinstance(value, torch.Tensor) and isinstance(other, torch.Tensor)
-        if isinstance(value, torch.Tensor) and (value.is_meta or value.layout != torch.strided):
+        if not isinstance(value, torch.Tensor):
+            continue
+        if value.is_meta or value.layout != torch.strided:
             kind = "meta" if value.is_meta else "sparse"
             problems.append(f"key {key!r} is a {kind} tensor in the file, not a dense one")
-        elif tensors and tuple(value.shape) != tuple(other.shape):
+        elif isinstance(other, torch.Tensor) and value.shape != other.shape:
             problems.append(
                 f"key {key!r} has shape {tuple(value.shape)} in the file but "
                 f"{tuple(other.shape)} in the model"
@@ -466,7 +477,7 @@ def _optimizer_problems(saved: dict[str, Any], optimizer: torch.optim.Optimizer)
         return [f"the file's optimizer has param groups of sizes {sizes} but 'optimizer' has {own}"]
     indices = (i for g in groups for i in g["params"])
     params = dict(zip(indices, (p for g in current for p in g["params"]), strict=True))
-    state = saved.get("state") if isinstance(saved.get("state"), dict) else {}
+    state = found if isinstance(found := saved.get("state"), dict) else {}
     return [
         f"optimizer state {name!r} of parameter {index} has shape {tuple(value.shape)} in "
         f"the file but the parameter has {tuple(params[index].shape)}"
@@ -480,7 +491,7 @@ def _optimizer_problems(saved: dict[str, Any], optimizer: torch.optim.Optimizer)
 def _another_class(name: str, obj: Any, saved: dict[str, Any]) -> str | None:
     """Say if a state of a class the file does not name has keys ``obj``'s lacks, and lacks some."""
     if name == "optimizer":  # its options, but the keys schedulers and named_parameters() add
-        groups = saved.get("param_groups") if isinstance(saved.get("param_groups"), list) else []
+        groups = found if isinstance(found := saved.get("param_groups"), list) else []
         added = ("params", "names", "_lr", "_momentum")
         theirs = {k for g in groups if isinstance(g, dict) for k in g if not str(k).endswith(added)}
         ours = set(obj.defaults)
@@ -628,7 +639,7 @@ def load_checkpoint(
             notes += _restore_rng(state)
         for name, obj in given.items():
             kept = copy.deepcopy(obj.state_dict()) if name != "optimizer" else obj.state_dict()
-            undo[f"'{name}'"] = lambda obj=obj, kept=kept: obj.load_state_dict(kept)
+            undo[f"'{name}'"] = partial(obj.load_state_dict, kept)
             obj.load_state_dict(payload[name])
         if _custom_loading(plain):  # code that may fail after earlier keys were copied
             kept = {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
@@ -653,6 +664,6 @@ def load_checkpoint(
         raise CheckpointError(f"{unfit} {_first_line(error)}") from error
     for note in notes:
         warnings.warn(note, RuntimeWarning, stacklevel=2)
-    stored = {name: payload.get(name) for name in ("epoch", "step", "metrics", "extra")}
+    stored: dict[str, Any] = {k: payload.get(k) for k in ("epoch", "step", "metrics", "extra")}
     stored["batch_index"] = None if position is None else position["batch_index"]
     return Checkpoint(path=target, **stored, **keys._asdict(), position=position)

@@ -155,7 +155,7 @@ def all_reduce_totals(
     }
 
 
-def sampler_indices(loader: Any) -> list[int]:
+def sampler_indices(loader: object) -> list[int]:
     """Return the data set indices a loader's ShardSampler/DistributedSampler gives this rank."""
     sampler = getattr(loader, "sampler", None)
     if not isinstance(sampler, ShardSampler | DistributedSampler):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Mapping
+from functools import partial
 from typing import Any
 
 import attrs
@@ -75,7 +76,7 @@ def _judge(
         inside = ((targets >= 0) & (targets <= 1)).all(dim=1)
         probability = inside & ((targets.sum(dim=1) - 1).abs() <= 1e-3)
         multi_hot = ((targets == 0) | (targets == 1)).all(dim=1) & ~probability
-        bad = (0, multi_hot.sum(), (~probability & ~multi_hot).sum())
+        bad: tuple[Part, Part, Part] = (0, multi_hot.sum(), (~probability & ~multi_hot).sum())
         labels = targets.argmax(dim=1)
     elif _plainly_in_range(targets, classes):  # the common case on the CPU: one reduction
         bad, labels = _CLEAN, targets
@@ -203,7 +204,11 @@ def _snapshot(metric: Any) -> Callable[[], None]:
     def undo() -> None:
         for member, name, value in saved:  # in place: compute groups share these objects
             live = getattr(member, name)
-            if isinstance(live, torch.Tensor) and live.shape == value.shape:
+            if (
+                isinstance(live, torch.Tensor)
+                and isinstance(value, torch.Tensor)
+                and live.shape == value.shape
+            ):
                 live.copy_(value)
             elif isinstance(live, list):
                 live[:] = value
@@ -238,9 +243,9 @@ def parts(
         if not isinstance(metric, Metric):
             if undo is not None:
                 undo.append(_snapshot(metric))
-            _named(name, lambda metric=metric: metric.update(outputs, targets))
+            _named(name, partial(metric.update, outputs, targets))
             continue
-        state = _named(name, lambda metric=metric: metric.state(outputs, targets))
+        state = _named(name, partial(metric.state, outputs, targets))
         for position, part in enumerate(state if isinstance(state, tuple | list) else (state,)):
             found[name, position] = part
     return found
@@ -259,7 +264,7 @@ def finish(metrics: Mapping[str, Any], totals: dict[Any, torch.Tensor]) -> dict[
     for name, metric in metrics.items():
         if isinstance(metric, Metric):  # by position: host and device sums arrive apart
             found = tuple(totals[key] for key in sorted(key for key in totals if key[0] == name))
-            result = _named(name, lambda m=metric, f=found: m.compute(f) if f else float("nan"))
+            result = _named(name, partial(metric.compute, found)) if found else float("nan")
         else:
             result = _named(name, metric.compute)
         if isinstance(result, Mapping):  # a MetricCollection: one entry per member

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
-from torch.nn.utils.parametrize import is_parametrized
 
 _DECAYED_LAYERS: tuple[type[nn.Module], ...] = (
     nn.Linear,
@@ -51,7 +50,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         raise TypeError(f"'model' must be a torch.nn.Module, but got {type(model).__name__}")
     decayed: dict[nn.Parameter, bool] = {}  # by identity, first use wins: tied weights once
     for module in model.modules():  # an owner comes before its parametrizations' originals
-        lists = module.parametrizations.values() if is_parametrized(module) else ()
+        found = getattr(module, "parametrizations", None)  # as torch's is_parametrized judges
+        lists = found.values() if isinstance(found, nn.ModuleDict) else ()
         for param in (p for owner in (module, *lists) for p in owner.parameters(recurse=False)):
             if param.requires_grad:
                 decayed.setdefault(param, isinstance(module, _DECAYED_LAYERS) and param.dim() >= 2)

@@ -44,9 +44,7 @@ def _same(a: Any, b: Any) -> bool:
     return bool(a == b) or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)
 
 
-def _tensors(**kwargs: Any) -> Any:
-    """Return an attrs field that compares by value with ``_same`` and is left out of hash()."""
-    return attrs.field(eq=attrs.cmp_using(eq=_same), hash=False, **kwargs)
+_BY_VALUE = attrs.cmp_using(eq=_same)  # for fields that may hold tensors or NaN
 
 
 @attrs.frozen
@@ -66,8 +64,10 @@ class TrainResult:
         grad_norm: the largest total gradient norm before clipping; None without clipping.
     """
 
-    loss: float = _tensors()  # NaN equal to NaN, left out of hash()
-    metrics: Mapping[str, MetricValue] = _tensors(converter=ReadOnlyDict)
+    loss: float = attrs.field(eq=_BY_VALUE, hash=False)  # NaN equal to NaN
+    metrics: Mapping[str, MetricValue] = attrs.field(
+        eq=_BY_VALUE, hash=False, converter=ReadOnlyDict
+    )
     samples: int
     batches: int
     steps: int
@@ -95,7 +95,7 @@ class Step:
 
     index: int
     batch_index: int
-    loss: float = _tensors()  # NaN equal to NaN, left out of hash()
+    loss: float = attrs.field(eq=_BY_VALUE, hash=False)  # NaN equal to NaN
     samples: int
     lr: float
     grad_norm: float | None = None
@@ -114,8 +114,10 @@ class EvalResult:
         seconds: wall-clock time of the pass.
     """
 
-    loss: float = _tensors()  # NaN equal to NaN, left out of hash()
-    metrics: Mapping[str, MetricValue] = _tensors(converter=ReadOnlyDict)
+    loss: float = attrs.field(eq=_BY_VALUE, hash=False)  # NaN equal to NaN
+    metrics: Mapping[str, MetricValue] = attrs.field(
+        eq=_BY_VALUE, hash=False, converter=ReadOnlyDict
+    )
     samples: int
     batches: int
     seconds: float
@@ -131,8 +133,8 @@ class Predictions:
         samples: number of samples predicted.
     """
 
-    outputs: Any = _tensors()  # noqa: RUF009 (attrs fields, not dataclass defaults)
-    targets: Any = _tensors()  # noqa: RUF009
+    outputs: Any = attrs.field(eq=_BY_VALUE, hash=False)
+    targets: Any = attrs.field(eq=_BY_VALUE, hash=False)
     samples: int
 
 
@@ -175,8 +177,8 @@ class Checkpoint:
     path: Path
     epoch: int | None
     step: int | None
-    metrics: Mapping[str, Any] = _tensors(converter=ReadOnlyDict)
-    extra: Mapping[str, Any] = _tensors(converter=ReadOnlyDict)
+    metrics: Mapping[str, Any] = attrs.field(eq=_BY_VALUE, hash=False, converter=ReadOnlyDict)
+    extra: Mapping[str, Any] = attrs.field(eq=_BY_VALUE, hash=False, converter=ReadOnlyDict)
     missing_keys: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     unexpected_keys: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     batch_index: int | None = None

@@ -276,8 +276,7 @@ def read(target: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
             for key, entry in entries.items() if key.startswith(own)}  # fmt: skip
     wanted: dict[str, Any] = {"model": weights, **({own[:-1]: mine} if mine else {})}
     saved, kind = payload.get("optimizer"), type(optimizer).__qualname__
-    fits = optimizer is not None and saved and payload.get("optimizer_class") == kind
-    if fits:  # the file's parameter names, in order, to this optimizer's parameters
+    if optimizer is not None and saved and payload.get("optimizer_class") == kind:  # by name
         names = [fqn for group in saved["param_groups"] for fqn in group["params"]]
         ours = (p for group in optimizer.param_groups for p in group["params"])
         params = dict(zip(names, ours, strict=False))
@@ -287,7 +286,6 @@ def read(target: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
             wanted["optimizer"].setdefault(fqn, {})[name] = _blank(params.get(fqn), entry)
     _load(target, wanted, alone)
     payload["model"] = {**weights, **mine, **rest}
-    if fits:
-        for fqn, tensors in wanted["optimizer"].items():
-            saved["state"].setdefault(fqn, {}).update(tensors)
+    for fqn, tensors in wanted.get("optimizer", {}).items():
+        saved["state"].setdefault(fqn, {}).update(tensors)
     return payload
