@@ -9,6 +9,7 @@ import os
 import re
 import secrets
 import stat
+import sys
 import time
 import warnings
 import zlib
@@ -36,10 +37,10 @@ from fntrain.restore import NOT_EXACT as _NOT_EXACT
 from fntrain.restore import capture_rng as _capture_rng
 from fntrain.restore import restore_rng as _restore_rng
 
-try:
+if sys.platform == "win32":  # no advisory locks: orphans are judged by age alone
+    fcntl = None
+else:
     import fcntl
-except ImportError:  # Windows: no advisory locks; orphans are judged by age alone
-    fcntl = None  # type: ignore[assignment]
 
 FORMAT = "fntrain.checkpoint"
 VERSION = 1

@@ -99,8 +99,8 @@ def in_step(loader: Iterable[Any]) -> Iterable[Any]:
     if not active():
         return loader
     mine: int | None = None
-    with contextlib.suppress(TypeError):
-        mine = len(loader)  # type: ignore[arg-type]
+    with contextlib.suppress(TypeError):  # no len(), or one that raises (an IterableDataset's)
+        mine = len(loader) if isinstance(loader, Sized) else None
     if None in (counts := all_gather(mine)):
         return _watched(loader)
     if len(set(counts)) > 1:

@@ -13,7 +13,7 @@ MetricValue = float | torch.Tensor
 """A metric's value: a float, or a CPU tensor for non-scalar metrics (a confusion matrix)."""
 
 
-class ReadOnlyDict(dict):  # type: ignore[type-arg]
+class ReadOnlyDict(dict[str, Any]):
     """A dict that refuses every change: readable, json-dumpable, picklable and copyable."""
 
     def __init__(self, mapping: Mapping[str, Any] | None = None) -> None:
@@ -22,8 +22,8 @@ class ReadOnlyDict(dict):  # type: ignore[type-arg]
     def _refuse(self, *_: object, **__: object) -> NoReturn:
         raise TypeError("this mapping is read-only; copy it with dict(...) to change it")
 
-    __setitem__ = __delitem__ = __ior__ = update = setdefault = _refuse  # type: ignore[assignment]
-    pop = popitem = clear = _refuse  # type: ignore[assignment]
+    __setitem__ = __delitem__ = __ior__ = update = setdefault = _refuse
+    pop = popitem = clear = _refuse
 
     def __reduce__(self) -> tuple[type, tuple[dict[Any, Any]]]:
         return type(self), (dict(self),)
