@@ -32,21 +32,9 @@ def world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if active() else (0, 1)
 
 
-def on_main(work: Callable[[], T]) -> T:
-    """Run ``work`` on rank 0 only; return its result, or raise its error, on every rank."""
-    if not active():
-        return work()
-    box: list[Any] = [None]
-    if dist.get_rank() == 0:
-        try:
-            box[0] = (True, work())
-        except Exception as error:  # every rank raises it
-            box[0] = (False, error)
-    dist.broadcast_object_list(box, src=0)
-    done, value = box[0]
-    if not done:
-        raise value
-    return value
+def on_main(write: Callable[[], int]) -> int:
+    """Run ``write`` on rank 0 only; return the size it wrote, or raise its error, on every rank."""
+    return everywhere(lambda: write() if is_main() else 0)[0]
 
 
 def everywhere(check: Callable[[], T]) -> list[T]:
@@ -127,9 +115,7 @@ def _watched(loader: Iterable[Any]) -> Iterator[Any]:
 
 def _collective_device() -> torch.device:
     """Return the device the default process group reduces on (CUDA for NCCL)."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    return torch.device("cuda" if dist.get_backend() == "nccl" else "cpu")  # the current GPU
 
 
 def all_reduce_totals(
@@ -200,10 +186,8 @@ def gather_in_order(
 class ShardSampler(Sampler[int]):
     """Give each rank every ``world_size``-th index, without padding, for exact evaluation.
 
-    ``DistributedSampler`` pads the last shard with repeated samples, counted twice in a
-    global evaluation. Rank ``r`` gets ``r, r + world_size, ...`` here, so ``evaluate``'s
-    global loss and metrics equal one process's. For evaluation and prediction only:
-    training needs equal batch counts per rank.
+    Unlike ``DistributedSampler``, it repeats no sample to even the shards, so a global
+    ``evaluate`` equals one process's; for evaluation and prediction, not training.
 
     Args:
         data_source: the data set (anything with ``len()``).
