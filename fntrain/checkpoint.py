@@ -24,18 +24,8 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 from torch.serialization import MAP_LOCATION
 
-from fntrain import distributed, sharded
-from fntrain.records import (
-    Checkpoint,
-    CheckpointError,
-    MetricValue,
-    SavedCheckpoint,
-    Step,
-    reword,
-)
-from fntrain.restore import NOT_EXACT as _NOT_EXACT
-from fntrain.restore import capture_rng as _capture_rng
-from fntrain.restore import restore_rng as _restore_rng
+from fntrain import distributed, records, restore, sharded
+from fntrain.records import Checkpoint, CheckpointError, MetricValue, SavedCheckpoint, Step
 
 if sys.platform == "win32":  # no advisory locks: orphans are judged by age alone
     fcntl = None
@@ -229,16 +219,14 @@ def save_checkpoint(
     """Write a complete, resumable checkpoint atomically (never torn); return what was written.
 
     Args:
-        path: the file to write (its folder must exist).
+        path: the file to write (its folder must exist); for an FSDP2 model, a folder of shards.
         model: the model; a DDP or compiled wrapper is saved as the plain model.
         optimizer: its state is saved when given.
         scheduler: an LR scheduler whose state is saved when given.
         scaler: a ``torch.amp.GradScaler`` whose state is saved when given.
-        epoch: your epoch counter, stored as given (the README saves the finished epoch's
-            0-based index and resumes at ``ckpt.epoch + 1``).
-        step: the number of optimizer steps completed, or the ``ft.Step`` that ``on_step`` was
-            given: then the file also holds where in the pass it is and what redraws the pass's
-            data order, for ``train_epoch(..., resume=ckpt)`` (``ckpt.step``: the steps done).
+        epoch: your epoch counter, stored as given.
+        step: the optimizer steps done, or ``on_step``'s ``ft.Step``: ``train_epoch(...,
+            resume=ckpt)`` then continues the pass after that step, drawing the same data.
         metrics: name to value (floats or tensors), e.g. ``EvalResult.metrics``.
         extra: your own plain data (numbers, str, tensors, lists and dicts of them).
 
@@ -246,7 +234,7 @@ def save_checkpoint(
         A frozen ``SavedCheckpoint(path, size, epoch, step)``.
 
     Raises:
-        TypeError: an argument has the wrong type, or a state would not load with weights_only=True.
+        TypeError: an argument of the wrong type, or a state weights_only=True would not load.
         ValueError: ``epoch`` or ``step`` is not a non-negative int.
 
     Example:
@@ -277,11 +265,11 @@ def save_checkpoint(
             raise TypeError(f"'{name}' must be a mapping or None, but got {type_name(given)}")
     payload = {"format": FORMAT, "version": VERSION, "torch_version": str(torch.__version__)}
     for name, obj in zip(_STATES, (optimizer, scheduler, scaler), strict=True):
-        skip = obj is None or (shards and name == "optimizer")  # FSDP2's goes into the shards
+        skip = shards and name == "optimizer"  # FSDP2's goes into the shards
         payload[name] = None if obj is None or skip else obj.state_dict()
         payload[f"{name}_class"] = None if obj is None else type(obj).__qualname__
     origin = None if at is None else at.origin
-    gathered = distributed.all_gather((_capture_rng(), origin))  # every rank's: an exact resume
+    gathered = distributed.all_gather((restore.capture_rng(), origin))  # every rank's, to resume
     states = [state for state, _ in gathered]
     payload.update(rng=states[0], epoch=epoch, step=step, metrics=dict(metrics or {}))
     if at is not None:
@@ -371,7 +359,8 @@ def _read(target: Path, map_location: MapLocation) -> Any:
         return torch.load(target, map_location=where, weights_only=True)
     except Exception as error:
         if raised:
-            raise reword(raised[0], prefix=f"'map_location' raised for {str(target)!r}: ") from None
+            prefix = f"'map_location' raised for {str(target)!r}: "
+            raise records.reword(raised[0], prefix=prefix) from None
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
         if "weights only load failed" in text.lower():
             found = (re.findall(r"GLOBAL ([\w.]+)", text) or ["object"])[0]
@@ -539,18 +528,18 @@ def _custom_loading(model: nn.Module) -> bool:
 def _rng_state(payload: dict[str, Any]) -> tuple[Any, list[str]]:
     """Return this rank's RNG state in the file (None if it has none for it), and why not."""
     rank, size = distributed.world()
-    if isinstance(ranks := payload.get("rng_ranks"), list) and len(ranks) == size:
-        return ranks[rank], []
+    ranks = found if isinstance(found := payload.get("rng_ranks"), list) else [payload.get("rng")]
     if "rng" not in payload:
-        return None, [f"the checkpoint holds no RNG state (not saved by fntrain), {_NOT_EXACT}"]
-    saved = len(ranks) if isinstance(ranks, list) else 1
-    if size == 1:
-        lost = f"holds the RNG states of {saved} processes; one process restores rank 0's"
-        return payload["rng"], [f"the checkpoint {lost}, {_NOT_EXACT}"] * (saved > 1)
-    return None, [
-        f"the checkpoint holds the RNG states of {saved} process(es) but {size} ranks load "
-        f"it; they were not restored, {_NOT_EXACT}"
-    ]
+        problem = "holds no RNG state (not saved by fntrain)"
+    elif len(ranks) == size:
+        return ranks[rank], []
+    elif size == 1:
+        lost = f"holds the RNG states of {len(ranks)} processes; one process restores rank 0's"
+        return ranks[0], [f"the checkpoint {lost}, {restore.NOT_EXACT}"]
+    else:
+        problem = f"holds the RNG states of {len(ranks)} process(es) but {size} ranks load it"
+        problem += "; they were not restored"
+    return None, [f"the checkpoint {problem}, {restore.NOT_EXACT}"]
 
 
 def load_checkpoint(
@@ -567,10 +556,9 @@ def load_checkpoint(
     """Restore a checkpoint into ``model`` and the states given, in place, all or nothing.
 
     Args:
-        path: the checkpoint file; a bare ``model.state_dict()`` or a hand-written loop's dict
-            (``{"epoch", "model" or "state_dict", "optimizer", ...}``) saved with torch.save
-            loads too: ``epoch`` as stored, other keys in ``extra``.
-        model: the model to restore into (plain, DDP-wrapped or compiled).
+        path: the checkpoint (file or folder of shards); a bare ``model.state_dict()`` or a
+            loop's dict saved with torch.save loads too (its own keys go to ``extra``).
+        model: the model to restore into (plain, DDP-wrapped, compiled or FSDP2-sharded).
         optimizer: restored when given; the file must hold a state of the same class.
         scheduler: an LR scheduler, restored when given.
         scaler: a ``torch.amp.GradScaler``, restored when given.
@@ -579,7 +567,7 @@ def load_checkpoint(
         restore_rng: restore the RNG states (bit-exact resume); None: if ``optimizer`` is given.
 
     Returns:
-        A frozen ``Checkpoint(path, epoch, step, metrics, extra, missing_keys, unexpected_keys)``.
+        A frozen ``Checkpoint(path, epoch, step, metrics, extra, missing_keys, ...)``.
 
     Raises:
         TypeError: an argument has the wrong type.
@@ -632,12 +620,12 @@ def load_checkpoint(
         raise CheckpointError("\n  ".join([unfit, *problems]))
     undo: dict[str, Callable[[], object]] = {}  # load every state, the model last; or undo all
     try:
-        restore = optimizer is not None if restore_rng is None else restore_rng
-        state, notes = _rng_state(payload) if restore else (None, [])
+        rewind = optimizer is not None if restore_rng is None else restore_rng
+        state, notes = _rng_state(payload) if rewind else (None, [])
         if state is not None:
-            before = _capture_rng()
-            undo["the RNG states"] = lambda: _restore_rng(before)
-            notes += _restore_rng(state)
+            before = restore.capture_rng()
+            undo["the RNG states"] = lambda: restore.restore_rng(before)
+            notes += restore.restore_rng(state)
         for name, obj in given.items():
             kept = copy.deepcopy(obj.state_dict()) if name != "optimizer" else obj.state_dict()
             undo[f"'{name}'"] = partial(obj.load_state_dict, kept)
