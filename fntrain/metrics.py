@@ -134,12 +134,10 @@ def _classification(name: str, threshold: float, ignore_index: int | None, k: in
 def accuracy(threshold: float = 0.0, ignore_index: int | None = None) -> Metric:
     """Return the fraction of predictions that are right: top class, or score above a threshold.
 
-    With class scores in dim 1, targets are class indices (of any dense shape) or one value
-    per class, a probability row counting by its argmax. With one output column or 1-D
-    outputs, a score above ``threshold`` predicts 1 (0.0 for logits, 0.5 after a sigmoid).
-    Targets it cannot judge (regression values, multi-hot rows, indices out of range) are
-    refused, naming the metric to use. ``ignore_index`` skips targets as the loss does: the
-    fraction is then over the non-ignored targets, per item (e.g. per token), not per sample.
+    With class scores in dim 1, targets are class indices (any dense shape) or probability
+    rows (by their argmax); with one output column or 1-D outputs, a score above ``threshold``
+    predicts 1 (0.0 for logits). Targets it cannot judge (regression values, multi-hot rows,
+    indices out of range) are refused. With ``ignore_index``, the fraction is per item (token).
 
     Example:
         >>> import torch, fntrain as ft
@@ -204,14 +202,10 @@ def _snapshot(metric: Any) -> Callable[[], None]:
     def undo() -> None:
         for member, name, value in saved:  # in place: compute groups share these objects
             live = getattr(member, name)
-            if (
-                isinstance(live, torch.Tensor)
-                and isinstance(value, torch.Tensor)
-                and live.shape == value.shape
-            ):
-                live.copy_(value)
-            elif isinstance(live, list):
+            if isinstance(live, list):
                 live[:] = value
+            elif isinstance(value, torch.Tensor) and getattr(live, "shape", None) == value.shape:
+                live.copy_(value)
             else:
                 setattr(member, name, value)
         for member, count in counts:
