@@ -230,9 +230,6 @@ def save_checkpoint(
         metrics: name to value (floats or tensors), e.g. ``EvalResult.metrics``.
         extra: your own plain data (numbers, str, tensors, lists and dicts of them).
 
-    Returns:
-        A frozen ``SavedCheckpoint(path, size, epoch, step)``.
-
     Raises:
         TypeError: an argument of the wrong type, or a state weights_only=True would not load.
         ValueError: ``epoch`` or ``step`` is not a non-negative int.
@@ -313,10 +310,9 @@ def _position(payload: dict[str, Any], target: Path) -> dict[str, Any] | None:
         return None
     try:
         starts, (rank, size) = saved["starts"], distributed.world()
-        same = len(starts) == size  # else another world size: load_checkpoint warns
-        now = payload["rng"] if size == 1 else payload["rng_ranks"][rank] if same else None
+        start = starts[rank] if len(starts) == size else starts[0]  # else load_checkpoint warns
         place = {"batch_index": int(saved["batch_index"]), "index": int(saved["index"])}
-        return place | {"start": starts[rank] if same else starts[0], "now": now}
+        return place | {"start": start, "now": _rng_state(payload)[0]}
     except (KeyError, IndexError, TypeError, ValueError) as error:
         problem = f"a malformed fntrain checkpoint: its 'position' entry fails with {error!r}"
         raise CheckpointError(f"{str(target)!r} is {problem}") from None
@@ -555,6 +551,8 @@ def load_checkpoint(
 ) -> Checkpoint:
     """Restore a checkpoint into ``model`` and the states given, in place, all or nothing.
 
+    Returns a frozen ``Checkpoint(path, epoch, step, metrics, extra, missing_keys, ...)``.
+
     Args:
         path: the checkpoint (file or folder of shards); a bare ``model.state_dict()`` or a
             loop's dict saved with torch.save loads too (its own keys go to ``extra``).
@@ -565,9 +563,6 @@ def load_checkpoint(
         map_location: where tensors load first, as for ``torch.load``; the model keeps its devices.
         strict: require the model keys to match exactly; with False, skipped keys are returned.
         restore_rng: restore the RNG states (bit-exact resume); None: if ``optimizer`` is given.
-
-    Returns:
-        A frozen ``Checkpoint(path, epoch, step, metrics, extra, missing_keys, ...)``.
 
     Raises:
         TypeError: an argument has the wrong type.

@@ -174,9 +174,8 @@ def gather_in_order(
     if not (parts := [part for part in received if part[2]]):
         raise ValueError("'loader' yielded no batches on any rank")
     ordered, positions = torch.sort(torch.tensor([i for p in parts for i in p[2]]), stable=True)
-    first = torch.ones_like(ordered, dtype=torch.bool)
-    first[1:] = ordered[1:] != ordered[:-1]
-    keep = positions[first]  # data set order, each index once (DistributedSampler pads)
+    counts = ordered.unique_consecutive(return_counts=True)[1]  # DistributedSampler pads
+    keep = positions[counts.cumsum(0) - counts]  # data set order, each index once
     order = keep.tolist()  # names (lists of plain values) follow the outputs
     pick = lambda names: [names[i] for i in order]  # noqa: E731
     outputs, targets = map_tensors(lambda t: t[keep], concat([p[:2] for p in parts]), pick)
