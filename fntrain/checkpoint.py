@@ -9,28 +9,28 @@ import os
 import re
 import secrets
 import stat
+import sys
 import time
 import warnings
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+from torch.serialization import MAP_LOCATION
 
-from fntrain import distributed, sharded
-from fntrain.records import Checkpoint, CheckpointError, SavedCheckpoint, Step, reword
-from fntrain.restore import NOT_EXACT as _NOT_EXACT
-from fntrain.restore import capture_rng as _capture_rng
-from fntrain.restore import restore_rng as _restore_rng
+from fntrain import distributed, records, restore, sharded
+from fntrain.records import Checkpoint, CheckpointError, MetricValue, SavedCheckpoint, Step
 
-try:
+if sys.platform == "win32":  # no advisory locks: orphans are judged by age alone
+    fcntl = None
+else:
     import fcntl
-except ImportError:  # Windows: no advisory locks; orphans are judged by age alone
-    fcntl = None  # type: ignore[assignment]
 
 FORMAT = "fntrain.checkpoint"
 VERSION = 1
@@ -46,7 +46,7 @@ _LOOP_KEYS = {  # where hand-written loops' checkpoint dicts keep each state
 }  # fmt: skip
 
 PathLike = str | os.PathLike[str]
-MapLocation = str | torch.device | dict[str, str] | Callable[..., Any] | None
+MapLocation = MAP_LOCATION  # torch.load's: a device, str, dict, function or None
 Scheduler = LRScheduler | ReduceLROnPlateau
 
 
@@ -200,8 +200,8 @@ def _check_is_file(target: Path, must_exist: bool, folder: bool = False) -> None
     if must_exist and not target.exists():
         raise FileNotFoundError(errno.ENOENT, f"no checkpoint at 'path' {str(target)!r}")
     if not target.parent.is_dir():
-        folder = str(target.parent)
-        raise FileNotFoundError(errno.ENOENT, f"the folder of 'path' does not exist: {folder!r}")
+        where = str(target.parent)
+        raise FileNotFoundError(errno.ENOENT, f"the folder of 'path' does not exist: {where!r}")
 
 
 def save_checkpoint(
@@ -213,30 +213,25 @@ def save_checkpoint(
     scaler: torch.amp.GradScaler | None = None,
     epoch: int,
     step: int | Step = 0,
-    metrics: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, MetricValue] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> SavedCheckpoint:
     """Write a complete, resumable checkpoint atomically (never torn); return what was written.
 
     Args:
-        path: the file to write (its folder must exist).
+        path: the file to write (its folder must exist); for an FSDP2 model, a folder of shards.
         model: the model; a DDP or compiled wrapper is saved as the plain model.
         optimizer: its state is saved when given.
         scheduler: an LR scheduler whose state is saved when given.
         scaler: a ``torch.amp.GradScaler`` whose state is saved when given.
-        epoch: your epoch counter, stored as given (the README saves the finished epoch's
-            0-based index and resumes at ``ckpt.epoch + 1``).
-        step: the number of optimizer steps completed, or the ``ft.Step`` that ``on_step`` was
-            given: then the file also holds where in the pass it is and what redraws the pass's
-            data order, for ``train_epoch(..., resume=ckpt)`` (``ckpt.step``: the steps done).
+        epoch: your epoch counter, stored as given.
+        step: the optimizer steps done, or ``on_step``'s ``ft.Step``: ``train_epoch(...,
+            resume=ckpt)`` then continues the pass after that step, drawing the same data.
         metrics: name to value (floats or tensors), e.g. ``EvalResult.metrics``.
         extra: your own plain data (numbers, str, tensors, lists and dicts of them).
 
-    Returns:
-        A frozen ``SavedCheckpoint(path, size, epoch, step)``.
-
     Raises:
-        TypeError: an argument has the wrong type, or a state would not load with weights_only=True.
+        TypeError: an argument of the wrong type, or a state weights_only=True would not load.
         ValueError: ``epoch`` or ``step`` is not a non-negative int.
 
     Example:
@@ -262,16 +257,16 @@ def save_checkpoint(
     for name, value in (("epoch", epoch), ("step", step)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"'{name}' must be a non-negative int, but got {value!r}")
-    for name, value in (("metrics", metrics), ("extra", extra)):
-        if value is not None and not isinstance(value, Mapping):
-            raise TypeError(f"'{name}' must be a mapping or None, but got {type_name(value)}")
+    for name, given in (("metrics", metrics), ("extra", extra)):
+        if given is not None and not isinstance(given, Mapping):
+            raise TypeError(f"'{name}' must be a mapping or None, but got {type_name(given)}")
     payload = {"format": FORMAT, "version": VERSION, "torch_version": str(torch.__version__)}
     for name, obj in zip(_STATES, (optimizer, scheduler, scaler), strict=True):
-        skip = obj is None or (shards and name == "optimizer")
-        payload[name] = None if skip else obj.state_dict()
+        skip = shards and name == "optimizer"  # FSDP2's goes into the shards
+        payload[name] = None if obj is None or skip else obj.state_dict()
         payload[f"{name}_class"] = None if obj is None else type(obj).__qualname__
     origin = None if at is None else at.origin
-    gathered = distributed.all_gather((_capture_rng(), origin))  # every rank's: an exact resume
+    gathered = distributed.all_gather((restore.capture_rng(), origin))  # every rank's, to resume
     states = [state for state, _ in gathered]
     payload.update(rng=states[0], epoch=epoch, step=step, metrics=dict(metrics or {}))
     if at is not None:
@@ -280,8 +275,8 @@ def save_checkpoint(
     payload["extra"] = dict(extra or {})
     if len(states) > 1:
         payload["rng_ranks"] = states
-    for key, value in payload.items():
-        _check_plain(value, _LABELS.get(key, f"'{key}' state"))
+    for key, entry in payload.items():
+        _check_plain(entry, _LABELS.get(key, f"'{key}' state"))
     if shards:  # each rank writes its own shards: nothing is gathered
         import torch.distributed.checkpoint.state_dict as dsd
 
@@ -315,10 +310,9 @@ def _position(payload: dict[str, Any], target: Path) -> dict[str, Any] | None:
         return None
     try:
         starts, (rank, size) = saved["starts"], distributed.world()
-        same = len(starts) == size  # else another world size: load_checkpoint warns
-        now = payload["rng"] if size == 1 else payload["rng_ranks"][rank] if same else None
+        start = starts[rank] if len(starts) == size else starts[0]  # else load_checkpoint warns
         place = {"batch_index": int(saved["batch_index"]), "index": int(saved["index"])}
-        return place | {"start": starts[rank] if same else starts[0], "now": now}
+        return place | {"start": start, "now": _rng_state(payload)[0]}
     except (KeyError, IndexError, TypeError, ValueError) as error:
         problem = f"a malformed fntrain checkpoint: its 'position' entry fails with {error!r}"
         raise CheckpointError(f"{str(target)!r} is {problem}") from None
@@ -347,20 +341,22 @@ def _check_map_location(value: Any, where: str = "'map_location'") -> None:
 def _read(target: Path, map_location: MapLocation) -> Any:
     """Load ``target`` with ``weights_only=True``; a failure of the file is a CheckpointError."""
     raised: list[BaseException] = []
+    where = map_location
+    if callable(map_location):
 
-    def located(storage: Any, location: str) -> Any:
-        try:
-            return map_location(storage, location)  # type: ignore[operator]
-        except Exception as error:  # the user's function failed, not the file
-            raised.append(error)
-            raise
+        def where(storage: Any, location: str) -> Any:
+            try:
+                return map_location(storage, location)
+            except Exception as error:  # the user's function failed, not the file
+                raised.append(error)
+                raise
 
-    where = located if callable(map_location) else map_location
     try:
         return torch.load(target, map_location=where, weights_only=True)
     except Exception as error:
         if raised:
-            raise reword(raised[0], prefix=f"'map_location' raised for {str(target)!r}: ") from None
+            prefix = f"'map_location' raised for {str(target)!r}: "
+            raise records.reword(raised[0], prefix=prefix) from None
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
         if "weights only load failed" in text.lower():
             found = (re.findall(r"GLOBAL ([\w.]+)", text) or ["object"])[0]
@@ -408,11 +404,11 @@ def _normalise(payload: Any, target: Path) -> dict[str, Any]:
             return {"model": payload}
         if isinstance(payload, dict) and (from_loop := _from_loop(payload)) is not None:
             return from_loop
-        kind = f"a dict with keys {list(payload)[:8]}" if isinstance(payload, dict) else None
+        held = f"a dict with keys {list(payload)[:8]}" if isinstance(payload, dict) else None
         raise CheckpointError(
             f"{str(target)!r} is neither an fntrain checkpoint nor a model state_dict (bare, "
             f"or under {', '.join(map(repr, _LOOP_KEYS['model']))}); it holds "
-            f"{kind or 'a ' + type(payload).__name__}"
+            f"{held or 'a ' + type(payload).__name__}"
         )
     if payload.get("version") != VERSION:
         raise CheckpointError(
@@ -444,11 +440,12 @@ def _model_problems(saved: dict[str, Any], current: dict[str, Any], strict: bool
             problems.append(f"{label} the file: {', '.join(absent)}")
     for key, value in saved.items():
         other = current.get(key)
-        tensors = isinstance(value, torch.Tensor) and isinstance(other, torch.Tensor)
-        if isinstance(value, torch.Tensor) and (value.is_meta or value.layout != torch.strided):
+        if not isinstance(value, torch.Tensor):
+            continue
+        if value.is_meta or value.layout != torch.strided:
             kind = "meta" if value.is_meta else "sparse"
             problems.append(f"key {key!r} is a {kind} tensor in the file, not a dense one")
-        elif tensors and tuple(value.shape) != tuple(other.shape):
+        elif isinstance(other, torch.Tensor) and value.shape != other.shape:
             problems.append(
                 f"key {key!r} has shape {tuple(value.shape)} in the file but "
                 f"{tuple(other.shape)} in the model"
@@ -466,7 +463,7 @@ def _optimizer_problems(saved: dict[str, Any], optimizer: torch.optim.Optimizer)
         return [f"the file's optimizer has param groups of sizes {sizes} but 'optimizer' has {own}"]
     indices = (i for g in groups for i in g["params"])
     params = dict(zip(indices, (p for g in current for p in g["params"]), strict=True))
-    state = saved.get("state") if isinstance(saved.get("state"), dict) else {}
+    state = found if isinstance(found := saved.get("state"), dict) else {}
     return [
         f"optimizer state {name!r} of parameter {index} has shape {tuple(value.shape)} in "
         f"the file but the parameter has {tuple(params[index].shape)}"
@@ -480,7 +477,7 @@ def _optimizer_problems(saved: dict[str, Any], optimizer: torch.optim.Optimizer)
 def _another_class(name: str, obj: Any, saved: dict[str, Any]) -> str | None:
     """Say if a state of a class the file does not name has keys ``obj``'s lacks, and lacks some."""
     if name == "optimizer":  # its options, but the keys schedulers and named_parameters() add
-        groups = saved.get("param_groups") if isinstance(saved.get("param_groups"), list) else []
+        groups = found if isinstance(found := saved.get("param_groups"), list) else []
         added = ("params", "names", "_lr", "_momentum")
         theirs = {k for g in groups if isinstance(g, dict) for k in g if not str(k).endswith(added)}
         ours = set(obj.defaults)
@@ -527,18 +524,18 @@ def _custom_loading(model: nn.Module) -> bool:
 def _rng_state(payload: dict[str, Any]) -> tuple[Any, list[str]]:
     """Return this rank's RNG state in the file (None if it has none for it), and why not."""
     rank, size = distributed.world()
-    if isinstance(ranks := payload.get("rng_ranks"), list) and len(ranks) == size:
-        return ranks[rank], []
+    ranks = found if isinstance(found := payload.get("rng_ranks"), list) else [payload.get("rng")]
     if "rng" not in payload:
-        return None, [f"the checkpoint holds no RNG state (not saved by fntrain), {_NOT_EXACT}"]
-    saved = len(ranks) if isinstance(ranks, list) else 1
-    if size == 1:
-        lost = f"holds the RNG states of {saved} processes; one process restores rank 0's"
-        return payload["rng"], [f"the checkpoint {lost}, {_NOT_EXACT}"] * (saved > 1)
-    return None, [
-        f"the checkpoint holds the RNG states of {saved} process(es) but {size} ranks load "
-        f"it; they were not restored, {_NOT_EXACT}"
-    ]
+        problem = "holds no RNG state (not saved by fntrain)"
+    elif len(ranks) == size:
+        return ranks[rank], []
+    elif size == 1:
+        lost = f"holds the RNG states of {len(ranks)} processes; one process restores rank 0's"
+        return ranks[0], [f"the checkpoint {lost}, {restore.NOT_EXACT}"]
+    else:
+        problem = f"holds the RNG states of {len(ranks)} process(es) but {size} ranks load it"
+        problem += "; they were not restored"
+    return None, [f"the checkpoint {problem}, {restore.NOT_EXACT}"]
 
 
 def load_checkpoint(
@@ -554,20 +551,18 @@ def load_checkpoint(
 ) -> Checkpoint:
     """Restore a checkpoint into ``model`` and the states given, in place, all or nothing.
 
+    Returns a frozen ``Checkpoint(path, epoch, step, metrics, extra, missing_keys, ...)``.
+
     Args:
-        path: the checkpoint file; a bare ``model.state_dict()`` or a hand-written loop's dict
-            (``{"epoch", "model" or "state_dict", "optimizer", ...}``) saved with torch.save
-            loads too: ``epoch`` as stored, other keys in ``extra``.
-        model: the model to restore into (plain, DDP-wrapped or compiled).
+        path: the checkpoint (file or folder of shards); a bare ``model.state_dict()`` or a
+            loop's dict saved with torch.save loads too (its own keys go to ``extra``).
+        model: the model to restore into (plain, DDP-wrapped, compiled or FSDP2-sharded).
         optimizer: restored when given; the file must hold a state of the same class.
         scheduler: an LR scheduler, restored when given.
         scaler: a ``torch.amp.GradScaler``, restored when given.
         map_location: where tensors load first, as for ``torch.load``; the model keeps its devices.
         strict: require the model keys to match exactly; with False, skipped keys are returned.
         restore_rng: restore the RNG states (bit-exact resume); None: if ``optimizer`` is given.
-
-    Returns:
-        A frozen ``Checkpoint(path, epoch, step, metrics, extra, missing_keys, unexpected_keys)``.
 
     Raises:
         TypeError: an argument has the wrong type.
@@ -620,15 +615,15 @@ def load_checkpoint(
         raise CheckpointError("\n  ".join([unfit, *problems]))
     undo: dict[str, Callable[[], object]] = {}  # load every state, the model last; or undo all
     try:
-        restore = optimizer is not None if restore_rng is None else restore_rng
-        state, notes = _rng_state(payload) if restore else (None, [])
+        rewind = optimizer is not None if restore_rng is None else restore_rng
+        state, notes = _rng_state(payload) if rewind else (None, [])
         if state is not None:
-            before = _capture_rng()
-            undo["the RNG states"] = lambda: _restore_rng(before)
-            notes += _restore_rng(state)
+            before = restore.capture_rng()
+            undo["the RNG states"] = lambda: restore.restore_rng(before)
+            notes += restore.restore_rng(state)
         for name, obj in given.items():
             kept = copy.deepcopy(obj.state_dict()) if name != "optimizer" else obj.state_dict()
-            undo[f"'{name}'"] = lambda obj=obj, kept=kept: obj.load_state_dict(kept)
+            undo[f"'{name}'"] = partial(obj.load_state_dict, kept)
             obj.load_state_dict(payload[name])
         if _custom_loading(plain):  # code that may fail after earlier keys were copied
             kept = {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
@@ -653,6 +648,6 @@ def load_checkpoint(
         raise CheckpointError(f"{unfit} {_first_line(error)}") from error
     for note in notes:
         warnings.warn(note, RuntimeWarning, stacklevel=2)
-    stored = {name: payload.get(name) for name in ("epoch", "step", "metrics", "extra")}
+    stored: dict[str, Any] = {k: payload.get(k) for k in ("epoch", "step", "metrics", "extra")}
     stored["batch_index"] = None if position is None else position["batch_index"]
     return Checkpoint(path=target, **stored, **keys._asdict(), position=position)

@@ -32,21 +32,9 @@ def world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if active() else (0, 1)
 
 
-def on_main(work: Callable[[], T]) -> T:
-    """Run ``work`` on rank 0 only; return its result, or raise its error, on every rank."""
-    if not active():
-        return work()
-    box: list[Any] = [None]
-    if dist.get_rank() == 0:
-        try:
-            box[0] = (True, work())
-        except Exception as error:  # every rank raises it
-            box[0] = (False, error)
-    dist.broadcast_object_list(box, src=0)
-    done, value = box[0]
-    if not done:
-        raise value
-    return value
+def on_main(write: Callable[[], int]) -> int:
+    """Run ``write`` on rank 0 only; return the size it wrote, or raise its error, on every rank."""
+    return everywhere(lambda: write() if is_main() else 0)[0]
 
 
 def everywhere(check: Callable[[], T]) -> list[T]:
@@ -99,8 +87,8 @@ def in_step(loader: Iterable[Any]) -> Iterable[Any]:
     if not active():
         return loader
     mine: int | None = None
-    with contextlib.suppress(TypeError):
-        mine = len(loader)  # type: ignore[arg-type]
+    with contextlib.suppress(TypeError):  # no len(), or one that raises (an IterableDataset's)
+        mine = len(loader) if isinstance(loader, Sized) else None
     if None in (counts := all_gather(mine)):
         return _watched(loader)
     if len(set(counts)) > 1:
@@ -127,9 +115,7 @@ def _watched(loader: Iterable[Any]) -> Iterator[Any]:
 
 def _collective_device() -> torch.device:
     """Return the device the default process group reduces on (CUDA for NCCL)."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    return torch.device("cuda" if dist.get_backend() == "nccl" else "cpu")  # the current GPU
 
 
 def all_reduce_totals(
@@ -155,7 +141,7 @@ def all_reduce_totals(
     }
 
 
-def sampler_indices(loader: Any) -> list[int]:
+def sampler_indices(loader: object) -> list[int]:
     """Return the data set indices a loader's ShardSampler/DistributedSampler gives this rank."""
     sampler = getattr(loader, "sampler", None)
     if not isinstance(sampler, ShardSampler | DistributedSampler):
@@ -188,9 +174,8 @@ def gather_in_order(
     if not (parts := [part for part in received if part[2]]):
         raise ValueError("'loader' yielded no batches on any rank")
     ordered, positions = torch.sort(torch.tensor([i for p in parts for i in p[2]]), stable=True)
-    first = torch.ones_like(ordered, dtype=torch.bool)
-    first[1:] = ordered[1:] != ordered[:-1]
-    keep = positions[first]  # data set order, each index once (DistributedSampler pads)
+    counts = ordered.unique_consecutive(return_counts=True)[1]  # DistributedSampler pads
+    keep = positions[counts.cumsum(0) - counts]  # data set order, each index once
     order = keep.tolist()  # names (lists of plain values) follow the outputs
     pick = lambda names: [names[i] for i in order]  # noqa: E731
     outputs, targets = map_tensors(lambda t: t[keep], concat([p[:2] for p in parts]), pick)
@@ -200,10 +185,8 @@ def gather_in_order(
 class ShardSampler(Sampler[int]):
     """Give each rank every ``world_size``-th index, without padding, for exact evaluation.
 
-    ``DistributedSampler`` pads the last shard with repeated samples, counted twice in a
-    global evaluation. Rank ``r`` gets ``r, r + world_size, ...`` here, so ``evaluate``'s
-    global loss and metrics equal one process's. For evaluation and prediction only:
-    training needs equal batch counts per rank.
+    Unlike ``DistributedSampler``, it repeats no sample to even the shards, so a global
+    ``evaluate`` equals one process's; for evaluation and prediction, not training.
 
     Args:
         data_source: the data set (anything with ``len()``).

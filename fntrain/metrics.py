@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Mapping
+from functools import partial
 from typing import Any
 
 import attrs
@@ -75,7 +76,7 @@ def _judge(
         inside = ((targets >= 0) & (targets <= 1)).all(dim=1)
         probability = inside & ((targets.sum(dim=1) - 1).abs() <= 1e-3)
         multi_hot = ((targets == 0) | (targets == 1)).all(dim=1) & ~probability
-        bad = (0, multi_hot.sum(), (~probability & ~multi_hot).sum())
+        bad: tuple[Part, Part, Part] = (0, multi_hot.sum(), (~probability & ~multi_hot).sum())
         labels = targets.argmax(dim=1)
     elif _plainly_in_range(targets, classes):  # the common case on the CPU: one reduction
         bad, labels = _CLEAN, targets
@@ -133,12 +134,10 @@ def _classification(name: str, threshold: float, ignore_index: int | None, k: in
 def accuracy(threshold: float = 0.0, ignore_index: int | None = None) -> Metric:
     """Return the fraction of predictions that are right: top class, or score above a threshold.
 
-    With class scores in dim 1, targets are class indices (of any dense shape) or one value
-    per class, a probability row counting by its argmax. With one output column or 1-D
-    outputs, a score above ``threshold`` predicts 1 (0.0 for logits, 0.5 after a sigmoid).
-    Targets it cannot judge (regression values, multi-hot rows, indices out of range) are
-    refused, naming the metric to use. ``ignore_index`` skips targets as the loss does: the
-    fraction is then over the non-ignored targets, per item (e.g. per token), not per sample.
+    With class scores in dim 1, targets are class indices (any dense shape) or probability
+    rows (by their argmax); with one output column or 1-D outputs, a score above ``threshold``
+    predicts 1 (0.0 for logits). Targets it cannot judge (regression values, multi-hot rows,
+    indices out of range) are refused. With ``ignore_index``, the fraction is per item (token).
 
     Example:
         >>> import torch, fntrain as ft
@@ -203,10 +202,10 @@ def _snapshot(metric: Any) -> Callable[[], None]:
     def undo() -> None:
         for member, name, value in saved:  # in place: compute groups share these objects
             live = getattr(member, name)
-            if isinstance(live, torch.Tensor) and live.shape == value.shape:
-                live.copy_(value)
-            elif isinstance(live, list):
+            if isinstance(live, list):
                 live[:] = value
+            elif isinstance(value, torch.Tensor) and getattr(live, "shape", None) == value.shape:
+                live.copy_(value)
             else:
                 setattr(member, name, value)
         for member, count in counts:
@@ -238,9 +237,9 @@ def parts(
         if not isinstance(metric, Metric):
             if undo is not None:
                 undo.append(_snapshot(metric))
-            _named(name, lambda metric=metric: metric.update(outputs, targets))
+            _named(name, partial(metric.update, outputs, targets))
             continue
-        state = _named(name, lambda metric=metric: metric.state(outputs, targets))
+        state = _named(name, partial(metric.state, outputs, targets))
         for position, part in enumerate(state if isinstance(state, tuple | list) else (state,)):
             found[name, position] = part
     return found
@@ -259,7 +258,7 @@ def finish(metrics: Mapping[str, Any], totals: dict[Any, torch.Tensor]) -> dict[
     for name, metric in metrics.items():
         if isinstance(metric, Metric):  # by position: host and device sums arrive apart
             found = tuple(totals[key] for key in sorted(key for key in totals if key[0] == name))
-            result = _named(name, lambda m=metric, f=found: m.compute(f) if f else float("nan"))
+            result = _named(name, partial(metric.compute, found)) if found else float("nan")
         else:
             result = _named(name, metric.compute)
         if isinstance(result, Mapping):  # a MetricCollection: one entry per member

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
-from torch.nn.utils.parametrize import is_parametrized
 
 _DECAYED_LAYERS: tuple[type[nn.Module], ...] = (
     nn.Linear,
@@ -21,12 +20,10 @@ _DECAYED_LAYERS: tuple[type[nn.Module], ...] = (
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Split trainable parameters into a weight-decay group and a no-decay group.
 
-    Decay goes to the weight matrices and kernels (two or more dimensions) of Linear, Conv,
-    Embedding, attention and recurrent layers, chosen by module type and shape, not name;
-    biases, norm layers and other modules get none. A parametrized weight (weight_norm,
-    orthogonal, spectral_norm) is judged by its owner: its >= 2-D originals decay (weight_norm's
-    g (out, 1) too, like the older weight_g: decaying v alone would not shrink the weight). Every
-    trainable parameter appears once (tied weights too); frozen ones and empty groups are left out.
+    Decay goes to the >= 2-D weights of Linear, Conv, Embedding, attention and recurrent layers,
+    by module type and shape, not name (a parametrized weight's >= 2-D originals too, weight_norm's
+    g included); biases and norm layers get none. Each trainable parameter appears once (tied
+    weights too); frozen ones and empty groups are left out.
 
     Args:
         model: the model whose parameters to group.
@@ -51,7 +48,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         raise TypeError(f"'model' must be a torch.nn.Module, but got {type(model).__name__}")
     decayed: dict[nn.Parameter, bool] = {}  # by identity, first use wins: tied weights once
     for module in model.modules():  # an owner comes before its parametrizations' originals
-        lists = module.parametrizations.values() if is_parametrized(module) else ()
+        found = getattr(module, "parametrizations", None)  # as torch's is_parametrized judges
+        lists = found.values() if isinstance(found, nn.ModuleDict) else ()
         for param in (p for owner in (module, *lists) for p in owner.parameters(recurse=False)):
             if param.requires_grad:
                 decayed.setdefault(param, isinstance(module, _DECAYED_LAYERS) and param.dim() >= 2)

@@ -6,13 +6,12 @@ import contextlib
 import sys
 import time
 from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager
 from typing import Any
 
 from fntrain import distributed
 
 
-class Progress(AbstractContextManager["Progress"]):
+class Progress(contextlib.AbstractContextManager["Progress"]):
     """One pass's progress on rank 0: a kept tqdm.auto bar (terminal, Jupyter), else lines."""
 
     def __init__(self, enabled: bool, loader: Any, desc: str) -> None:
@@ -28,15 +27,6 @@ class Progress(AbstractContextManager["Progress"]):
             jupyter = tqdm.auto.notebook_tqdm is not tqdm.auto.std_tqdm
             if jupyter or getattr(sys.stderr, "isatty", lambda: False)():  # stderr may be None
                 self.bar = tqdm.auto.tqdm(total=self.total, desc=desc, unit="batch", leave=True)
-
-    def _due(self, now: float) -> bool:
-        """Tell whether to show now: twice a second (bar), each quarter, or 1, 2, 4... batches."""
-        count, total = self.batches, self.total
-        if self.bar is not None:
-            return now - self.shown >= 0.5
-        if total:  # the last quarter is left to the summary
-            return count < total and count * 4 // total > (count - 1) * 4 // total
-        return count & (count - 1) == 0
 
     def _show(self, values: Mapping[str, Any], where: str) -> None:
         """Put ``values`` (floats; tensors left out) and samples/s in the bar or in a line."""
@@ -55,13 +45,18 @@ class Progress(AbstractContextManager["Progress"]):
         """Count one batch; now and then show ``running()``, the loss and metrics so far."""
         if not self.on:
             return
-        self.batches += 1
-        self.samples += samples
+        self.batches, self.samples = self.batches + 1, self.samples + samples
+        count, total = self.batches, self.total
         if self.bar is not None:
             self.bar.update(1)
-        if self._due(time.monotonic()):
-            of = f"/{self.total}" if self.total else ""
-            self._show(running() if running else {}, f"{self.batches}{of} batches")
+            due = time.monotonic() - self.shown >= 0.5  # twice a second
+        elif total:  # each quarter; the last one is left to the summary
+            due = count < total and count * 4 // total > (count - 1) * 4 // total
+        else:  # after 1, 2, 4, 8... batches
+            due = count & (count - 1) == 0
+        if due:
+            of = f"/{total}" if total else ""
+            self._show(running() if running else {}, f"{count}{of} batches")
 
     def finish(self, totals: Mapping[str, Any]) -> None:
         """Leave the pass's final, global numbers: in the kept bar, or as a summary line."""

@@ -13,7 +13,7 @@ MetricValue = float | torch.Tensor
 """A metric's value: a float, or a CPU tensor for non-scalar metrics (a confusion matrix)."""
 
 
-class ReadOnlyDict(dict):  # type: ignore[type-arg]
+class ReadOnlyDict(dict[str, Any]):
     """A dict that refuses every change: readable, json-dumpable, picklable and copyable."""
 
     def __init__(self, mapping: Mapping[str, Any] | None = None) -> None:
@@ -22,14 +22,14 @@ class ReadOnlyDict(dict):  # type: ignore[type-arg]
     def _refuse(self, *_: object, **__: object) -> NoReturn:
         raise TypeError("this mapping is read-only; copy it with dict(...) to change it")
 
-    __setitem__ = __delitem__ = __ior__ = update = setdefault = _refuse  # type: ignore[assignment]
-    pop = popitem = clear = _refuse  # type: ignore[assignment]
+    __setitem__ = __delitem__ = __ior__ = update = setdefault = _refuse
+    pop = popitem = clear = _refuse
 
     def __reduce__(self) -> tuple[type, tuple[dict[Any, Any]]]:
         return type(self), (dict(self),)
 
 
-def _same(a: Any, b: Any) -> bool:
+def _equal(a: Any, b: Any) -> bool:
     """Compare values that may hold tensors by value, item by item, NaN equal to NaN."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         both = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
@@ -38,15 +38,13 @@ def _same(a: Any, b: Any) -> bool:
         a, b = a.cpu(), b.cpu()  # equal by torch.equal, or with NaN at the same places
         return torch.equal(a, b) or (not a.is_quantized and bool(a.isclose(b, 0, 0, True).all()))
     if isinstance(a, Mapping) and isinstance(b, Mapping):
-        return a.keys() == b.keys() and all(_same(a[key], b[key]) for key in a)
+        return a.keys() == b.keys() and all(_equal(a[key], b[key]) for key in a)
     if isinstance(a, tuple | list) and isinstance(b, tuple | list):
-        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+        return type(a) is type(b) and len(a) == len(b) and all(map(_equal, a, b))
     return bool(a == b) or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)
 
 
-def _tensors(**kwargs: Any) -> Any:
-    """Return an attrs field that compares by value with ``_same`` and is left out of hash()."""
-    return attrs.field(eq=attrs.cmp_using(eq=_same), hash=False, **kwargs)
+_SAME = attrs.cmp_using(eq=_equal)  # for fields that may hold tensors or NaN
 
 
 @attrs.frozen
@@ -56,18 +54,15 @@ class TrainResult:
     Attributes:
         loss: mean loss over the samples trained on (over items when ``loss_fn`` counts them).
         metrics: metric name to value, over the same samples.
-        samples: number of samples trained on.
         batches: number of batches trained on (skipped batches not included).
-        steps: number of optimizer steps taken.
-        seconds: wall-clock time of the epoch.
         lr: learning rate of the first param group at the end of the epoch.
         skipped_batches: batches skipped for a non-finite loss (``on_nonfinite="skip"``).
         skipped_steps: optimizer steps a GradScaler skipped for inf/NaN gradients.
         grad_norm: the largest total gradient norm before clipping; None without clipping.
     """
 
-    loss: float = _tensors()  # NaN equal to NaN, left out of hash()
-    metrics: Mapping[str, MetricValue] = _tensors(converter=ReadOnlyDict)
+    loss: float = attrs.field(eq=_SAME, hash=False)  # NaN equal to NaN
+    metrics: Mapping[str, MetricValue] = attrs.field(eq=_SAME, hash=False, converter=ReadOnlyDict)
     samples: int
     batches: int
     steps: int
@@ -89,13 +84,12 @@ class Step:
         samples: the number of samples in the step's batches.
         lr: the learning rate of the first param group that the step used.
         grad_norm: the total gradient norm before clipping (``clip_grad_norm`` only, else None).
-        origin: the RNG states at the start of the pass (not shown), which a checkpoint saved
-            with ``save_checkpoint(..., step=step)`` keeps to redraw the pass's data order.
+        origin: the RNG states at the pass's start (not shown): ``save_checkpoint`` keeps them.
     """
 
     index: int
     batch_index: int
-    loss: float = _tensors()  # NaN equal to NaN, left out of hash()
+    loss: float = attrs.field(eq=_SAME, hash=False)  # NaN equal to NaN
     samples: int
     lr: float
     grad_norm: float | None = None
@@ -109,13 +103,10 @@ class EvalResult:
     Attributes:
         loss: mean loss over all samples (over items when ``loss_fn`` counts them).
         metrics: metric name to value.
-        samples: number of samples evaluated.
-        batches: number of batches evaluated.
-        seconds: wall-clock time of the pass.
     """
 
-    loss: float = _tensors()  # NaN equal to NaN, left out of hash()
-    metrics: Mapping[str, MetricValue] = _tensors(converter=ReadOnlyDict)
+    loss: float = attrs.field(eq=_SAME, hash=False)  # NaN equal to NaN
+    metrics: Mapping[str, MetricValue] = attrs.field(eq=_SAME, hash=False, converter=ReadOnlyDict)
     samples: int
     batches: int
     seconds: float
@@ -128,24 +119,16 @@ class Predictions:
     Attributes:
         outputs: the outputs concatenated along the batch dimension, in the model's structure.
         targets: the loader's targets concatenated likewise, or None when it gave none.
-        samples: number of samples predicted.
     """
 
-    outputs: Any = _tensors()  # noqa: RUF009 (attrs fields, not dataclass defaults)
-    targets: Any = _tensors()  # noqa: RUF009
+    outputs: Any = attrs.field(eq=_SAME, hash=False)
+    targets: Any = attrs.field(eq=_SAME, hash=False)
     samples: int
 
 
 @attrs.frozen
 class SavedCheckpoint:
-    """What ``save_checkpoint`` wrote.
-
-    Attributes:
-        path: the file written.
-        size: its size in bytes.
-        epoch: the epoch stored in it.
-        step: the step stored in it.
-    """
+    """What ``save_checkpoint`` wrote: the file (or folder), its size in bytes, epoch and step."""
 
     path: Path
     size: int
@@ -158,25 +141,22 @@ class Checkpoint:
     """What ``load_checkpoint`` restored, besides the objects it restored in place.
 
     Attributes:
-        path: the file read.
         epoch: the epoch stored (None for a bare state_dict).
-        step: the step stored (None for a bare state_dict); saved with a ``Step``, the steps
-            completed in that pass.
-        batch_index: the loader index of the last batch trained when saved with a ``Step``
-            (``train_epoch(..., resume=ckpt)`` continues after it); None at an epoch boundary.
+        step: the step stored (None for a bare state_dict); saved with a ``Step``, its steps done.
+        batch_index: saved with a ``Step``, the loader index of its last batch (``resume=ckpt``
+            continues after it); None at an epoch boundary.
         metrics: the metrics stored, read-only.
         extra: the user's extra data stored, read-only at the top level.
         missing_keys: model keys the file did not hold, left as they were (``strict=False`` only).
         unexpected_keys: file keys the model does not have, ignored (``strict=False`` only).
-        position: what ``resume=`` needs to continue the pass (not shown): its origin, the RNG
-            states at the save, the step's index.
+        position: what ``resume=`` needs (not shown): the RNG states at the pass's start and now.
     """
 
     path: Path
     epoch: int | None
     step: int | None
-    metrics: Mapping[str, Any] = _tensors(converter=ReadOnlyDict)
-    extra: Mapping[str, Any] = _tensors(converter=ReadOnlyDict)
+    metrics: Mapping[str, Any] = attrs.field(eq=_SAME, hash=False, converter=ReadOnlyDict)
+    extra: Mapping[str, Any] = attrs.field(eq=_SAME, hash=False, converter=ReadOnlyDict)
     missing_keys: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     unexpected_keys: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     batch_index: int | None = None
@@ -185,9 +165,6 @@ class Checkpoint:
 
 class NonFiniteLossError(FloatingPointError):
     """A batch's loss (or gradient norm) was NaN or infinite; no step was taken with it.
-
-    Raised before that batch's ``optimizer.step()``, with the model's buffers put back,
-    so the model is as after the last finite batch.
 
     Attributes:
         batch_index: the index of the offending batch in the loader (0-based).

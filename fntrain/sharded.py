@@ -24,18 +24,14 @@ from fntrain.records import CheckpointError
 _METADATA = ".metadata"
 _PACKED = "fntrain"
 _DCP = "torch.distributed.checkpoint."
-_METADATA_CLASSES = (
+_METADATA_CLASSES = (  # and below, what a .metadata pickle may name, nothing else
     "Metadata MetadataIndex StorageMeta TensorProperties TensorStorageMetadata "
     "BytesStorageMetadata ChunkStorageMetadata _MEM_FORMAT_ENCODING"
 )
 _ALLOWED = {(f"{_DCP}metadata", name) for name in _METADATA_CLASSES.split()} | {
-    (f"{_DCP}filesystem", "_StorageInfo"),  # what a .metadata pickle may name, nothing else
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),
-    ("pathlib", "PosixPath"),
-    ("pathlib", "WindowsPath"),
-    ("collections", "OrderedDict"),
-}
+    (f"{_DCP}filesystem", "_StorageInfo"), ("torch", "Size"), ("collections", "OrderedDict"),
+    ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+}  # fmt: skip
 
 
 def is_dtensor(value: Any) -> bool:
@@ -96,9 +92,7 @@ def split(payload: dict[str, Any], buffers: set[str]) -> tuple[dict[str, Any], d
         shards["optimizer"] = {fqn: kept for fqn, (kept, _) in parts.items()}
         rest = {fqn: other for fqn, (_, other) in parts.items()}
         meta["optimizer"] = {"param_groups": optimizer["param_groups"], "state": rest}
-        meta["optimizer_tensors"] = [
-            [fqn, name] for fqn, (kept, _) in parts.items() for name in kept
-        ]
+        meta["optimizer_tensors"] = [[fqn, n] for fqn, (kept, _) in parts.items() for n in kept]
     return shards, meta
 
 
@@ -122,8 +116,7 @@ def _swap_in(temp: Path, target: Path, started: float) -> int:
         temp = aside
     shutil.rmtree(temp, ignore_errors=True)  # now the old checkpoint
     with contextlib.suppress(OSError):  # make the renames durable
-        folder = os.open(target.parent, os.O_RDONLY)
-        os.fsync(folder)
+        os.fsync(folder := os.open(target.parent, os.O_RDONLY))
         os.close(folder)
     for orphan in target.parent.glob(f".{target.name}.*.tmp*"):  # from killed saves
         if orphan.stat().st_mtime < started:
@@ -220,11 +213,8 @@ def _load(target: Path, state: dict[str, Any], alone: bool) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import StorageMeta
 
-    class Reader(dcp.FileSystemReader):
-        """DCP's reader, with the metadata read through :func:`_metadata`."""
-
+    class Reader(dcp.FileSystemReader):  # DCP's, the metadata read through _metadata
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            """Return the checked metadata, with the load id DCP expects."""
             metadata = _metadata(target)
             metadata.storage_meta = metadata.storage_meta or StorageMeta()
             metadata.storage_meta.load_id = self.load_id
@@ -276,8 +266,7 @@ def read(target: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
             for key, entry in entries.items() if key.startswith(own)}  # fmt: skip
     wanted: dict[str, Any] = {"model": weights, **({own[:-1]: mine} if mine else {})}
     saved, kind = payload.get("optimizer"), type(optimizer).__qualname__
-    fits = optimizer is not None and saved and payload.get("optimizer_class") == kind
-    if fits:  # the file's parameter names, in order, to this optimizer's parameters
+    if optimizer is not None and saved and payload.get("optimizer_class") == kind:  # by name
         names = [fqn for group in saved["param_groups"] for fqn in group["params"]]
         ours = (p for group in optimizer.param_groups for p in group["params"])
         params = dict(zip(names, ours, strict=False))
@@ -287,7 +276,6 @@ def read(target: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
             wanted["optimizer"].setdefault(fqn, {})[name] = _blank(params.get(fqn), entry)
     _load(target, wanted, alone)
     payload["model"] = {**weights, **mine, **rest}
-    if fits:
-        for fqn, tensors in wanted["optimizer"].items():
-            saved["state"].setdefault(fqn, {}).update(tensors)
+    for fqn, tensors in wanted.get("optimizer", {}).items():
+        saved["state"].setdefault(fqn, {}).update(tensors)
     return payload

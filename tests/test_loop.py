@@ -1,4 +1,4 @@
-"""train_epoch, evaluate and predict: the contract of DESIGN.md, one property per test."""
+"""train_epoch, evaluate and predict: modes, purity, exactness, weighting; one property per test."""
 
 from __future__ import annotations
 

@@ -45,7 +45,7 @@ def test_every_python_snippet_runs_in_order(
 
 
 def test_the_readme_stays_a_reference_of_at_most_25_000_bytes() -> None:
-    """The README is at most 25,000 bytes (DESIGN.md); full tables and lists live in docs/."""
+    """The README is a reference of at most 25,000 bytes; full tables and lists live in docs/."""
     assert len(README.encode("utf-8")) <= 25_000
 
 
