@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,15 @@ import fntrain as ft
 from tests.helpers import torchrun
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _run(args: list[str], cwd: Path, **options: object) -> subprocess.CompletedProcess[str]:
+    """Run ``python args`` in ``cwd`` with this checkout's fntrain first on the path."""
+    path = [str(EXAMPLES.parent), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, **options
+    )
 
 
 def _digits_cnn() -> object:
@@ -29,13 +39,7 @@ def _digits_cnn() -> object:
 def test_example_runs_quick(script: str, tmp_path: Path) -> None:
     """The example finishes with --quick, run from an unrelated folder."""
     pytest.importorskip("sklearn")
-    out = subprocess.run(
-        [sys.executable, str(EXAMPLES / script), "--quick"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    out = _run([str(EXAMPLES / script), "--quick"], tmp_path, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip(), "the example printed nothing"
 
@@ -43,14 +47,7 @@ def test_example_runs_quick(script: str, tmp_path: Path) -> None:
 def test_digits_quick_prints_a_line_per_epoch_and_a_test_accuracy(tmp_path: Path) -> None:
     """The README's main job prints one line per epoch and the held-out accuracy."""
     pytest.importorskip("sklearn")
-    out = subprocess.run(
-        [sys.executable, str(EXAMPLES / "digits.py"), "--quick"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=True,
-    )
+    out = _run([str(EXAMPLES / "digits.py"), "--quick"], tmp_path, timeout=240, check=True)
     lines = out.stdout.splitlines()
     assert sum(line.startswith("epoch") for line in lines) == 2
     accuracy = float(lines[-1].split()[2])
@@ -65,14 +62,7 @@ def test_digits_quick_prints_a_line_per_epoch_and_a_test_accuracy(tmp_path: Path
 def test_digits_full_run_reaches_97_percent_held_out_accuracy(tmp_path: Path) -> None:
     """The README's main job, run in full, reaches >= 97% accuracy on held-out digits."""
     pytest.importorskip("sklearn")
-    out = subprocess.run(
-        [sys.executable, str(EXAMPLES / "digits.py")],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=True,
-    )
+    out = _run([str(EXAMPLES / "digits.py")], tmp_path, timeout=600, check=True)
     last = out.stdout.splitlines()[-1]
     assert last.startswith("test accuracy"), last
     assert float(last.split()[2]) >= 0.97, last
@@ -113,10 +103,7 @@ def test_tensorboard_logging_writes_events_and_csv_per_epoch(tmp_path: Path) -> 
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    subprocess.run(
-        [sys.executable, str(EXAMPLES / "tensorboard_logging.py"), "--quick"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=240, check=True,
-    )  # fmt: skip
+    _run([str(EXAMPLES / "tensorboard_logging.py"), "--quick"], tmp_path, timeout=240, check=True)
     written = tmp_path / "runs" / "tensorboard"
     rows = (written / "metrics.csv").read_text().splitlines()
     assert rows[0].split(",")[:3] == ["epoch", "train/loss", "train/seconds"]
@@ -155,9 +142,9 @@ def test_gan_example_trains_two_optimizers_and_resumes_both(tmp_path: Path) -> N
     """examples/gan.py --quick: one file holds G, D, G's optimizer and D's optimizer in extra."""
     pytest.importorskip("sklearn")
     checkpoint = tmp_path / "out" / "gan.pt"
-    out = subprocess.run(
-        [sys.executable, str(EXAMPLES / "gan.py"), "--quick", "--out", str(checkpoint)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=240, check=True,
+    out = _run(
+        [str(EXAMPLES / "gan.py"), "--quick", "--out", str(checkpoint)],
+        tmp_path, timeout=240, check=True,
     )  # fmt: skip
     lines = out.stdout.splitlines()
     epochs = [line.split() for line in lines if line.startswith("epoch")]
