@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.behaviour_doc import COMMAND, render
+from tests.helpers import torchrun
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -20,6 +22,11 @@ RECIPES = (ROOT / "docs" / "recipes.md").read_text(encoding="utf-8")  # the READ
 def _blocks(language: str, text: str = README) -> list[str]:
     """Return the fenced code blocks of ``language`` in ``text``, in order."""
     return re.findall(rf"^```{language}\n(.*?)^```$", text, flags=re.S | re.M)
+
+
+def _section(title: str) -> str:
+    """Return the README's ``## title`` section, up to the next ``## `` heading."""
+    return README.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
 
 
 def _command(marker: str) -> str:
@@ -42,6 +49,44 @@ def test_every_python_snippet_runs_in_order(
     assert len(blocks) >= 5
     for number, (name, block) in enumerate(blocks, start=1):
         exec(compile(block, f"{name} python block {number}", "exec"), namespace)
+
+
+REPORT = """
+import os
+
+import torch as _torch
+
+_torch.save(
+    {"rank": sampler.rank, "world": sampler.num_replicas, "shard": list(sampler),
+     "weights": {k: v.cpu() for k, v in ddp.module.state_dict().items()}},
+    f"rank{os.environ['RANK']}.pt",
+)
+"""
+
+
+@pytest.mark.slow
+def test_the_distributed_snippet_joins_torchruns_group_and_trains_one_shard_per_rank(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under torchrun on 2 gloo ranks, the README's distributed snippet joins one group of 2
+    (not a one-process group per rank): each rank trains on its own half of the data and the
+    DDP replicas end identical."""
+    data = _blocks("python")[0]  # the tour's made-up data and Net
+    setup = _blocks("python")[1].split("\nbest = ", 1)[0]  # the tour's device, loss, metrics
+    assert "metrics =" in setup and "device =" in setup
+    (snippet,) = _blocks("python", _section("Going distributed"))
+    script = tmp_path / "readme_distributed.py"
+    script.write_text("\n".join([data, setup, snippet, REPORT]), encoding="utf-8")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # gloo on the CPU, whatever the machine
+    out = torchrun([str(script)], tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [(r["rank"], r["world"]) for r in ranks] == [(0, 2), (1, 2)]
+    assert {"rank 0 of 2", "rank 1 of 2"} <= set(out.stdout.splitlines()), out.stdout
+    first, second = (set(r["shard"]) for r in ranks)
+    assert len(first) == len(second) == 192 and not first & second  # 384 samples, split
+    assert ranks[0]["weights"].keys() == ranks[1]["weights"].keys()
+    for name, weight in ranks[0]["weights"].items():
+        assert torch.equal(weight, ranks[1]["weights"][name]), name
 
 
 def test_the_readme_stays_a_reference_of_at_most_25_000_bytes() -> None:
