@@ -14,6 +14,7 @@ import fntrain as ft
 from tests.helpers import torchrun
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+OWN_TEST = {"digits.py"}  # run --quick by its own test below, which checks more
 
 
 def _run(args: list[str], cwd: Path, **options: object) -> subprocess.CompletedProcess[str]:
@@ -35,7 +36,7 @@ def _digits_cnn() -> object:
     return small_cnn()
 
 
-@pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("*.py")))
+@pytest.mark.parametrize("script", sorted({p.name for p in EXAMPLES.glob("*.py")} - OWN_TEST))
 def test_example_runs_quick(script: str, tmp_path: Path) -> None:
     """The example finishes with --quick, run from an unrelated folder."""
     pytest.importorskip("sklearn")
@@ -44,28 +45,64 @@ def test_example_runs_quick(script: str, tmp_path: Path) -> None:
     assert out.stdout.strip(), "the example printed nothing"
 
 
-def test_digits_quick_prints_a_line_per_epoch_and_a_test_accuracy(tmp_path: Path) -> None:
-    """The README's main job prints one line per epoch and the held-out accuracy."""
+def _test_accuracy(lines: list[str]) -> float:
+    """Return the accuracy of the demo's one ``test accuracy`` line."""
+    (line,) = [line for line in lines if line.startswith("test accuracy")]
+    return float(line.split()[2])
+
+
+def test_digits_quick_prints_its_epochs_its_accuracy_and_where_it_wrote_its_files(
+    tmp_path: Path,
+) -> None:
+    """The README's main job prints one line per epoch, the held-out accuracy and, last,
+    where it wrote the learning curve and best.pt (runs/digits/ in the working folder)."""
     pytest.importorskip("sklearn")
     out = _run([str(EXAMPLES / "digits.py"), "--quick"], tmp_path, timeout=240, check=True)
     lines = out.stdout.splitlines()
     assert sum(line.startswith("epoch") for line in lines) == 2
-    accuracy = float(lines[-1].split()[2])
+    accuracy = _test_accuracy(lines)
     assert 0.5 < accuracy <= 1.0  # two epochs already learn the digits; 20 reach >= 0.97
     assert "digit  precision  recall     f1" in lines and len(lines) >= 14  # the report
-    written = tmp_path / "runs" / "digits"
+    written = tmp_path.resolve() / "runs" / "digits"
     assert (written / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
     best = ft.load_checkpoint(written / "best.pt", _digits_cnn(), restore_rng=False)
     assert 1 <= best.epoch <= 2
+    assert lines[-2:] == [
+        f"learning curve: {written / 'learning_curve.png'}",
+        f"best model (epoch {best.epoch}): {written / 'best.pt'}",
+    ]
+
+
+def test_digits_learning_curve_labels_its_axes_and_marks_the_best_epoch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The demo's plot has epoch on x, loss and accuracy on y, and a line at best.pt's epoch."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        from digits import plot_curves
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    saved: list[Figure] = []
+    monkeypatch.setattr(Figure, "savefig", lambda figure, *_, **__: saved.append(figure))
+    keys = ("train_loss", "val_loss", "train_acc", "val_acc")
+    history = [{"epoch": e, **dict.fromkeys(keys, 1 / e)} for e in (1, 2, 3)]
+    assert plot_curves(history, 2, tmp_path / "curve.png")
+    (figure,) = saved
+    for axis, quantity in zip(figure.axes, ("loss", "accuracy"), strict=True):
+        assert (axis.get_xlabel(), axis.get_ylabel()) == ("epoch", quantity)
+        (best,) = [line for line in axis.get_lines() if "best.pt" in line.get_label()]
+        assert list(best.get_xdata()) == [2, 2]
 
 
 def test_digits_full_run_reaches_97_percent_held_out_accuracy(tmp_path: Path) -> None:
     """The README's main job, run in full, reaches >= 97% accuracy on held-out digits."""
     pytest.importorskip("sklearn")
     out = _run([str(EXAMPLES / "digits.py")], tmp_path, timeout=600, check=True)
-    last = out.stdout.splitlines()[-1]
-    assert last.startswith("test accuracy"), last
-    assert float(last.split()[2]) >= 0.97, last
+    assert _test_accuracy(out.stdout.splitlines()) >= 0.97, out.stdout
 
 
 def test_ddp_example_runs_on_two_ranks_with_torchrun(tmp_path: Path) -> None:
