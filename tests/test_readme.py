@@ -25,8 +25,8 @@ def _blocks(language: str, text: str = README) -> list[str]:
 
 
 def _section(title: str) -> str:
-    """Return the README's ``## title`` section, up to the next ``## `` heading."""
-    return README.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+    """Return the README's section whose ``## `` heading starts with ``title``."""
+    return README.split(f"\n## {title}", 1)[1].split("\n## ", 1)[0]
 
 
 def _command(marker: str) -> str:
@@ -101,6 +101,27 @@ def test_there_are_exactly_two_one_line_setup_commands() -> None:
     assert "examples/digits.py" in demo and "pytest" in tests
     setup = README.split("## Set up", 1)[1].split("\n## ", 1)[0]
     assert setup.count("```bash") == 2
+
+
+def test_the_setup_says_how_to_put_torchs_cpu_build_in_the_venv_first() -> None:
+    """Before the set-up commands, the README gives the one line that puts torch's CPU build
+    in .venv, so a CPU machine does not download 3 GB of CUDA wheels."""
+    before = _section("Set up").split("<!-- demo-command -->", 1)[0]
+    venv = "python3 -m venv .venv && . .venv/bin/activate && "
+    cpu = "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu"
+    assert f"`{venv}{cpu}`" in before, before
+
+
+def test_creating_the_venv_again_keeps_what_it_holds(tmp_path: Path) -> None:
+    """`python3 -m venv .venv` over an existing venv keeps its packages: a CPU torch put in
+    first is still there when the set-up command runs."""
+    venv = [sys.executable, "-m", "venv", "--without-pip", str(tmp_path / ".venv")]
+    subprocess.run(venv, check=True)
+    site = next((tmp_path / ".venv").glob("[Ll]ib/python*/site-packages"), None)
+    site = site or tmp_path / ".venv" / "Lib" / "site-packages"  # Windows
+    (site / "kept.pth").write_text("", encoding="utf-8")
+    subprocess.run(venv, check=True)
+    assert (site / "kept.pth").exists()
 
 
 def test_ci_runs_the_readme_test_command() -> None:
