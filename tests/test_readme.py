@@ -124,6 +124,14 @@ def test_creating_the_venv_again_keeps_what_it_holds(tmp_path: Path) -> None:
     assert (site / "kept.pth").exists()
 
 
+def test_every_example_is_linked_from_the_readme_or_the_recipes() -> None:
+    """Each examples/*.py is linked from the README or docs/recipes.md, so users find it."""
+    examples = {path.name for path in (ROOT / "examples").glob("*.py")}
+    linked = set(re.findall(r"\]\(examples/([\w.]+\.py)\)", README))
+    linked |= set(re.findall(r"\]\(\.\./examples/([\w.]+\.py)\)", RECIPES))
+    assert examples <= linked, sorted(examples - linked)
+
+
 def test_ci_runs_the_readme_test_command() -> None:
     """.ci/run extracts and runs the README's test command, not a copy of it."""
     script = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
