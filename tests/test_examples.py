@@ -36,6 +36,7 @@ def _digits_cnn() -> object:
     return small_cnn()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", sorted({p.name for p in EXAMPLES.glob("*.py")} - OWN_TEST))
 def test_example_runs_quick(script: str, tmp_path: Path) -> None:
     """The example finishes with --quick, run from an unrelated folder."""
@@ -51,6 +52,7 @@ def _test_accuracy(lines: list[str]) -> float:
     return float(line.split()[2])
 
 
+@pytest.mark.slow
 def test_digits_quick_prints_its_epochs_its_accuracy_and_where_it_wrote_its_files(
     tmp_path: Path,
 ) -> None:
@@ -98,6 +100,7 @@ def test_digits_learning_curve_labels_its_axes_and_marks_the_best_epoch(
         assert list(best.get_xdata()) == [2, 2]
 
 
+@pytest.mark.slow
 def test_digits_full_run_reaches_97_percent_held_out_accuracy(tmp_path: Path) -> None:
     """The README's main job, run in full, reaches >= 97% accuracy on held-out digits."""
     pytest.importorskip("sklearn")
@@ -105,6 +108,7 @@ def test_digits_full_run_reaches_97_percent_held_out_accuracy(tmp_path: Path) ->
     assert _test_accuracy(out.stdout.splitlines()) >= 0.97, out.stdout
 
 
+@pytest.mark.slow
 def test_ddp_example_runs_on_two_ranks_with_torchrun(tmp_path: Path) -> None:
     """examples/ddp.py --quick trains, evaluates, checkpoints and resumes on 2 gloo ranks."""
     pytest.importorskip("sklearn")
@@ -116,6 +120,7 @@ def test_ddp_example_runs_on_two_ranks_with_torchrun(tmp_path: Path) -> None:
     assert resumed[0] == "resumed" and resumed[6] == resumed[8].rstrip(")")
 
 
+@pytest.mark.slow
 def test_fsdp_example_checkpoints_sharded_and_converts_to_one_file(tmp_path: Path) -> None:
     """examples/fsdp.py --quick: FSDP2 on 2 gloo ranks, sharded save, resume, one-file copy."""
     pytest.importorskip("sklearn")
@@ -134,6 +139,7 @@ def test_fsdp_example_checkpoints_sharded_and_converts_to_one_file(tmp_path: Pat
     assert plain.epoch == 1 and lines[-1].startswith("one file for inference")
 
 
+@pytest.mark.slow
 def test_tensorboard_logging_writes_events_and_csv_per_epoch(tmp_path: Path) -> None:
     """The logging example writes every record's numbers to TensorBoard and to a CSV."""
     pytest.importorskip("sklearn")
@@ -175,6 +181,7 @@ def test_cifar_fake_test_images_are_not_training_images() -> None:
         assert not any(torch.equal(image, seen) for seen in train_images), j
 
 
+@pytest.mark.slow
 def test_gan_example_trains_two_optimizers_and_resumes_both(tmp_path: Path) -> None:
     """examples/gan.py --quick: one file holds G, D, G's optimizer and D's optimizer in extra."""
     pytest.importorskip("sklearn")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import re
 import subprocess
@@ -36,6 +37,7 @@ def _command(marker: str) -> str:
     return found[0]
 
 
+@pytest.mark.slow
 def test_every_python_snippet_runs_in_order(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -122,6 +124,34 @@ def test_creating_the_venv_again_keeps_what_it_holds(tmp_path: Path) -> None:
     (site / "kept.pth").write_text("", encoding="utf-8")
     subprocess.run(venv, check=True)
     assert (site / "kept.pth").exists()
+
+
+def test_the_readme_says_how_long_the_suite_takes_and_how_to_run_a_quick_subset() -> None:
+    """After the test command, the README says how long the suite takes on 2 CPU cores and
+    gives the `-m "not slow"` command of the quick subset, with its duration."""
+    after = README.split("<!-- test-command -->", 1)[1].split("\n## ", 1)[0]
+    assert re.search(r"about \d+ minutes on 2 CPU cores", after), after
+    assert re.search(r'`python -m pytest -m "not slow"`, about \d+ (seconds|minutes?)', after)
+
+
+def _marked_slow(node: ast.FunctionDef) -> bool:
+    """Whether a test function is decorated with ``@pytest.mark.slow``."""
+    return any(ast.unparse(d) == "pytest.mark.slow" for d in node.decorator_list)
+
+
+def test_the_quick_subset_keeps_tests_of_every_test_file() -> None:
+    """`-m "not slow"` keeps tests of every tests/test_*.py, so it checks every module;
+    test_benchmarks.py aside: each of its tests runs a benchmark script in a new process."""
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        if path.name == "test_benchmarks.py":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        module_marks = [ast.unparse(n.value) for n in tree.body if isinstance(n, ast.Assign)
+                        and "pytestmark" in map(ast.unparse, n.targets)]  # fmt: skip
+        assert not any("slow" in mark for mark in module_marks), f"{path.name}: all slow"
+        functions = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
+        kept = [n.name for n in functions if n.name.startswith("test_") and not _marked_slow(n)]
+        assert kept, f"{path.name}: every test is marked slow"
 
 
 def test_every_example_is_linked_from_the_readme_or_the_recipes() -> None:
