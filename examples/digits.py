@@ -49,27 +49,36 @@ def small_cnn(classes: int = 10) -> nn.Module:
     )
 
 
-def plot_curves(history: list[dict[str, float]], path: Path) -> None:
-    """Save train/val loss and accuracy per epoch as a PNG (skipped without matplotlib)."""
+def plot_curves(history: list[dict[str, float]], best_epoch: int, path: Path) -> bool:
+    """Save train/val loss and accuracy per epoch as a PNG, the best epoch marked.
+
+    Returns False, having written nothing, when matplotlib is not installed.
+    """
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         print("matplotlib is not installed: no learning curve")
-        return
+        return False
     epochs = [row["epoch"] for row in history]
     figure, axes = plt.subplots(1, 2, figsize=(8, 3))
     for axis, name in zip(axes, ("loss", "acc"), strict=True):
         for split in ("train", "val"):
             axis.plot(epochs, [row[f"{split}_{name}"] for row in history], label=split)
+        axis.axvline(
+            best_epoch, color="grey", linestyle="--", label=f"best.pt (epoch {best_epoch})"
+        )
         axis.set_xlabel("epoch")
-        axis.set_title("loss" if name == "loss" else "accuracy")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.set_ylabel("loss" if name == "loss" else "accuracy")
         axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=80)
     plt.close(figure)
+    return True
 
 
 def report(model: nn.Module, loader: DataLoader, device: torch.device) -> None:
@@ -117,7 +126,7 @@ def main() -> None:
     metrics = {"acc": ft.accuracy()}
 
     print(f"device {device}: {len(train_set)} train, {len(val_set)} val, {len(test_set)} test")
-    best_acc, history = float("-inf"), []
+    best_acc, best_epoch, history = float("-inf"), 0, []
     start = time.perf_counter()
     for epoch in range(1, epochs + 1):
         tr = ft.train_epoch(model, train_loader, loss_fn, optimizer, device, metrics=metrics)
@@ -129,10 +138,11 @@ def main() -> None:
         history.append({"epoch": epoch, "train_loss": tr.loss, "val_loss": ev.loss,
                         "train_acc": tr.metrics["acc"], "val_acc": ev.metrics["acc"]})  # fmt: skip
         if ev.metrics["acc"] > best_acc:
-            best_acc = ev.metrics["acc"]
+            best_acc, best_epoch = ev.metrics["acc"], epoch
             ft.save_checkpoint(args.out / "best.pt", model, epoch=epoch, metrics=ev.metrics)
 
-    plot_curves(history, args.out / "learning_curve.png")
+    curve = args.out / "learning_curve.png"
+    plotted = plot_curves(history, best_epoch, curve)
     ft.load_checkpoint(args.out / "best.pt", model, map_location=device)
     report(model, test_loader, device)
     test = ft.evaluate(model, test_loader, loss_fn, device, metrics=metrics)
@@ -140,6 +150,9 @@ def main() -> None:
         f"test accuracy {test.metrics['acc']:.4f} on {test.samples} held-out digits "
         f"(best val acc {best_acc:.4f}; {time.perf_counter() - start:.1f}s in all)"
     )
+    if plotted:
+        print(f"learning curve: {curve.resolve()}")
+    print(f"best model (epoch {best_epoch}): {(args.out / 'best.pt').resolve()}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # each test runs a benchmark script in a new process
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

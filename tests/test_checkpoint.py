@@ -215,6 +215,7 @@ def test_restore_rng_false_leaves_the_generators_alone(tmp_path: Path) -> None:
     assert torch.equal(torch.get_rng_state(), state)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("generator", [False, True], ids=["global-rng", "own-generator"])
 def test_resume_in_a_new_process_is_bit_identical_to_an_uninterrupted_run(
     tmp_path: Path, generator: bool
@@ -240,6 +241,7 @@ def test_resume_in_a_new_process_is_bit_identical_to_an_uninterrupted_run(
             assert torch.equal(value, b["optimizer"]["state"][index][name])
 
 
+@pytest.mark.slow
 def test_a_crash_at_any_moment_leaves_a_complete_checkpoint(tmp_path: Path) -> None:
     """SIGKILL a process saving a 24 MB checkpoint in a loop, 10 times: the file always loads.
 
@@ -1017,6 +1019,7 @@ def _flip_one_byte(path: Path, position: int) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 @settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )

@@ -98,6 +98,7 @@ def test_batches_equal_dataloader_batches_epoch_after_epoch(
     assert torch.equal(torch_rng, ft_rng)  # the global RNG advanced alike (dropout follows)
 
 
+@pytest.mark.slow
 def test_training_over_it_is_bit_identical_to_training_over_a_dataloader() -> None:
     """Two shuffled epochs of train_epoch give the same weights with either loader."""
     x, y = _data(100, 0)

@@ -31,6 +31,7 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str
     return out, run_two_ranks("tests.distributed_worker", out)
 
 
+@pytest.mark.slow
 def test_global_evaluation_equals_one_process_on_all_the_data(ranks: Any) -> None:
     """With ShardSampler, the global loss and accuracy equal a single process's on all data."""
     _, results = ranks
@@ -47,12 +48,14 @@ def test_global_evaluation_equals_one_process_on_all_the_data(ranks: Any) -> Non
         assert result["exact"]["metrics"]["f1"] == pytest.approx(single.metrics["f1"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_a_padded_distributed_sampler_counts_its_repeated_sample(ranks: Any) -> None:
     """DistributedSampler pads 51 samples to 52 on 2 ranks; the record shows the 52."""
     _, results = ranks
     assert [r["padded"]["samples"] for r in results] == [52, 52]
 
 
+@pytest.mark.slow
 def test_ddp_training_equals_one_process_on_the_combined_batches(ranks: Any) -> None:
     """After one DDP epoch every rank holds the same weights as one process on 2x batches."""
     _, results = ranks
@@ -66,6 +69,7 @@ def test_ddp_training_equals_one_process_on_the_combined_batches(ranks: Any) -> 
     assert results[0]["trained"]["samples"] == 48 and results[0]["trained"]["steps"] == 3
 
 
+@pytest.mark.slow
 def test_accumulation_under_ddp_all_reduces_once_per_optimizer_step(ranks: Any) -> None:
     """With accumulate=3 over 7 batches, DDP all-reduces the gradients on each window's last
     backward only (3 times, not 7), and the weights equal a hand-written no_sync loop's bit
@@ -76,6 +80,7 @@ def test_accumulation_under_ddp_all_reduces_once_per_optimizer_step(ranks: Any) 
         assert result["no_sync_same"] and result["no_sync_flag_after"] is True
 
 
+@pytest.mark.slow
 def test_a_per_item_loss_under_ddp_averages_over_every_ranks_items(ranks: Any) -> None:
     """With (sum, count) losses and accumulate=2, 2 DDP ranks holding unequal token counts step
     like one process on each window's batches of both ranks joined: the mean over all items
@@ -92,6 +97,7 @@ def test_a_per_item_loss_under_ddp_averages_over_every_ranks_items(ranks: Any) -
             torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_predict_gathers_names_with_their_outputs_in_data_set_order(ranks: Any) -> None:
     """Targets that are lists of names (default_collate's strings) are gathered in the same
     data set order as the outputs, on every rank."""
@@ -100,6 +106,7 @@ def test_predict_gathers_names_with_their_outputs_in_data_set_order(ranks: Any) 
         assert result["named"] == ([float(i) for i in range(11)], [f"n{i}" for i in range(11)])
 
 
+@pytest.mark.slow
 def test_every_rank_returns_the_same_record(ranks: Any) -> None:
     """Loss, metrics, samples, batches and steps agree across ranks (seconds are per rank)."""
     _, results = ranks
@@ -108,6 +115,7 @@ def test_every_rank_returns_the_same_record(ranks: Any) -> None:
         assert first == second, phase
 
 
+@pytest.mark.slow
 def test_a_checkpoint_written_under_ddp_loads_into_a_plain_model(ranks: Any) -> None:
     """Rank 0 wrote the checkpoint (no temp files left); it loads into the plain model."""
     out, results = ranks
@@ -120,6 +128,7 @@ def test_a_checkpoint_written_under_ddp_loads_into_a_plain_model(ranks: Any) -> 
         assert torch.equal(results[0]["params"][key], value)
 
 
+@pytest.mark.slow
 def test_different_metrics_on_the_ranks_are_an_error_not_a_hang(ranks: Any) -> None:
     """Ranks passing different metrics all raise a clear error instead of hanging."""
     _, results = ranks
@@ -127,6 +136,7 @@ def test_different_metrics_on_the_ranks_are_an_error_not_a_hang(ranks: Any) -> N
         assert "every rank must pass the same 'metrics'" in result["mismatch_error"]
 
 
+@pytest.mark.slow
 def test_each_rank_resumes_its_own_rng_state_under_ddp(ranks: Any) -> None:
     """Every rank's generator is saved; after a load each draws what it drew after the save."""
     _, results = ranks
@@ -135,6 +145,7 @@ def test_each_rank_resumes_its_own_rng_state_under_ddp(ranks: Any) -> None:
     assert not torch.equal(results[0]["draws"][0], results[1]["draws"][0])
 
 
+@pytest.mark.slow
 def test_skipping_a_non_finite_loss_on_one_rank_skips_it_on_every_rank(ranks: Any) -> None:
     """A NaN in rank 1's batch 2: both ranks skip batch 2, step 7 times, stay identical."""
     _, results = ranks
@@ -143,6 +154,7 @@ def test_skipping_a_non_finite_loss_on_one_rank_skips_it_on_every_rank(ranks: An
     assert all(torch.equal(value, second[key]) for key, value in first.items())
 
 
+@pytest.mark.slow
 def test_an_evaluation_error_on_one_rank_raises_on_every_rank(ranks: Any) -> None:
     """Targets only rank 1 cannot take: rank 1 says why, rank 0 that another rank failed."""
     _, results = ranks
@@ -150,6 +162,7 @@ def test_an_evaluation_error_on_one_rank_raises_on_every_rank(ranks: Any) -> Non
     assert "out of bounds" in results[1]["eval_fails_on_one_rank"]
 
 
+@pytest.mark.slow
 def test_different_batch_counts_on_the_ranks_raise_on_every_rank(ranks: Any) -> None:
     """8 batches on rank 0, 7 on rank 1: told by len() before the first batch, or on the way."""
     _, results = ranks
@@ -161,6 +174,7 @@ def test_different_batch_counts_on_the_ranks_raise_on_every_rank(ranks: Any) -> 
     assert "ran out on this rank after 7 batches" in results[1]["uneven_iter"]
 
 
+@pytest.mark.slow
 def test_a_torchmetrics_object_on_one_rank_only_is_an_error_not_a_hang(ranks: Any) -> None:
     """torchmetrics objects sync themselves; a rank without one would hang: both ranks raise."""
     _, results = ranks
@@ -168,6 +182,7 @@ def test_a_torchmetrics_object_on_one_rank_only_is_an_error_not_a_hang(ranks: An
         assert "every rank must pass the same 'metrics'" in result["torchmetrics_on_one_rank"]
 
 
+@pytest.mark.slow
 def test_only_rank_0_touches_the_file_so_node_local_disks_work(ranks: Any) -> None:
     """Each rank saves from its own folder (node-local disks) where only rank 0 made 'ckpt'."""
     out, results = ranks
@@ -180,6 +195,7 @@ def test_only_rank_0_touches_the_file_so_node_local_disks_work(ranks: Any) -> No
     )
 
 
+@pytest.mark.slow
 def test_a_resume_where_one_node_lacks_the_file_or_holds_another_fails_on_every_rank(
     ranks: Any,
 ) -> None:
@@ -203,6 +219,7 @@ def test_shards_cover_every_index_once_without_padding(size: int, world: int) ->
         ft.ShardSampler(range(size), num_replicas=world, rank=world)
 
 
+@pytest.mark.slow
 def test_predict_gathers_outputs_in_data_set_order_without_padding(ranks: Any) -> None:
     """predict under DDP returns one process's outputs on all data: rank 0, or every rank."""
     _, results = ranks
@@ -218,6 +235,7 @@ def test_predict_gathers_outputs_in_data_set_order_without_padding(ranks: Any) -
         assert torch.equal(targets, single.targets) and samples == 51
 
 
+@pytest.mark.slow
 def test_an_empty_training_batch_on_ddp_ranks_is_an_error_not_a_skip(ranks: Any) -> None:
     """Skipped on one rank only, an empty batch would pair its neighbours' all-reduces."""
     _, results = ranks

@@ -359,6 +359,7 @@ def test_parameters_with_requires_grad_false_get_no_grad_and_are_not_stepped() -
 # --- Where zero_grad goes --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @settings(max_examples=12, deadline=None)
 @given(seed=SEEDS, optimizer_name=st.sampled_from(["sgd_momentum", "adam"]))
 def test_zero_grad_placements_give_bit_identical_weights(seed: int, optimizer_name: str) -> None:

@@ -118,6 +118,7 @@ def run(
     return _state(model, opt), results
 
 
+@pytest.mark.slow
 @settings(
     max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -147,6 +148,7 @@ def test_a_run_killed_at_any_step_resumes_bit_for_bit(
     assert results[0].steps == -(-8 // accumulate) - step - 1  # what this call ran
 
 
+@pytest.mark.slow
 def test_a_dataloader_with_workers_resumes_bit_for_bit(tmp_path: Path) -> None:
     """num_workers=2: the order is drawn in the main process, so a resume is exact too."""
     whole, _ = run("workers", 3, tmp_path / "w.pt", accumulate=2)
@@ -319,6 +321,7 @@ def test_evaluate_inside_on_step_leaves_the_training_pass_intact() -> None:
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 @settings(max_examples=15, deadline=None)
 @given(
     seed=st.integers(0, 1000),
@@ -414,6 +417,7 @@ def _assert_same(a: dict[str, Any], b: dict[str, Any]) -> None:
             assert torch.equal(value, b["optimizer"]["state"][index][name]), (index, name)
 
 
+@pytest.mark.slow
 def test_a_process_killed_mid_epoch_resumes_in_a_fresh_process_bit_for_bit(
     tmp_path: Path,
 ) -> None:
@@ -440,6 +444,7 @@ def test_a_process_killed_mid_epoch_resumes_in_a_fresh_process_bit_for_bit(
     _assert_same(_final(tmp_path / "whole"), _final(tmp_path / "killed"))
 
 
+@pytest.mark.slow
 def test_an_elastic_restart_resumes_from_the_mid_epoch_checkpoint(tmp_path: Path) -> None:
     """torchrun --max-restarts=1 on 2 gloo DDP ranks: rank 1 dies at step 13, torchrun starts
     both again, they resume from the step-10 file and end with the uninterrupted run's weights.

@@ -42,6 +42,7 @@ def one_rank() -> Iterator[None]:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_a_resumed_fsdp2_run_equals_the_uninterrupted_one(ranks: Any) -> None:
     """Sharded save after epoch 1, load into fresh model, optimizer, scheduler: bit-identical."""
     _, results = ranks
@@ -53,6 +54,7 @@ def test_a_resumed_fsdp2_run_equals_the_uninterrupted_one(ranks: Any) -> None:
         )
 
 
+@pytest.mark.slow
 def test_every_rank_restores_its_own_rng_state(ranks: Any) -> None:
     """After a load each rank draws what it drew after the save, and the ranks differ."""
     _, results = ranks
@@ -61,6 +63,7 @@ def test_every_rank_restores_its_own_rng_state(ranks: Any) -> None:
     assert not torch.equal(results[0]["draws"][0], results[1]["draws"][0])
 
 
+@pytest.mark.slow
 def test_the_sharded_checkpoint_is_one_folder_of_shards_and_nothing_else(ranks: Any) -> None:
     """Each rank wrote its own shard file; no temporary folder is left; the size adds up."""
     out, results = ranks
@@ -71,6 +74,7 @@ def test_the_sharded_checkpoint_is_one_folder_of_shards_and_nothing_else(ranks: 
     assert results[0]["saved_size"] == sum(p.stat().st_size for p in folder.iterdir())
 
 
+@pytest.mark.slow
 def test_clipping_and_evaluation_under_fsdp2_equal_one_process(ranks: Any) -> None:
     """The clipped norm is the global one; weights, grad_norm and evaluate equal one process's."""
     _, results = ranks
@@ -94,6 +98,7 @@ def test_clipping_and_evaluation_under_fsdp2_equal_one_process(ranks: Any) -> No
         assert result["eval"].metrics["acc"] == pytest.approx(ev.metrics["acc"])
 
 
+@pytest.mark.slow
 def test_a_single_file_loads_into_an_fsdp2_models_weights_only(ranks: Any) -> None:
     """A plain model's file shards into the FSDP2 model; with an optimizer it is refused."""
     _, results = ranks
@@ -105,6 +110,7 @@ def test_a_single_file_loads_into_an_fsdp2_models_weights_only(ranks: Any) -> No
         )
 
 
+@pytest.mark.slow
 def test_a_sharded_checkpoint_loads_on_one_process_and_converts_to_a_file(
     ranks: Any, tmp_path: Path
 ) -> None:
@@ -123,6 +129,7 @@ def test_a_sharded_checkpoint_loads_on_one_process_and_converts_to_a_file(
     assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.slow
 def test_ranks_giving_different_paths_to_one_sharded_save_are_refused(ranks: Any) -> None:
     """Every rank raises, naming each rank's path, and nothing is written."""
     _, results = ranks
@@ -132,6 +139,7 @@ def test_ranks_giving_different_paths_to_one_sharded_save_are_refused(ranks: Any
         assert result["left_after_refusal"] == ["sharded.ckpt"]
 
 
+@pytest.mark.slow
 def test_ranks_loading_different_sharded_folders_are_refused(ranks: Any) -> None:
     """Each rank naming its own folder would mix two checkpoints: every rank raises instead."""
     _, results = ranks
@@ -140,6 +148,7 @@ def test_ranks_loading_different_sharded_folders_are_refused(ranks: Any) -> None
         assert result["mixed_load_unchanged"]
 
 
+@pytest.mark.slow
 def test_each_rank_gets_its_own_batchnorm_statistics_back(ranks: Any) -> None:
     """FSDP2 does not sync buffers: each rank's are saved apart (buffers only) and restored;
     a plain model (the conversion to one file) gets rank 0's."""
@@ -156,6 +165,7 @@ def test_each_rank_gets_its_own_batchnorm_statistics_back(ranks: Any) -> None:
     assert torch.equal(plain[1].running_mean, results[0]["bn_saved"]["1.running_mean"])
 
 
+@pytest.mark.slow
 def test_rank_0_alone_loads_a_sharded_folder_into_a_plain_model(ranks: Any) -> None:
     """Under a process group, a plain model reads the folder itself: no collective, no hang."""
     _, results = ranks
@@ -164,6 +174,7 @@ def test_rank_0_alone_loads_a_sharded_folder_into_a_plain_model(ranks: Any) -> N
     assert all(torch.equal(v, first_epoch[k]) for k, v in alone.items())
 
 
+@pytest.mark.slow
 def test_a_sharded_checkpoint_that_does_not_fit_changes_nothing(ranks: Any) -> None:
     """Another architecture: every mismatch is named, the model is left as it was."""
     out, _ = ranks

@@ -381,6 +381,7 @@ def test_float16_with_a_scaler_trains_on_cuda() -> None:
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
+@pytest.mark.slow
 @FAST
 @given(
     seed=s.seeds,
