@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import copy
 import itertools
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -85,7 +85,7 @@ def describe(obj: object) -> str:
     return f"a {type(obj).__name__}"
 
 
-def pair(batch: Any, index: int, who: str = "'loader' must yield") -> tuple[Any, Any]:
+def pair(batch: Any, index: int, who: str = "'loader' must yield") -> Sequence[Any]:
     """Split a training/evaluation batch into ``(inputs, targets)``."""
     if isinstance(batch, (tuple, list)) and len(batch) == 2:  # a tuple: faster than a union
         return batch

@@ -38,6 +38,7 @@ _APPLIED = (
     " (raised after optimizer.step() of batch {}: that batch's update of the weights, buffers "
     "and optimizer state stays applied)"
 )
+_RETURNS = "'forward' must return"
 _NO_BATCHES = (
     "'loader' yielded no batches; expected at least one (is the dataset empty, or is "
     "drop_last=True with fewer samples than batch_size?)"
@@ -490,7 +491,8 @@ def _outputs(
     if forward is None:
         inputs, targets = data.inputs_and_targets(batch, index)
         return _call(model, None, inputs, index, device), targets
-    return data.pair(_call(model, forward, batch, index, device), index, "'forward' must return")
+    outputs, targets = data.pair(_call(model, forward, batch, index, device), index, _RETURNS)
+    return outputs, targets
 
 
 def predict(
