@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _runner() -> ModuleType:
+    """Import benchmarks/run.py as a module."""
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _body(function: object) -> str:
+    """The source of a function after its docstring."""
+    return inspect.getsource(function).split('"""')[2]
 
 
 def test_checkpoint_save_benchmark_runs_and_reports_every_contender(tmp_path: Path) -> None:
@@ -39,7 +55,22 @@ def test_the_side_by_side_runner_runs_every_contender(tmp_path: Path) -> None:
     names = {row["contender"] for row in rows}
     assert {"hand-written loop", "ft.train_epoch", "ft.train_epoch + TensorLoader",
             "hand-written eval loop", "ft.evaluate"} <= names  # fmt: skip
+    assert {"hand-written loop (exact copy)", "hand-written eval loop (exact copy)",
+            "hand-written predict loop (exact copy)"} <= names  # fmt: skip
     assert all(row["median_s"] > 0 for row in rows)
     hand = [row for row in rows if row["contender"] == "hand-written loop"]
     assert hand[0]["ratio"] == 1.0
-    assert "| model | phase | contender |" in out.stdout
+    for phase in ("train", "eval", "predict"):
+        in_phase = [row for row in rows if row["phase"] == phase]
+        copy = [row for row in in_phase if row["contender"].endswith("(exact copy)")]
+        assert len(copy) == 1 and all(row["noise"] == copy[0]["ratio"] for row in in_phase)
+    assert "| model | phase | contender |" in out.stdout and "| noise (hand copy) |" in out.stdout
+
+
+def test_the_hand_loops_copies_are_exact_copies() -> None:
+    """The noise figure is only that if the copy runs the very same code as the original."""
+    run = _runner()
+    for name in ("hand_train", "hand_eval", "hand_predict"):
+        original, copy = getattr(run, name), getattr(run, f"{name}_copy")
+        assert original is not copy and original.__code__ is not copy.__code__
+        assert _body(original) == _body(copy), name
