@@ -19,8 +19,10 @@ import datetime
 import gc
 import importlib.util
 import json
+import math
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -466,19 +468,27 @@ def measure(
     return {name: (times[name], peaks[name]) for name in runs}
 
 
+def _per_batch_us(seconds: float, batches: int) -> float:
+    """Return seconds per epoch as microseconds per batch."""
+    return seconds / batches * 1e6
+
+
 def report(
     model: str,
     runs: dict[str, tuple[str, Epoch]],
     results: dict[str, tuple[list[float], int]],
+    batches: int,
 ) -> list[dict[str, Any]]:
     """Print one JSON line per contender; return the rows.
 
     ``ratio``: the fastest epoch over the hand-written loop's fastest of the same phase;
-    ``noise``: that ratio for the loop's exact copy in the same run, the spread to expect of
-    a ratio that means 'the same'. ``ratio_median`` and ``noise_median``: the same of the
-    medians.
+    ``overhead_us``: the difference per batch, in microseconds. ``noise`` and ``noise_us``:
+    the same for the loop's exact copy in the same run, the spread to expect of a ratio that
+    means 'the same'. ``ratio_median`` and ``noise_median``: the ratios of the medians.
+    Training rows also carry ``floor_ratio`` and ``floor_overhead_us``, against the floor.
     """
     rows = []
+    floor = min(results[FLOOR][0])
     for phase, base in HAND.items():
         hand, hand_median = min(results[base][0]), statistics.median(results[base][0])
         copy = results[HAND_COPY[phase]][0]
@@ -493,15 +503,27 @@ def report(
                 "min_s": best,
                 "median_s": median,
                 "ratio": best / hand,
+                "overhead_us": _per_batch_us(best - hand, batches),
                 "noise": min(copy) / hand,
+                "noise_us": _per_batch_us(min(copy) - hand, batches),
                 "ratio_median": median / hand_median,
                 "noise_median": statistics.median(copy) / hand_median,
+                "floor_ratio": best / floor if phase == "train" else None,
+                "floor_overhead_us": _per_batch_us(best - floor, batches)
+                if phase == "train"
+                else None,
                 "peak_mb": peak / 2**20,
+                "batches": batches,
                 "runs": len(times),
             }
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
+
+
+def _cell(ratio: float | None, us: float | None) -> str:
+    """Return a ratio and its microseconds per batch as one table cell."""
+    return "—" if ratio is None or us is None else f"{ratio:.3f}x ({us:+.1f} µs)"
 
 
 def table(rows: list[dict[str, Any]], dev: torch.device, method: str) -> str:
@@ -510,18 +532,49 @@ def table(rows: list[dict[str, Any]], dev: torch.device, method: str) -> str:
     lines = [
         f"Measured on {platform.machine()} with {threads} thread{'s' * (threads != 1)}, "
         f"device {dev}, torch {torch.__version__}; timed by {method}; the fastest of "
-        f"{rows[0]['runs']} rounds (the median beside it).",
+        f"{rows[0]['runs']} rounds (the median beside it). In brackets: the difference "
+        "per batch.",
         "",
         "| model | phase | contender | s/epoch min (median) | vs hand-written "
-        "| noise (hand copy) | peak MB |",
-        "|---|---|---|---|---|---|---|",
+        "| noise (hand copy) | vs floor | peak MB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['phase']} | {r['contender']} | "
-            f"{r['min_s']:.4f} ({r['median_s']:.4f}) | {r['ratio']:.3f}x | "
-            f"{r['noise']:.3f}x | {r['peak_mb']:.1f} |"
+            f"{r['min_s']:.4f} ({r['median_s']:.4f}) | {_cell(r['ratio'], r['overhead_us'])} | "
+            f"{_cell(r['noise'], r['noise_us'])} | "
+            f"{_cell(r['floor_ratio'], r['floor_overhead_us'])} | {r['peak_mb']:.1f} |"
         )
+    return "\n".join(lines)
+
+
+HEADLINE = {  # contender -> what its headline ratio is against
+    "ft.train_epoch": "hand",
+    "ft.evaluate": "hand",
+    "ft.predict": "hand",
+    "ft.train_epoch + TensorLoader": "floor",
+}
+
+
+def headline(rows: list[dict[str, Any]]) -> str:
+    """Return a line per model: fntrain's ratios, each beside the noise figure of its phase."""
+    lines = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        parts = []
+        for r in rows:
+            against = HEADLINE.get(r["contender"]) if r["model"] == model else None
+            if against == "hand":
+                parts.append(
+                    f"{r['contender']} **{r['ratio']:.3f}x** the hand-written loop "
+                    f"({r['overhead_us']:+.1f} µs/batch; noise {r['noise']:.3f}x)"
+                )
+            elif against == "floor":
+                parts.append(
+                    f"{r['contender']} **{r['floor_ratio']:.3f}x** the floor "
+                    f"({r['floor_overhead_us']:+.1f} µs/batch)"
+                )
+        lines.append(f"- {model}: " + "; ".join(parts))
     return "\n".join(lines)
 
 
@@ -557,7 +610,12 @@ def page(rows: list[dict[str, Any]], dev: torch.device, command: str, method: st
         "epoch (the median beside it), its ratio that over the fastest epoch of the "
         "hand-written loop of the same phase. The noise figure is the ratio of an exact copy "
         "of the hand-written loop in the same run: a ratio no farther from 1.00x than it "
-        "reads as 'the same'.",
+        "reads as 'the same'. In brackets: the difference in microseconds per batch, "
+        "(contender - hand-written) seconds per epoch / batches per epoch x 1e6. 'vs floor': "
+        "the same against the floor, the training steps on pre-batched tensors without a "
+        "loader, which ft.train_epoch + TensorLoader comes closest to.",
+        "",
+        headline(rows),
         "",
         table(rows, dev, method),
         "",
@@ -595,10 +653,11 @@ def main() -> None:
     for name in MODELS if args.model == "all" else [args.model]:
         samples = args.samples or MODELS[name][2]
         runs = contenders(name, samples, args.batch_size, dev, peers)
-        rows += report(name, runs, measure(runs, args.repeats, dev, clock))
-    print(table(rows, dev, clock.method))
+        batches = math.ceil(samples / args.batch_size)
+        rows += report(name, runs, measure(runs, args.repeats, dev, clock), batches)
+    print(table(rows, dev, clock.method), headline(rows), sep="\n\n")
     if args.markdown:
-        command = "python benchmarks/run.py " + " ".join(sys.argv[1:])
+        command = shlex.join(["python", "benchmarks/run.py", *sys.argv[1:]])
         args.markdown.write_text(page(rows, dev, command, clock.method), encoding="utf-8")
 
 

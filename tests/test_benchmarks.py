@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -75,3 +78,38 @@ def test_the_hand_loops_copies_are_exact_copies() -> None:
         original, copy = getattr(run, name), getattr(run, f"{name}_copy")
         assert original is not copy and original.__code__ is not copy.__code__
         assert _body(original) == _body(copy), name
+
+
+def test_the_report_gives_ratios_noise_and_microseconds_per_batch() -> None:
+    """Ratios of the fastest epochs; the per-batch difference to the hand loop and floor."""
+    run = _runner()
+    seconds = {  # contender -> (phase, seconds of its epochs)
+        run.FLOOR: ("train", [0.5, 0.6]),
+        run.HAND["train"]: ("train", [1.0, 1.2]),
+        "ft.train_epoch": ("train", [1.1, 1.1]),
+        run.HAND_COPY["train"]: ("train", [1.01, 1.3]),
+        run.HAND["eval"]: ("eval", [0.4, 0.5]),
+        run.HAND_COPY["eval"]: ("eval", [0.396, 0.5]),
+        run.HAND["predict"]: ("predict", [0.2, 0.3]),
+        run.HAND_COPY["predict"]: ("predict", [0.2, 0.3]),
+    }
+    runs = {name: (phase, lambda: None) for name, (phase, _) in seconds.items()}
+    results = {name: (times, 0) for name, (_, times) in seconds.items()}
+    rows = run.report("m", runs, results, 100)
+    by_name = {row["contender"]: row for row in rows}
+    ft = by_name["ft.train_epoch"]
+    assert ft["ratio"] == pytest.approx(1.1) and ft["overhead_us"] == pytest.approx(1000)
+    assert ft["noise"] == pytest.approx(1.01) and ft["noise_us"] == pytest.approx(100)
+    assert ft["floor_ratio"] == pytest.approx(2.2)
+    assert ft["floor_overhead_us"] == pytest.approx(6000)
+    assert ft["ratio_median"] == pytest.approx(1.0) and ft["median_s"] == pytest.approx(1.1)
+    copy = by_name[run.HAND_COPY["eval"]]
+    assert copy["noise"] == copy["ratio"] == pytest.approx(0.99)
+    assert copy["overhead_us"] == pytest.approx(-40) and copy["floor_ratio"] is None
+    text = run.table(rows, torch.device("cpu"), "a clock")
+    assert (
+        "| m | train | ft.train_epoch | 1.1000 (1.1000) | 1.100x (+1000.0 µs) "
+        "| 1.010x (+100.0 µs) | 2.200x (+6000.0 µs) | 0.0 |"
+    ) in text
+    assert "| m | eval | hand-written eval loop | 0.4000 (0.4500) | 1.000x (+0.0 µs) " in text
+    assert "ft.train_epoch **1.100x** the hand-written loop" in run.headline(rows)
