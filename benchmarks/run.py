@@ -479,25 +479,34 @@ def measure(
 ) -> dict[str, tuple[list[float], int]]:
     """Time every contender in ``repeats`` interleaved rounds; return (seconds, peak bytes).
 
-    Each runs once to warm up and once more, untimed, for its peak memory (the sampling
-    thread would disturb the timings); then the rounds, in turns, every other one reversed.
+    Each runs once to warm up. Then what exists is frozen out of the garbage collector
+    (``gc.freeze``): the collection before each epoch, and any in it, no longer walks
+    torch's hundreds of thousands of objects (0.4 s a time here). Each runs once more,
+    untimed, for its peak memory (the sampling thread would disturb the timings); then
+    the rounds, in turns, every other one in reverse order.
     """
-    peaks: dict[str, int] = {}
-    for name, (_, epoch) in runs.items():
+    for _, epoch in runs.values():
         epoch()
-        gc.collect()
-        with PeakMemory(dev) as memory:
-            epoch()
-        peaks[name] = memory.peak
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for round_ in range(repeats):
-        for name in list(runs) if round_ % 2 == 0 else list(runs)[::-1]:
+    gc.collect()
+    gc.freeze()
+    try:
+        peaks: dict[str, int] = {}
+        for name, (_, epoch) in runs.items():
             gc.collect()
-            start = clock.now()
-            runs[name][1]()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(clock.now() - start)
+            with PeakMemory(dev) as memory:
+                epoch()
+            peaks[name] = memory.peak
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        for round_ in range(repeats):
+            for name in list(runs) if round_ % 2 == 0 else list(runs)[::-1]:
+                gc.collect()
+                start = clock.now()
+                runs[name][1]()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                times[name].append(clock.now() - start)
+    finally:
+        gc.unfreeze()
     return {name: (times[name], peaks[name]) for name in runs}
 
 
