@@ -1,15 +1,29 @@
 """fntrain beside the hand-written loop and the peers, interleaved in one process.
 
     pip install -e ".[bench]"
-    python benchmarks/run.py                      # tiny MLP and small CNN, train and eval
-    python benchmarks/run.py --model mlp --repeats 21
+    python benchmarks/run.py                      # tiny MLP, small CNN, tiny transformer
+    python benchmarks/run.py --model mlp --peers ""
     python benchmarks/run.py --markdown docs/performance.md   # the generated, stamped page
 
-Every contender trains (or evaluates) the same model on the same data; the contenders take
-turns, round after round, so that drift of the machine hits all alike. Reported: the
-median seconds per epoch, the ratio to the hand-written tutorial loop, and the peak memory
-(CUDA: peak allocated; CPU: peak growth of the resident set, sampled every millisecond).
-Peers that are not installed are left out. Prints JSON lines, then a Markdown table.
+Every contender trains (or evaluates, or predicts with) the same model on the same data;
+the contenders take turns, round after round, every other round in reverse order, so that
+drift of the machine hits all alike. An exact copy of each hand-written tutorial loop runs
+as one more contender: its ratio to the loop is the noise figure of the run.
+
+Method: on the CPU, one intra-op thread (``--threads``, default 1) and the CPU time of that
+thread (``time.thread_time``), which holds every kernel, the backward and the DataLoader
+(no workers) but not the time other processes take; on CUDA, wall time after
+``torch.cuda.synchronize()``. The objects that exist after the warm-up are frozen out of
+the garbage collector (``gc.freeze``). The statistic is the fastest epoch over the rounds,
+the median beside it.
+
+Reported per contender: seconds per epoch, the ratio to the hand-written loop of the same
+phase and the difference per batch in microseconds, ((contender - hand) seconds / batches
+per epoch x 1e6), the noise figure beside them, for training the same against the floor
+(pre-batched tensors, no loader), and the peak memory (CUDA: peak allocated; CPU: peak
+growth of the resident set, sampled every millisecond in an untimed epoch). Peers that are
+not installed are left out. Prints JSON lines, then a Markdown table and a headline per
+model.
 """
 
 from __future__ import annotations
@@ -637,7 +651,7 @@ def stamp(dev: torch.device) -> str:
 
 
 def page(rows: list[dict[str, Any]], dev: torch.device, command: str, method: str) -> str:
-    """Return docs/performance.md: the stamp, the command, how to read it, the table."""
+    """Return docs/performance.md: stamp, command, how to read it, headline lines, table."""
     return "\n".join([
         "# Performance (generated)",
         "",
@@ -648,8 +662,9 @@ def page(rows: list[dict[str, Any]], dev: torch.device, command: str, method: st
         f"Command: `{command}`",
         "",
         "Contenders take turns round after round in one process, every other round in "
-        f"reverse order. Each epoch is timed by {method}; a contender's time is its fastest "
-        "epoch (the median beside it), its ratio that over the fastest epoch of the "
+        f"reverse order, after a warm-up. Each epoch is timed by {method}, with the objects "
+        "of the warm-up frozen out of the garbage collector; a contender's time is its "
+        "fastest epoch (the median beside it), its ratio that over the fastest epoch of the "
         "hand-written loop of the same phase. The noise figure is the ratio of an exact copy "
         "of the hand-written loop in the same run: a ratio no farther from 1.00x than it "
         "reads as 'the same'. In brackets: the difference in microseconds per batch, "
