@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -160,3 +161,12 @@ def test_the_report_gives_ratios_noise_and_microseconds_per_batch() -> None:
     ) in text
     assert "| m | eval | hand-written eval loop | 0.4000 (0.4500) | 1.000x (+0.0 µs) " in text
     assert "ft.train_epoch **1.100x** the hand-written loop" in run.headline(rows)
+
+
+def test_the_clock_is_the_threads_cpu_time_only_for_one_thread_on_the_cpu() -> None:
+    """time.thread_time would miss the work of other threads and of the GPU."""
+    run = _runner()
+    assert run.pick_clock(torch.device("cpu"), 1).now is time.thread_time
+    assert run.pick_clock(torch.device("cpu"), 2).now is time.perf_counter
+    assert run.pick_clock(torch.device("cuda"), 1).now is time.perf_counter
+    assert "synchronize" in run.pick_clock(torch.device("cuda"), 1).method
