@@ -39,6 +39,7 @@ _APPLIED = (
     "and optimizer state stays applied)"
 )
 _RETURNS = "'forward' must return"
+_PAIRS = (tuple, list)
 _NO_BATCHES = (
     "'loader' yielded no batches; expected at least one (is the dataset empty, or is "
     "drop_last=True with fewer samples than batch_size?)"
@@ -52,7 +53,9 @@ def _run(
     if forward is not None:
         outputs, targets = _outputs(model, forward, batch, index, device)
         return outputs, targets, data.count(outputs, targets, index)
-    inputs, targets = data.pair(batch, index)
+    if not isinstance(batch, _PAIRS) or len(batch) != 2:
+        data.pair(batch, index)  # raises, saying what the batch is
+    inputs, targets = batch
     if not isinstance(targets, torch.Tensor) or targets.device != device or not targets.dim():
         targets = data.to_device(targets, device)
         samples = data.batch_size(targets)  # None: targets without a batch dimension
@@ -60,7 +63,13 @@ def _run(
         samples = targets.shape[0]
     if samples == 0:
         return None, targets, 0
-    outputs = _call(model, None, inputs, index, device)
+    if not isinstance(inputs, torch.Tensor) or inputs.device != device:
+        inputs = data.to_device(inputs, device)
+    try:
+        outputs = model(inputs)
+    except (RuntimeError, AttributeError, TypeError) as error:
+        _explain(error, model, inputs, index, None)
+        raise
     if samples is None:
         return outputs, targets, data.count(outputs, targets, index)
     tensors = isinstance(inputs, torch.Tensor) and isinstance(outputs, torch.Tensor)
@@ -81,9 +90,16 @@ def _call(
             return model(data.to_device(given, device))
         return forward(model, data.to_device(given, device))
     except (RuntimeError, AttributeError, TypeError) as error:
-        if (hint := _hint(error, model, given, index, forward)) is None:
-            raise
-        raise reword(error, suffix=hint) from None
+        _explain(error, model, given, index, forward)
+        raise
+
+
+def _explain(
+    error: Exception, model: nn.Module, given: Any, index: int, forward: Forward | None
+) -> None:
+    """Add to a model error what explains it, if anything does: see ``_hint``."""
+    if (hint := _hint(error, model, given, index, forward)) is not None:
+        reword(error, suffix=hint)
 
 
 def _hint(
@@ -325,7 +341,7 @@ def train_epoch(
             if bar.on:
                 bar.tick(samples, functools.partial(sums.running, totals, metrics))
             if full:
-                window = Window()
+                window = stepper.empty
                 if step is not None:
                     on_step(step)  # type: ignore[misc]  # a Step only when on_step is given
                 if stepper.steps == max_steps:

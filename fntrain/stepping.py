@@ -106,6 +106,7 @@ def warn_if_built_for_epochs(scheduler: Any, loader: Any, accumulate: int) -> No
 
 
 _VERSION = operator.attrgetter("_version")
+_tuple = tuple.__new__  # builds a NamedTuple in C: a per-batch value costs no Python call
 
 
 class Window(NamedTuple):
@@ -142,6 +143,7 @@ class Stepper:
         self.cleared: bool | None = None  # zero_grad() sets .grad to None
         clip, scheduler = options.clip_grad_norm, options.scheduler
         self.plain = clip is None and self.scaler is None and scheduler is None  # step only
+        self.empty = Window()
 
     def __enter__(self) -> Stepper:
         return self
@@ -199,10 +201,10 @@ class Stepper:
                     f"frozen?"
                 ) from None
             raise
-        return Window(
+        return _tuple(Window, (
             window.batches + 1, window.samples + samples, window.items + weight,
             window.loss + value * weight, summed, by_items,
-        )  # fmt: skip
+        ))  # fmt: skip
 
     def _clip(self, window: Window) -> float | None:
         """Average a summed window's gradients; clip them; return the norm before clipping."""

@@ -15,6 +15,7 @@ from fntrain.records import MetricValue
 
 _LOSS, _ITEMS = (None, "loss"), (None, "items")  # metric parts are keyed (name, position)
 _SAMPLES, _BATCHES = (None, "samples"), (None, "batches")
+_tuple = tuple.__new__  # builds a NamedTuple in C: a per-batch value costs no Python call
 Parts = Mapping[Any, Part]  # keyed (metric name, position)
 
 
@@ -51,6 +52,9 @@ def stage(parts: Parts, sums: Sums) -> dict[Any, Part]:
 
 def added(sums: Sums, loss: Any, scale: float, items: Any, samples: int, parts: Parts) -> Sums:
     """Return ``sums`` with a batch added: ``loss * scale`` (its sum over ``items``), its parts."""
+    if not parts and type(loss) is float and not isinstance(items, torch.Tensor):  # train_epoch
+        batch = (sums.loss + loss * scale, sums.items + items, sums.samples + samples)
+        return _tuple(Sums, (*batch, sums.batches + 1, sums.parts))
     if not isinstance(loss, torch.Tensor):
         loss = sums.loss + loss * scale
     elif loss.is_cpu:
