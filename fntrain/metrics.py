@@ -20,7 +20,8 @@ _REFUSALS = (
     "{n} target(s) are real values, neither classes nor 0/1 labels (regression?); use "
     "torchmetrics.MeanAbsoluteError or MeanSquaredError, or give the model one output per class",
 )
-_CLEAN = (0, 0, 0)  # no target that cannot be judged
+_CLEAN = (0, 0, 0)
+_SEQUENCES = (tuple, list)  # no target that cannot be judged
 
 
 @attrs.frozen
@@ -234,13 +235,17 @@ def parts(
             return parts(metrics, outputs, targets, undo)
     found: dict[Hashable, Part] = {}
     for name, metric in metrics.items():
-        if not isinstance(metric, Metric):
-            if undo is not None:
-                undo.append(_snapshot(metric))
-            _named(name, partial(metric.update, outputs, targets))
-            continue
-        state = _named(name, partial(metric.state, outputs, targets))
-        for position, part in enumerate(state if isinstance(state, tuple | list) else (state,)):
+        try:
+            if isinstance(metric, Metric):
+                state = metric.state(outputs, targets)
+            else:
+                if undo is not None:
+                    undo.append(_snapshot(metric))
+                metric.update(outputs, targets)
+                continue
+        except Exception as error:
+            raise reword(error, prefix=f"metrics[{name!r}]: ") from None
+        for position, part in enumerate(state if isinstance(state, _SEQUENCES) else (state,)):
             found[name, position] = part
     return found
 
