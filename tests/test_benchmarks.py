@@ -15,8 +15,6 @@ from types import ModuleType
 import pytest
 import torch
 
-import pytest
-
 pytestmark = pytest.mark.slow  # each test runs a benchmark script in a new process
 
 ROOT = Path(__file__).resolve().parent.parent
