@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import copy
 import itertools
+import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -270,8 +271,8 @@ class TensorLoader:
                     t.index_select(0, order[rows].to(t.device, non_blocking=True))
                     for t in self.tensors
                 )
-            for first in range(0, chunk[0].shape[0], size):
-                yield tuple(t[first : first + size] for t in chunk)
+            for first in range(0, chunk[0].shape[0], size):  # map: no generator per batch
+                yield tuple(map(operator.itemgetter(slice(first, first + size)), chunk))
 
 
 def _generators(loader: Any) -> list[torch.Generator]:

@@ -66,7 +66,9 @@ def added(sums: Sums, loss: Any, scale: float, items: Any, samples: int, parts: 
         loss = loss.detach().to(wide) * scale + sums.loss
     if isinstance(items, torch.Tensor):
         items = items.detach()
-    if parts:  # a first tensor part is cloned: the batch's may be a view
+    if parts and parts.keys() == sums.parts.keys():  # every batch after the first
+        parts = {key: total + parts[key] for key, total in sums.parts.items()}
+    elif parts:  # a first tensor part is cloned: the batch's may be a view
         before, totals = sums.parts, dict(sums.parts)
         for key, part in parts.items():
             had = before.get(key)
