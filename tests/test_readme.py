@@ -83,7 +83,7 @@ def test_the_distributed_snippet_joins_torchruns_group_and_trains_one_shard_per_
     out = torchrun([str(script)], tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert [(r["rank"], r["world"]) for r in ranks] == [(0, 2), (1, 2)]
-    assert {"rank 0 of 2", "rank 1 of 2"} <= set(out.stdout.splitlines()), out.stdout
+    assert "rank 0 of 2" in out.stdout and "rank 1 of 2" in out.stdout, out.stdout  # may interleave
     first, second = (set(r["shard"]) for r in ranks)
     assert len(first) == len(second) == 192 and not first & second  # 384 samples, split
     assert ranks[0]["weights"].keys() == ranks[1]["weights"].keys()
