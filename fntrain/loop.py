@@ -7,7 +7,7 @@ import functools
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from typing import Any, Literal
 
 import torch
@@ -293,7 +293,9 @@ def train_epoch(
         first, batches = position["batch_index"] + 1, data.resumed(loader, source, position)
         record = (position["index"] + 1, position["start"]) if on_step else None
     stepper = Stepper(optimizer, options, resolved, model, record)
-    length = _length(loader) if stepper.ddp is not None else None  # DDP: a window's last batch
+    length = None  # under DDP with accumulation: tells a partial last window
+    with contextlib.suppress(TypeError):  # a DataLoader of an IterableDataset may have none
+        length = len(loader) if stepper.ddp is not None and isinstance(loader, Sized) else None
     totals, window, skipped, index, start = sums.Sums(), Window(), 0, first - 1, time.perf_counter()
     parts: Mapping[Any, Any] = {}
     with mode(model, True, keep_eval), Progress(progress, loader, "train") as bar, stepper:
@@ -375,13 +377,6 @@ def _failed(
         reword(error, suffix=_APPLIED.format(index))
     else:
         guard.restore()
-
-
-def _length(loader: Any) -> int | None:
-    """Return ``len(loader)``, or None for an iterable without one."""
-    with contextlib.suppress(TypeError):
-        return len(loader)
-    return None
 
 
 def _position(resume: Any, accumulate: int) -> dict[str, Any] | None:
