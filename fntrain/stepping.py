@@ -234,9 +234,10 @@ class Stepper:
     def step(self, window: Window, index: int) -> Step | None:
         """Step on ``window``; return the Step taken when ``record`` asks (None: none, skipped)."""
         if self.plain and not window.summed and not self.unsynced:  # the hand loop's step
+            lr = self.optimizer.param_groups[0]["lr"]  # the one this step uses
             self.optimizer.step()
             self.steps += 1
-            return None if self.record is None else self._record(window, index, None)
+            return None if self.record is None else self._record(window, index, None, lr)
         norm, scaler = self._clip(window), self.scaler
         if norm is not None and not math.isfinite(norm) and not (scaler and scaler.is_enabled()):
             if self.options.on_nonfinite == "raise":
@@ -258,9 +259,8 @@ class Stepper:
         self.skipped_steps += not taken
         return None if not taken or self.record is None else self._record(window, index, norm, lr)
 
-    def _record(self, window: Window, index: int, norm: float | None, lr: Any = None) -> Step:
+    def _record(self, window: Window, index: int, norm: float | None, lr: Any) -> Step:
         """Return the Step just taken, for on_step (``lr``: the one it used)."""
         first, origin = self.record or (0, None)
-        lr = float(self.optimizer.param_groups[0]["lr"] if lr is None else lr)
         loss = window.loss / (window.items or 1)
-        return Step(first + self.steps - 1, index, loss, window.samples, lr, norm, origin)
+        return Step(first + self.steps - 1, index, loss, window.samples, float(lr), norm, origin)

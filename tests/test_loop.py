@@ -1591,3 +1591,20 @@ def test_dict_batches_without_forward_get_the_hint_train_epoch_gives(name: str) 
         run = lambda: ft.predict(_Tokens(), [batch], CPU)  # noqa: E731
     with pytest.raises((TypeError, AttributeError), match=r"forward=lambda model, batch"):
         run()
+
+
+def test_step_lr_is_the_one_the_step_used_when_the_optimizer_changes_it() -> None:
+    """Step.lr is the learning rate optimizer.step() used, also for an optimizer that sets
+    its own next rate inside step() (no scheduler: the plain SGD path)."""
+
+    class Halving(torch.optim.SGD):
+        def step(self, closure: object = None) -> None:
+            super().step()
+            self.param_groups[0]["lr"] /= 2
+
+    model = nn.Linear(3, 2)
+    seen: list[float] = []
+    opt = Halving(model.parameters(), lr=0.4)
+    ft.train_epoch(model, _BATCHES * 3, nn.CrossEntropyLoss(), opt, CPU,
+                   on_step=lambda step: seen.append(step.lr))  # fmt: skip
+    assert seen == [0.4, 0.2, 0.1]
