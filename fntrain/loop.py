@@ -27,7 +27,7 @@ from fntrain.records import (
     reword,
 )
 from fntrain.restore import BatchGuard, evaluating, mode
-from fntrain.stepping import StepOptions, Stepper, Window, warn_if_built_for_epochs
+from fntrain.stepping import EMPTY, StepOptions, Stepper, warn_if_built_for_epochs
 from fntrain.stepping import amp as autocast_context
 
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -63,13 +63,7 @@ def _run(
         samples = targets.shape[0]
     if samples == 0:
         return None, targets, 0
-    if not isinstance(inputs, torch.Tensor) or inputs.device != device:
-        inputs = data.to_device(inputs, device)
-    try:
-        outputs = model(inputs)
-    except (RuntimeError, AttributeError, TypeError) as error:
-        _explain(error, model, inputs, index, None)
-        raise
+    outputs = _call(model, None, inputs, index, device)
     if samples is None:
         return outputs, targets, data.count(outputs, targets, index)
     tensors = isinstance(inputs, torch.Tensor) and isinstance(outputs, torch.Tensor)
@@ -90,16 +84,9 @@ def _call(
             return model(data.to_device(given, device))
         return forward(model, data.to_device(given, device))
     except (RuntimeError, AttributeError, TypeError) as error:
-        _explain(error, model, given, index, forward)
+        if (hint := _hint(error, model, given, index, forward)) is not None:
+            reword(error, suffix=hint)
         raise
-
-
-def _explain(
-    error: Exception, model: nn.Module, given: Any, index: int, forward: Forward | None
-) -> None:
-    """Add to a model error what explains it, if anything does: see ``_hint``."""
-    if (hint := _hint(error, model, given, index, forward)) is not None:
-        reword(error, suffix=hint)
 
 
 def _hint(
@@ -296,7 +283,7 @@ def train_epoch(
     length = None  # under DDP with accumulation: tells a partial last window
     with contextlib.suppress(TypeError):  # a DataLoader of an IterableDataset may have none
         length = len(loader) if stepper.ddp is not None and isinstance(loader, Sized) else None
-    totals, window, skipped, index, start = sums.Sums(), Window(), 0, first - 1, time.perf_counter()
+    totals, window, skipped, index, start = sums.Sums(), EMPTY, 0, first - 1, time.perf_counter()
     parts: Mapping[Any, Any] = {}
     with mode(model, True, keep_eval), Progress(progress, loader, "train") as bar, stepper:
         guard = BatchGuard(model)  # the buffers of the modules in train mode
@@ -343,7 +330,7 @@ def train_epoch(
             if bar.on:
                 bar.tick(samples, functools.partial(sums.running, totals, metrics))
             if full:
-                window = stepper.empty
+                window = EMPTY
                 if step is not None:
                     on_step(step)  # type: ignore[misc]  # a Step only when on_step is given
                 if stepper.steps == max_steps:

@@ -120,6 +120,9 @@ class Window(NamedTuple):
     by_items: bool = False  # of (sum, count) under DDP/FSDP2: by the ranks' mean items
 
 
+EMPTY = Window()  # where every window starts
+
+
 class Stepper:
     """One call's optimizer, options and parameters, and the steps it took (private)."""
 
@@ -143,7 +146,6 @@ class Stepper:
         self.cleared: bool | None = None  # zero_grad() sets .grad to None
         clip, scheduler = options.clip_grad_norm, options.scheduler
         self.plain = clip is None and self.scaler is None and scheduler is None  # step only
-        self.empty = Window()
 
     def __enter__(self) -> Stepper:
         return self
