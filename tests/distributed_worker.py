@@ -142,6 +142,19 @@ def items_case() -> dict[str, Any]:
     return {"items_loss": result.loss, "items_params": params}
 
 
+class Overstated(torch.utils.data.IterableDataset):
+    """Batches whose len() promises one more than they yield."""
+
+    def __init__(self, batches: list[Any]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Any:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches) + 1
+
+
 def no_sync_case() -> dict[str, Any]:
     """accumulate=3 over 7 batches under DDP: count the gradient all-reduces, keep the weights."""
     batches = [make_data(8, 4, 3, 20 + 7 * dist.get_rank() + i)[:] for i in range(7)]
@@ -167,7 +180,12 @@ def no_sync_case() -> dict[str, Any]:
         torch._foreach_div_(grads, float(sum(len(y) for _, y in window)))
         hand_optimizer.step()
     same = all(map(torch.equal, counted.module.parameters(), hand.module.parameters()))
+    short = nn.parallel.DistributedDataParallel(small_model())  # its len() says 4, it yields 3
+    short_optimizer = torch.optim.SGD(short.parameters(), lr=0.5)
+    loader = DataLoader(Overstated(batches[:3]), batch_size=None)
+    ft.train_epoch(short, loader, nn.CrossEntropyLoss(), short_optimizer, "cpu", accumulate=2)
     return {
+        "short_params": [p.detach().clone() for p in short.module.parameters()],
         "no_sync_calls": len(calls),
         "no_sync_steps": result.steps,
         "no_sync_same": same,

@@ -81,6 +81,15 @@ def test_accumulation_under_ddp_all_reduces_once_per_optimizer_step(ranks: Any) 
 
 
 @pytest.mark.slow
+def test_a_loader_shorter_than_its_len_still_syncs_the_last_window(ranks: Any) -> None:
+    """A loader whose len() promises one batch more than it yields ends on a window whose
+    backward skipped DDP's all-reduce: its gradients are all-reduced at the step, so the
+    replicas, trained on different data, still end identical."""
+    _, results = ranks
+    assert all(map(torch.equal, results[0]["short_params"], results[1]["short_params"]))
+
+
+@pytest.mark.slow
 def test_a_per_item_loss_under_ddp_averages_over_every_ranks_items(ranks: Any) -> None:
     """With (sum, count) losses and accumulate=2, 2 DDP ranks holding unequal token counts step
     like one process on each window's batches of both ranks joined: the mean over all items
