@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import copy
 import itertools
-import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -271,8 +270,7 @@ class TensorLoader:
                     t.index_select(0, order[rows].to(t.device, non_blocking=True))
                     for t in self.tensors
                 )
-            for first in range(0, chunk[0].shape[0], size):  # map: no generator per batch
-                yield tuple(map(operator.itemgetter(slice(first, first + size)), chunk))
+            yield from zip(*(t.split(size) for t in chunk), strict=True)  # views: a call a tensor
 
 
 def _generators(loader: Any) -> list[torch.Generator]:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
-from fntrain import data, distributed, sharded, sums
+from fntrain import data, distributed, sharded, stepping, sums
 from fntrain import metrics as metric_lib
 from fntrain.progress import Progress
 from fntrain.records import (
@@ -27,7 +27,7 @@ from fntrain.records import (
     reword,
 )
 from fntrain.restore import BatchGuard, evaluating, mode
-from fntrain.stepping import EMPTY, StepOptions, Stepper, warn_if_built_for_epochs
+from fntrain.stepping import EMPTY, VERSION, StepOptions, Stepper, warn_if_built_for_epochs
 from fntrain.stepping import amp as autocast_context
 
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -40,6 +40,8 @@ _APPLIED = (
 )
 _RETURNS = "'forward' must return"
 _PAIRS = (tuple, list)
+_isfinite = math.isfinite
+_sums = functools.partial(tuple.__new__, sums.Sums)  # a Sums built in C, not in Python
 _NO_BATCHES = (
     "'loader' yielded no batches; expected at least one (is the dataset empty, or is "
     "drop_last=True with fewer samples than batch_size?)"
@@ -56,18 +58,25 @@ def _run(
     if not isinstance(batch, _PAIRS) or len(batch) != 2:
         data.pair(batch, index)  # raises, saying what the batch is
     inputs, targets = batch
-    if not isinstance(targets, torch.Tensor) or targets.device != device or not targets.dim():
+    if isinstance(targets, torch.Tensor) and targets.device == device and targets.dim():
+        samples = targets.shape[0]  # the common case, at the cost of three attributes
+    else:
         targets = data.to_device(targets, device)
         samples = data.batch_size(targets)  # None: targets without a batch dimension
-    else:  # the common case, checked at the cost of three attributes
-        samples = targets.shape[0]
     if samples == 0:
         return None, targets, 0
-    outputs = _call(model, None, inputs, index, device)
+    if not isinstance(inputs, torch.Tensor) or inputs.device != device:
+        inputs = data.to_device(inputs, device)
+    try:
+        outputs = model(inputs)
+    except (RuntimeError, AttributeError, TypeError) as error:
+        if hint := _hint(error, model, inputs, index, None):
+            reword(error, suffix=hint)
+        raise
     if samples is None:
         return outputs, targets, data.count(outputs, targets, index)
-    tensors = isinstance(inputs, torch.Tensor) and isinstance(outputs, torch.Tensor)
-    if tensors and inputs.dim() and inputs.shape[:1] == outputs.shape[:1] != (samples,):
+    odd = isinstance(outputs, torch.Tensor) and outputs.dim() and outputs.shape[0] != samples
+    if odd and isinstance(inputs, torch.Tensor) and inputs.shape[:1] == outputs.shape[:1]:
         raise ValueError(  # the model kept the inputs' length, not the targets'
             f"the inputs and outputs have {inputs.shape[0]} samples but the targets "
             f"{samples} in batch {index}; 'loader' must yield inputs and targets of one length"
@@ -79,12 +88,12 @@ def _call(
     model: nn.Module, forward: Forward | None, given: Any, index: int, device: torch.device
 ) -> Any:
     """Return ``model(inputs)`` or ``forward(model, batch)``; errors get what explains them."""
+    if not isinstance(given, torch.Tensor) or given.device != device:
+        given = data.to_device(given, device)
     try:
-        if forward is None:
-            return model(data.to_device(given, device))
-        return forward(model, data.to_device(given, device))
+        return model(given) if forward is None else forward(model, given)
     except (RuntimeError, AttributeError, TypeError) as error:
-        if (hint := _hint(error, model, given, index, forward)) is not None:
+        if hint := _hint(error, model, given, index, forward):
             reword(error, suffix=hint)
         raise
 
@@ -119,9 +128,10 @@ def _hint(
 
 
 def _loss(loss: Any, samples: int, index: int) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
-    """Return a batch's mean loss, its sum (None when given a mean) and the items it averages."""
-    if isinstance(loss, torch.Tensor) and not loss.dim() and loss.is_floating_point():
-        return loss, None, samples  # a scalar mean: the common case first
+    """Return a batch's mean loss, its sum (None: per sample) and the items it averages.
+
+    For what is not a scalar mean, which the loops take as it is.
+    """
     if isinstance(loss, tuple) and len(loss) == 2:  # (sum, count): a per-item mean
         total, items = loss
         number = isinstance(items, int | float) and not isinstance(items, bool)
@@ -259,7 +269,7 @@ def train_epoch(
     resolved = _check_args(model, loader, device, forward)
     _check_callable("loss_fn", loss_fn, "loss_fn(outputs, targets)", optional=False)
     sharded.reshard(model)  # the parameters the optimizer holds, for the checks below
-    _check_optimizer(model, optimizer)
+    params = _check_optimizer(model, optimizer)  # the model's order first, as clip_grad_norm_
     _check_callable("on_step", on_step, "on_step(step)")
     if on_nonfinite not in ("raise", "skip"):
         raise ValueError(f"'on_nonfinite' must be 'raise' or 'skip', but got {on_nonfinite!r}")
@@ -279,54 +289,74 @@ def train_epoch(
     else:
         first, batches = position["batch_index"] + 1, data.resumed(loader, source, position)
         record = (position["index"] + 1, position["start"]) if on_step else None
-    stepper = Stepper(optimizer, options, resolved, model, record)
+    stepper = Stepper(optimizer, options, resolved, model, params, record)
     length = None  # under DDP with accumulation: tells a partial last window
     with contextlib.suppress(TypeError):  # a DataLoader of an IterableDataset may have none
         length = len(loader) if stepper.ddp is not None and isinstance(loader, Sized) else None
     totals, window, skipped, index, start = sums.Sums(), EMPTY, 0, first - 1, time.perf_counter()
-    parts: Mapping[Any, Any] = {}
+    simple, cleared, step = stepper.simple, False, None  # simple: backward, step as by hand
+    run, score = _run, loss_fn
+    if autocast is not None:  # forward and loss under autocast; backward and step not
+        run, score = stepper.autocast(_run), stepper.autocast(loss_fn)
     with mode(model, True, keep_eval), Progress(progress, loader, "train") as bar, stepper:
         guard = BatchGuard(model)  # the buffers of the modules in train mode
         for index, batch in enumerate(batches, first):
             if not window.batches:
-                stepper.zero_grad()
+                optimizer.zero_grad()
+                if index == first:  # once: zero_grad() sets .grad to None, or zeroes it
+                    cleared = stepper.cleared()
             full = window.batches + 1 == accumulate
             if length is not None:  # DDP with accumulation: sync the window's last backward
                 stepper.sync(full or index + 1 == length)
             guard.save()
-            version = stepper.version() if full else None  # tells whether the step changed them
+            version = None  # the weights' version before the step: tells whether it changed them
             try:
-                with stepper.autocast:
-                    outputs, targets, samples = _run(model, forward, batch, index, resolved)
-                    if not samples and stepper.lockstep:  # the other ranks would step
+                outputs, targets, samples = run(model, forward, batch, index, resolved)
+                if not samples:  # an empty batch: no step, buffers as before
+                    if stepper.lockstep:  # the other ranks would step
                         raise ValueError(f"batch {index} is empty on this rank; {_ALL_RUN}")
-                    if not samples:  # an empty batch: no step, buffers as before
-                        guard.restore()  # (forward= ran the model on it)
-                        continue
-                    loss, total, items = _loss(loss_fn(outputs, targets), samples, index)
-                if index == first:  # once: a loss_fn that called backward() itself
+                    guard.restore()  # (forward= ran the model on it)
+                    continue
+                loss, total = score(outputs, targets), None
+                if not isinstance(loss, torch.Tensor) or loss.dim() or not loss.is_floating_point():
+                    loss, total, items = _loss(loss, samples, index)  # per sample, (sum, count)
+                if index == first and cleared:  # once: a loss_fn that called backward() itself
                     stepper.check_untouched(index)
-                value = (loss if total is None else total).item()  # the one host sync per batch
-                weight = items.item() if isinstance(items, torch.Tensor) else items
-                value = value / weight if total is not None and weight else value
-                nonfinite = not math.isfinite(value)
-                if distributed.agree(nonfinite)[0] if together else nonfinite:
+                if total is None:
+                    value, weight = loss.item(), samples  # the one host sync per batch
+                else:
+                    value, weight = sums.per_item(total, items)
+                bad = not _isfinite(value)
+                if distributed.agree(bad)[0] if together else bad:
                     if on_nonfinite == "raise":
                         raise NonFiniteLossError(index, value)
                     guard.restore()
                     skipped += 1
                     continue
+                parts = totals.parts  # the pass's parts with this batch's, checked to fit
                 if metrics:
-                    parts = metric_lib.parts(metrics, outputs, targets, guard.undo)
-                    parts = sums.stage(parts, totals)
+                    batch_parts = metric_lib.parts(metrics, outputs, targets, guard.undo)
+                    parts = sums.merged(parts, batch_parts)
                 del outputs, targets  # the graph keeps what backward needs
-                window = stepper.backward(window, loss, total, value, samples, weight, index)
-                step = stepper.step(window, index) if full else None
+                if simple and total is None:  # a mean loss, a step per batch: as by hand
+                    if not loss.requires_grad:
+                        stepping.refuse_detached(index)
+                    loss.backward()
+                    if on_step:
+                        window = stepping.Window(1, samples, weight, value * weight)
+                else:
+                    window = stepper.backward(window, loss, total, value, samples, weight, index)
+                if full:
+                    version = sum(map(VERSION, params))
+                    step = stepper.step(window, index)
             except BaseException as error:  # Ctrl-C too: the weights tell whether it stepped
                 _failed(error, index, guard, stepper, version)
                 raise
             del loss, total  # free this batch's graph before the next forward
-            totals = sums.added(totals, value, weight, weight, samples, parts)  # cannot fail
+            totals = _sums((  # the batch's sums join the pass's: nothing can fail here
+                totals.loss + value * weight, totals.items + weight, totals.samples + samples,
+                totals.batches + 1, parts,
+            ))  # fmt: skip
             if bar.on:
                 bar.tick(samples, functools.partial(sums.running, totals, metrics))
             if full:
@@ -380,26 +410,26 @@ def _position(resume: Any, accumulate: int) -> dict[str, Any] | None:
     return position
 
 
-def _check_optimizer(model: nn.Module, optimizer: Any) -> None:
-    """Raise unless ``optimizer`` is an optimizer over (at least some of) the model's parameters."""
+def _check_optimizer(model: nn.Module, optimizer: Any) -> list[nn.Parameter]:
+    """Return the optimizer's parameters, the model's first in its order; raise if none is."""
     if not all(hasattr(optimizer, name) for name in ("param_groups", "zero_grad", "step")):
         kind = type(optimizer).__name__
         raise TypeError(f"'optimizer' must be a torch.optim.Optimizer, but got {kind}")
-    owned = {id(p) for p in model.parameters()}
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    foreign = sum(id(p) not in owned for p in params)
-    if params and foreign == len(params):
+    held = {id(p): p for group in optimizer.param_groups for p in group["params"]}
+    owned = {id(p): p for p in model.parameters() if id(p) in held}
+    if held and not owned:
         raise ValueError(
-            f"'optimizer' holds none of the model's parameters (it holds {len(params)} others), "
+            f"'optimizer' holds none of the model's parameters (it holds {len(held)} others), "
             f"so training would change nothing; build it from model.parameters() after the "
             f"model is created and moved"
         )
-    if foreign:
+    if foreign := len(held) - len(owned):
         warnings.warn(
-            f"{foreign} of the {len(params)} parameters of 'optimizer' are not the model's; "
+            f"{foreign} of the {len(held)} parameters of 'optimizer' are not the model's; "
             f"they train only if 'loss_fn' or 'forward' uses them (a loss with parameters)",
             stacklevel=3,
         )
+    return [*owned.values(), *(p for i, p in held.items() if i not in owned)]
 
 
 def evaluate(
@@ -454,12 +484,21 @@ def evaluate(
                 outputs, targets, samples = _run(model, forward, batch, index, resolved)
                 if not samples:
                     continue
-                loss, total, items = _loss(loss_fn(outputs, targets), samples, index)
-                parts = sums.stage(metric_lib.parts(metrics, outputs, targets), totals)
-                if total is None:
-                    totals = sums.added(totals, loss, samples, samples, samples, parts)
-                else:
-                    totals = sums.added(totals, total, 1, items, samples, parts)
+                loss, total, items = loss_fn(outputs, targets), None, samples
+                if not isinstance(loss, torch.Tensor) or loss.dim() or not loss.is_floating_point():
+                    loss, total, items = _loss(loss, samples, index)  # per sample, (sum, count)
+                parts = totals.parts  # the pass's parts with this batch's
+                if metrics:
+                    parts = sums.merged(parts, metric_lib.parts(metrics, outputs, targets))
+                if total is None:  # a mean over the samples (items: the samples)
+                    loss_sum = sums.add_loss(totals.loss, loss, samples)
+                else:  # (sum, count): the count may be a device tensor
+                    loss_sum = sums.add_loss(totals.loss, total, 1)
+                    items = items.detach() if isinstance(items, torch.Tensor) else items
+                totals = _sums((  # the batch's sums join the pass's
+                    loss_sum, totals.items + items, totals.samples + samples, totals.batches + 1,
+                    parts,
+                ))  # fmt: skip
                 if bar.on:
                     bar.tick(samples, functools.partial(sums.running, totals, metrics))
         result = _finish(totals, metrics, start)  # outside no_grad: tensor metrics are ordinary
@@ -472,7 +511,7 @@ def _inference(
     model: nn.Module, device: torch.device, autocast: Any, inference_mode: bool = False
 ) -> Iterator[None]:
     """Run evaluate's and predict's batches: eval mode, no_grad (or inference_mode), autocast."""
-    amp = autocast_context(autocast, device)
+    amp = autocast_context(autocast, device) or contextlib.nullcontext()
     with evaluating(model), torch.inference_mode() if inference_mode else torch.no_grad(), amp:
         yield
 

@@ -63,6 +63,19 @@ def _plainly_in_range(targets: torch.Tensor, classes: int) -> bool:
     return low.item() >= 0 and high.item() < classes
 
 
+def _class_indices(outputs: Any, targets: Any) -> bool:
+    """Tell whether ``targets`` are plainly class indices (CPU, in range) for scores (N, C)."""
+    return (
+        isinstance(outputs, torch.Tensor)
+        and isinstance(targets, torch.Tensor)
+        and outputs.dim() == 2
+        and targets.dim() == 1
+        and targets.shape[0] == outputs.shape[0]
+        and outputs.shape[1] > 1
+        and _plainly_in_range(targets, outputs.shape[1])
+    )
+
+
 def _judge(
     outputs: torch.Tensor, targets: torch.Tensor, name: str, threshold: float, k: int = 1
 ) -> tuple[torch.Tensor, tuple[Part, Part, Part]]:
@@ -96,8 +109,11 @@ def _judge(
 
 def _classification(name: str, threshold: float, ignore_index: int | None, k: int) -> Metric:
     """Return the Metric ``name``: the fraction of hits over the targets that count."""
+    plain = ignore_index is None and k == 1
 
     def state(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[Part, ...]:
+        if plain and _class_indices(outputs, targets):  # the common case, in three reductions
+            return (outputs.argmax(dim=1) == targets).sum(), targets.shape[0]
         if not isinstance(outputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
             raise TypeError(
                 f"{name} needs the outputs as a tensor of class scores and the targets as a "

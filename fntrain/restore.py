@@ -24,7 +24,8 @@ def mode(model: nn.Module, training: bool, keep_eval: bool = False) -> Iterator[
         yield
     finally:
         for module, flag in before:
-            module.training = flag
+            if module.training != flag:  # Module.__setattr__ is slow: only what changed
+                module.training = flag
 
 
 class BatchGuard:

@@ -43,7 +43,7 @@ def is_dtensor(value: Any) -> bool:
 def _fsdp2(model: nn.Module) -> list[Any]:
     """Return the modules of ``model`` that ``fully_shard`` (FSDP2) made FSDPModules."""
     lib = sys.modules.get("torch.distributed.fsdp")  # none before its module is imported
-    return [m for m in model.modules() if lib is not None and isinstance(m, lib.FSDPModule)]
+    return [] if lib is None else [m for m in model.modules() if isinstance(m, lib.FSDPModule)]
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
 import operator
 import warnings
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from typing import Any, NamedTuple
 
 import attrs
@@ -22,20 +22,31 @@ from fntrain.records import NonFiniteLossError, Step
 
 def _required(method: Callable[..., Any]) -> list[str]:
     """Return the names of the arguments ``method`` cannot be called without."""
+    function = getattr(method, "__func__", None)  # a bound method: its class's function
+    return list(_needs(method, False) if function is None else _needs(function, True))
+
+
+@functools.lru_cache(maxsize=256)  # inspect.signature costs more than the rest of a call
+def _needs(function: Callable[..., Any], bound: bool) -> tuple[str, ...]:
+    """Return the required positional arguments of ``function`` (after ``self`` if bound)."""
     try:
-        params = inspect.signature(method).parameters.values()
+        params = list(inspect.signature(function).parameters.values())
     except (TypeError, ValueError):  # a builtin without a signature: assume it needs none
-        return []
-    return [p.name for p in params if p.default is p.empty and p.kind <= p.POSITIONAL_OR_KEYWORD]
+        return ()
+    if bound and params and params[0].kind <= params[0].POSITIONAL_OR_KEYWORD:
+        params = params[1:]  # self
+    return tuple(
+        p.name for p in params if p.default is p.empty and p.kind <= p.POSITIONAL_OR_KEYWORD
+    )
 
 
-def amp(dtype: Any, device: torch.device) -> AbstractContextManager[Any]:
-    """Return the autocast context for ``dtype`` (None: none) on ``device``; raise if unknown."""
+def amp(dtype: Any, device: torch.device) -> torch.autocast | None:
+    """Return the autocast context for ``dtype`` on ``device`` (None: none); raise if unknown."""
     if dtype not in (None, torch.bfloat16, torch.float16):
         raise ValueError(
             f"'autocast' must be None, torch.bfloat16 or torch.float16, but got {dtype!r}"
         )
-    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+    return None if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 @attrs.frozen
@@ -105,7 +116,15 @@ def warn_if_built_for_epochs(scheduler: Any, loader: Any, accumulate: int) -> No
             )
 
 
-_VERSION = operator.attrgetter("_version")
+def refuse_detached(index: int) -> None:
+    """Raise for a loss that cannot be back-propagated, naming 'loss_fn'."""
+    raise ValueError(
+        f"'loss_fn' returned a loss that does not require grad for batch {index}; was it "
+        f"detached or computed under torch.no_grad(), or are all parameters frozen?"
+    )
+
+
+VERSION = operator.attrgetter("_version")  # bumped by every in-place update of a tensor
 _tuple = tuple.__new__  # builds a NamedTuple in C: a per-batch value costs no Python call
 
 
@@ -128,14 +147,12 @@ class Stepper:
 
     def __init__(
         self, optimizer: Optimizer, options: StepOptions, device: torch.device, model: nn.Module,
-        record: tuple[int, Any] | None = None,
+        params: list[nn.Parameter], record: tuple[int, Any] | None = None,
     ) -> None:  # fmt: skip
         self.optimizer, self.options = optimizer, options.check(optimizer, device)
         self.autocast, self.scaler = amp(options.autocast, device), options.scaler
         self.many = many = options.accumulate > 1
-        params = {id(p): p for group in optimizer.param_groups for p in group["params"]}
-        ordered = {id(p): p for p in model.parameters() if id(p) in params}  # as clip_grad_norm_
-        self.params = [*ordered.values(), *(p for i, p in params.items() if i not in ordered)]
+        self.params = params  # the optimizer's, in the model's order first (as clip_grad_norm_)
         self.lockstep = sharded.in_lockstep(model)  # DDP/FSDP2 average the grads over ranks
         ddp = nn.parallel.DistributedDataParallel
         self.ddp = model if isinstance(model, ddp) and self.lockstep and many else None
@@ -143,9 +160,9 @@ class Stepper:
         self.steps = self.skipped_steps = 0
         self.largest_norm = math.nan  # the largest finite norm before clipping (inf: none was)
         self.record = record  # for on_step: the pass's first Step.index and its RNG origin
-        self.cleared: bool | None = None  # zero_grad() sets .grad to None
         clip, scheduler = options.clip_grad_norm, options.scheduler
         self.plain = clip is None and self.scaler is None and scheduler is None  # step only
+        self.simple = self.plain and not many  # a mean loss: backward() and step() as by hand
 
     def __enter__(self) -> Stepper:
         return self
@@ -154,15 +171,13 @@ class Stepper:
         if self.ddp is not None:  # the user's own loop syncs again
             self.ddp.require_backward_grad_sync = True
 
-    def zero_grad(self) -> None:
-        """Zero the gradients at a window's start (the first time: see whether to None)."""
-        self.optimizer.zero_grad()
-        if self.cleared is None:
-            self.cleared = all(p.grad is None for p in self.params)
+    def cleared(self) -> bool:
+        """Tell whether zero_grad() left every .grad None (then a set one means a backward)."""
+        return all(p.grad is None for p in self.params)
 
     def check_untouched(self, index: int) -> None:
-        """Raise if the gradients are set before train_epoch's backward: loss_fn called it."""
-        if self.cleared and any(p.grad is not None for p in self.params):
+        """Raise if the gradients zero_grad() cleared are set again: loss_fn called backward()."""
+        if any(p.grad is not None for p in self.params):
             raise ValueError(
                 f"'loss_fn' called backward() itself for batch {index} (or 'forward' did): the "
                 f"gradients are already set, and train_epoch's own backward() would double "
@@ -171,7 +186,7 @@ class Stepper:
 
     def version(self) -> int:
         """Return the sum of the parameters' version counters: in-place updates raise it."""
-        return sum(map(_VERSION, self.params))
+        return sum(map(VERSION, self.params))
 
     def sync(self, last: bool) -> None:
         """Under DDP with accumulation, all-reduce the gradients on a window's last batch only."""
@@ -193,16 +208,9 @@ class Stepper:
                 loss, summed = loss * weight, True  # divided by the window's samples
             if self.scaler is not None:
                 loss = self.scaler.scale(loss)
-        try:
-            loss.backward()
-        except RuntimeError:
-            if not loss.requires_grad:
-                raise ValueError(
-                    f"'loss_fn' returned a loss that does not require grad for batch {index}; "
-                    f"was it detached or computed under torch.no_grad(), or are all parameters "
-                    f"frozen?"
-                ) from None
-            raise
+        if not loss.requires_grad:
+            refuse_detached(index)
+        loss.backward()
         return _tuple(Window, (
             window.batches + 1, window.samples + samples, window.items + weight,
             window.loss + value * weight, summed, by_items,
@@ -236,10 +244,14 @@ class Stepper:
     def step(self, window: Window, index: int) -> Step | None:
         """Step on ``window``; return the Step taken when ``record`` asks (None: none, skipped)."""
         if self.plain and not window.summed and not self.unsynced:  # the hand loop's step
+            if self.record is None:
+                self.optimizer.step()
+                self.steps += 1
+                return None
             lr = self.optimizer.param_groups[0]["lr"]  # the one this step uses
             self.optimizer.step()
             self.steps += 1
-            return None if self.record is None else self._record(window, index, None, lr)
+            return self._record(window, index, None, lr)
         norm, scaler = self._clip(window), self.scaler
         if norm is not None and not math.isfinite(norm) and not (scaler and scaler.is_enabled()):
             if self.options.on_nonfinite == "raise":

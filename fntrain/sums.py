@@ -15,7 +15,6 @@ from fntrain.records import MetricValue
 
 _LOSS, _ITEMS = (None, "loss"), (None, "items")  # metric parts are keyed (name, position)
 _SAMPLES, _BATCHES = (None, "samples"), (None, "batches")
-_tuple = tuple.__new__  # builds a NamedTuple in C: a per-batch value costs no Python call
 Parts = Mapping[Any, Part]  # keyed (metric name, position)
 
 
@@ -29,57 +28,49 @@ class Sums(NamedTuple):
     parts: Parts = MappingProxyType({})  # metric parts by (name, position)
 
 
-def stage(parts: Parts, sums: Sums) -> dict[Any, Part]:
-    """Return a batch's parts ready to add (then adding cannot fail); raise naming a misfit."""
-    staged: dict[Any, Part] = {}
+def per_item(total: torch.Tensor, items: Any) -> tuple[float, float]:
+    """Return a (sum, count) loss's mean over its items and their number, on the host."""
+    weight = items.item() if isinstance(items, torch.Tensor) else items
+    return (total.item() / weight if weight else total.item()), weight
+
+
+def merged(had: Parts, parts: Parts) -> Parts:
+    """Return the parts ``had`` with a batch's added, as a new mapping; raise naming a misfit."""
+    totals = dict(had)
     for key, part in parts.items():
         if isinstance(part, torch.Tensor):
-            if part.is_cpu and part.numel() == 1:
+            if part.is_cpu and part.numel() == 1:  # a count: summed exactly on the host
                 part = part.item()
-            elif isinstance(had := sums.parts.get(key), torch.Tensor) and (
-                (part.shape, torch.result_type(had, part)) != (had.shape, had.dtype)
-            ):
-                raise ValueError(
-                    f"metrics[{key[0]!r}]: part {key[1]} of its state is a {part.dtype} tensor "
-                    f"of shape {tuple(part.shape)} in this batch but a {had.dtype} of shape "
-                    f"{tuple(had.shape)} in the ones before; each part must keep its shape"
-                )
             else:
-                part = part.detach()
-        staged[key] = part
-    return staged
+                part = _fitting(key, part, had.get(key))
+        before = had.get(key)
+        totals[key] = part if before is None else before + part
+    return totals
 
 
-def added(sums: Sums, loss: Any, scale: float, items: Any, samples: int, parts: Parts) -> Sums:
-    """Return ``sums`` with a batch added: ``loss * scale`` (its sum over ``items``), its parts."""
-    if not parts and type(loss) is float and not isinstance(items, torch.Tensor):  # train_epoch
-        batch = (sums.loss + loss * scale, sums.items + items, sums.samples + samples)
-        return _tuple(Sums, (*batch, sums.batches + 1, sums.parts))
-    if not isinstance(loss, torch.Tensor):
-        loss = sums.loss + loss * scale
-    elif loss.is_cpu:
-        loss = sums.loss + float(loss) * scale
-    elif isinstance(sums.loss, torch.Tensor):  # evaluate on a device: one kernel, no sync
-        loss = torch.add(sums.loss, loss.detach(), alpha=scale)
-    else:  # float64 where the device has it (not MPS)
-        wide = torch.float32 if loss.device.type == "mps" else torch.float64
-        loss = loss.detach().to(wide) * scale + sums.loss
-    if isinstance(items, torch.Tensor):
-        items = items.detach()
-    if parts and parts.keys() == sums.parts.keys():  # every batch after the first
-        parts = {key: total + parts[key] for key, total in sums.parts.items()}
-    elif parts:  # a first tensor part is cloned: the batch's may be a view
-        before, totals = sums.parts, dict(sums.parts)
-        for key, part in parts.items():
-            had = before.get(key)
-            if had is not None:
-                totals[key] = had + part
-            else:
-                totals[key] = part.clone() if isinstance(part, torch.Tensor) else part
-        parts = totals
-    else:
-        parts = sums.parts
-    return Sums(loss, sums.items + items, sums.samples + samples, sums.batches + 1, parts)
+def _fitting(key: Any, part: torch.Tensor, before: Any) -> torch.Tensor:
+    """Return a tensor part ready to add to ``before`` (cloned if first); raise if it misfits."""
+    if before is None:  # a first tensor part is cloned: the batch's may be a view
+        return part.detach().clone()
+    if isinstance(before, torch.Tensor) and (
+        (part.shape, torch.result_type(before, part)) != (before.shape, before.dtype)
+    ):
+        raise ValueError(
+            f"metrics[{key[0]!r}]: part {key[1]} of its state is a {part.dtype} tensor of shape "
+            f"{tuple(part.shape)} in this batch but a {before.dtype} of shape "
+            f"{tuple(before.shape)} in the ones before; each part must keep its shape"
+        )
+    return part.detach()
+
+
+def add_loss(total: Any, loss: torch.Tensor, scale: float) -> Any:
+    """Return ``total + loss * scale``: on the host, or on ``loss``'s device without a sync."""
+    if loss.is_cpu:
+        return total + loss.item() * scale
+    if isinstance(total, torch.Tensor):  # evaluate on a device: one kernel, no sync
+        return torch.add(total, loss.detach(), alpha=scale)
+    wide = torch.float32 if loss.device.type == "mps" else torch.float64  # MPS has no float64
+    return loss.detach().to(wide) * scale + total
 
 
 def _host(sums: Sums) -> dict[Hashable, torch.Tensor]:
@@ -115,6 +106,9 @@ def running(sums: Sums, metrics: Mapping[str, Any]) -> dict[str, MetricValue]:
 
 def finish(sums: Sums, metrics: Mapping[str, Any]) -> tuple[float, dict[str, MetricValue], Sums]:
     """Return the mean loss, the metric values and the (global) counts: over all ranks at once."""
+    if not distributed.active() and not sums.parts and type(sums.loss) is float:  # host numbers
+        items = float(sums.items)
+        return sums.loss / items if items else float("nan"), metric_lib.finish(metrics, {}), sums
     totals = _host(sums)
     if distributed.active():  # one all-reduce
         totals[_SAMPLES], totals[_BATCHES] = torch.tensor(sums.samples), torch.tensor(sums.batches)

@@ -175,11 +175,11 @@ def test_large_counts_come_to_the_host_exactly() -> None:
     """Integer sums beyond 2**24 beside float32 sums reach the host exactly, host or device."""
     from fntrain import sums
 
-    totals = sums.Sums()
-    parts = {"scalar": torch.tensor(2**24 + 1), "vector": torch.tensor([2**24 + 1, 1])}
+    parts: sums.Parts = {}
+    batch = {"scalar": torch.tensor(2**24 + 1), "vector": torch.tensor([2**24 + 1, 1])}
     for _ in range(2):
-        totals = sums.added(totals, 0.0, 1, 0, 0, {**parts, "mean": torch.tensor([0.25, 0.5])})
-    totals = sums._host(totals)
+        parts = sums.merged(parts, {**batch, "mean": torch.tensor([0.25, 0.5])})
+    totals = sums._host(sums.Sums(parts=parts))
     assert totals["scalar"].item() == 2 * (2**24 + 1)
     assert totals["vector"].tolist() == [2 * (2**24 + 1), 2]
     assert totals["mean"].tolist() == [0.5, 1.0]
