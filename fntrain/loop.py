@@ -58,6 +58,7 @@ def _run(
     if not isinstance(batch, _PAIRS) or len(batch) != 2:
         data.pair(batch, index)  # raises, saying what the batch is
     inputs, targets = batch
+    samples: int | None
     if isinstance(targets, torch.Tensor) and targets.device == device and targets.dim():
         samples = targets.shape[0]  # the common case, at the cost of three attributes
     else:
@@ -296,7 +297,7 @@ def train_epoch(
     totals, window, skipped, index, start = sums.Sums(), EMPTY, 0, first - 1, time.perf_counter()
     simple, cleared, step = stepper.simple, False, None  # simple: backward, step as by hand
     run, score = _run, loss_fn
-    if autocast is not None:  # forward and loss under autocast; backward and step not
+    if stepper.autocast is not None:  # forward and loss under autocast; backward and step not
         run, score = stepper.autocast(_run), stepper.autocast(loss_fn)
     with mode(model, True, keep_eval), Progress(progress, loader, "train") as bar, stepper:
         guard = BatchGuard(model)  # the buffers of the modules in train mode
@@ -322,6 +323,8 @@ def train_epoch(
                     loss, total, items = _loss(loss, samples, index)  # per sample, (sum, count)
                 if index == first and cleared:  # once: a loss_fn that called backward() itself
                     stepper.check_untouched(index)
+                value: float
+                weight: float  # what the loss averages over: samples, or the items counted
                 if total is None:
                     value, weight = loss.item(), samples  # the one host sync per batch
                 else:
