@@ -335,12 +335,13 @@ def train_epoch(
                         raise NonFiniteLossError(index, value)
                     guard.restore()
                     skipped += 1
+                    del outputs, targets, loss, total  # a graph not back-propagated: free it now
                     continue
                 parts = totals.parts  # the pass's parts with this batch's, checked to fit
                 if metrics:
                     batch_parts = metric_lib.parts(metrics, outputs, targets, guard.undo)
                     parts = sums.merged(parts, batch_parts)
-                del outputs, targets  # the graph keeps what backward needs
+                del outputs, targets  # the graph keeps what backward needs; backward frees it
                 if simple and total is None:  # a mean loss, a step per batch: as by hand
                     if not loss.requires_grad:
                         stepping.refuse_detached(index)
@@ -355,7 +356,6 @@ def train_epoch(
             except BaseException as error:  # Ctrl-C too: the weights tell whether it stepped
                 _failed(error, index, guard, stepper, version)
                 raise
-            del loss, total  # free this batch's graph before the next forward
             totals = _sums((  # the batch's sums join the pass's: nothing can fail here
                 totals.loss + value * weight, totals.items + weight, totals.samples + samples,
                 totals.batches + 1, parts,
