@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from typing import Any, Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
 
 from fntrain import data, distributed, sharded, stepping, sums
@@ -59,7 +59,7 @@ def _run(
         data.pair(batch, index)  # raises, saying what the batch is
     inputs, targets = batch
     samples: int | None
-    if isinstance(targets, torch.Tensor) and targets.device == device and targets.dim():
+    if isinstance(targets, torch.Tensor) and targets.device == device and targets.ndim:
         samples = targets.shape[0]  # the common case, at the cost of three attributes
     else:
         targets = data.to_device(targets, device)
@@ -76,7 +76,7 @@ def _run(
         raise
     if samples is None:
         return outputs, targets, data.count(outputs, targets, index)
-    odd = isinstance(outputs, torch.Tensor) and outputs.dim() and outputs.shape[0] != samples
+    odd = isinstance(outputs, torch.Tensor) and outputs.ndim and outputs.shape[0] != samples
     if odd and isinstance(inputs, torch.Tensor) and inputs.shape[:1] == outputs.shape[:1]:
         raise ValueError(  # the model kept the inputs' length, not the targets'
             f"the inputs and outputs have {inputs.shape[0]} samples but the targets "
@@ -319,7 +319,7 @@ def train_epoch(
                     guard.restore()  # (forward= ran the model on it)
                     continue
                 loss, total = score(outputs, targets), None
-                if not isinstance(loss, torch.Tensor) or loss.dim() or not loss.is_floating_point():
+                if not isinstance(loss, Tensor) or loss.ndim or not loss.dtype.is_floating_point:
                     loss, total, items = _loss(loss, samples, index)  # per sample, (sum, count)
                 if index == first and cleared:  # once: a loss_fn that called backward() itself
                     stepper.check_untouched(index)
@@ -339,8 +339,7 @@ def train_epoch(
                     continue
                 parts = totals.parts  # the pass's parts with this batch's, checked to fit
                 if metrics:
-                    batch_parts = metric_lib.parts(metrics, outputs, targets, guard.undo)
-                    parts = sums.merged(parts, batch_parts)
+                    parts = metric_lib.added(parts, metrics, outputs, targets, guard.undo)
                 del outputs, targets  # the graph keeps what backward needs; backward frees it
                 if simple and total is None:  # a mean loss, a step per batch: as by hand
                     if not loss.requires_grad:
@@ -488,12 +487,14 @@ def evaluate(
                 if not samples:
                     continue
                 loss, total, items = loss_fn(outputs, targets), None, samples
-                if not isinstance(loss, torch.Tensor) or loss.dim() or not loss.is_floating_point():
+                if not isinstance(loss, Tensor) or loss.ndim or not loss.dtype.is_floating_point:
                     loss, total, items = _loss(loss, samples, index)  # per sample, (sum, count)
                 parts = totals.parts  # the pass's parts with this batch's
                 if metrics:
-                    parts = sums.merged(parts, metric_lib.parts(metrics, outputs, targets))
-                if total is None:  # a mean over the samples (items: the samples)
+                    parts = metric_lib.added(parts, metrics, outputs, targets)
+                if total is None and loss.is_cpu:  # a mean over the samples, on the host
+                    loss_sum = totals.loss + loss.item() * samples
+                elif total is None:  # on a device: summed there
                     loss_sum = sums.add_loss(totals.loss, loss, samples)
                 else:  # (sum, count): the count may be a device tensor
                     loss_sum = sums.add_loss(totals.loss, total, 1)

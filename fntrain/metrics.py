@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
@@ -57,7 +57,7 @@ def _refuse(name: str, bad: tuple[Part, ...]) -> None:
 
 def _plainly_in_range(targets: torch.Tensor, classes: int) -> bool:
     """Tell whether integer CPU targets all lie in [0, classes), at the cost of one reduction."""
-    if not targets.is_cpu or targets.is_floating_point() or not targets.numel():
+    if not targets.is_cpu or targets.dtype.is_floating_point or not targets.numel():
         return False
     low, high = torch.aminmax(targets)
     return low.item() >= 0 and high.item() < classes
@@ -65,15 +65,15 @@ def _plainly_in_range(targets: torch.Tensor, classes: int) -> bool:
 
 def _class_indices(outputs: Any, targets: Any) -> bool:
     """Tell whether ``targets`` are plainly class indices (CPU, in range) for scores (N, C)."""
-    return (
-        isinstance(outputs, torch.Tensor)
-        and isinstance(targets, torch.Tensor)
-        and outputs.dim() == 2
-        and targets.dim() == 1
-        and targets.shape[0] == outputs.shape[0]
-        and outputs.shape[1] > 1
-        and _plainly_in_range(targets, outputs.shape[1])
-    )
+    if not (isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor)):
+        return False
+    if outputs.ndim != 2 or targets.ndim != 1 or not targets.is_cpu:
+        return False
+    samples, classes = outputs.shape
+    if targets.shape[0] != samples or not samples or classes < 2 or targets.dtype.is_floating_point:
+        return False
+    low, high = torch.aminmax(targets)  # one reduction
+    return low.item() >= 0 and high.item() < classes
 
 
 def _judge(
@@ -239,31 +239,55 @@ def _named(name: str, run: Callable[[], Any]) -> Any:
         raise reword(error, prefix=f"metrics[{name!r}]: ") from None
 
 
-def parts(
+def added(
+    had: Mapping[Any, Part],
     metrics: Mapping[str, Any],
     outputs: Any,
     targets: Any,
     undo: list[Callable[[], object]] | None = None,
-) -> dict[Hashable, Part]:
-    """Return a batch's parts by ``(name, position)``; torchmetrics update, ``undo`` gets undos."""
-    if torch.is_grad_enabled() and metrics:  # train_epoch; evaluate is under no_grad already
+) -> dict[Any, Part]:
+    """Return the parts ``had``, keyed (name, position), with a batch's added: a new dict.
+
+    torchmetrics objects are updated instead (``undo`` gets what puts them back).
+    """
+    if torch.is_grad_enabled():  # train_epoch; evaluate is under no_grad already
         with torch.no_grad():
-            return parts(metrics, outputs, targets, undo)
-    found: dict[Hashable, Part] = {}
+            return added(had, metrics, outputs, targets, undo)
+    totals = dict(had)
     for name, metric in metrics.items():
         try:
-            if isinstance(metric, Metric):
-                state = metric.state(outputs, targets)
-            else:
+            if not isinstance(metric, Metric):
                 if undo is not None:
                     undo.append(_snapshot(metric))
                 metric.update(outputs, targets)
                 continue
+            state = metric.state(outputs, targets)
         except Exception as error:
             raise reword(error, prefix=f"metrics[{name!r}]: ") from None
         for position, part in enumerate(state if isinstance(state, _SEQUENCES) else (state,)):
-            found[name, position] = part
-    return found
+            key, before = (name, position), had.get((name, position))
+            if isinstance(part, torch.Tensor):
+                if part.is_cpu and (not part.ndim or part.numel() == 1):  # summed on the host
+                    part = part.item()
+                else:
+                    part = _fitting(key, part, before)
+            totals[key] = part if before is None else before + part
+    return totals
+
+
+def _fitting(key: tuple[str, int], part: torch.Tensor, before: Any) -> torch.Tensor:
+    """Return a tensor part ready to add to ``before`` (cloned if first); raise if it misfits."""
+    if before is None:  # a first tensor part is cloned: the batch's may be a view
+        return part.detach().clone()
+    if isinstance(before, torch.Tensor) and (
+        (part.shape, torch.result_type(before, part)) != (before.shape, before.dtype)
+    ):
+        raise ValueError(
+            f"metrics[{key[0]!r}]: part {key[1]} of its state is a {part.dtype} tensor of shape "
+            f"{tuple(part.shape)} in this batch but a {before.dtype} of shape "
+            f"{tuple(before.shape)} in the ones before; each part must keep its shape"
+        )
+    return part.detach()
 
 
 def _value(result: Any) -> MetricValue:

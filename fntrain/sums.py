@@ -34,35 +34,6 @@ def per_item(total: torch.Tensor, items: Any) -> tuple[float, float]:
     return (total.item() / weight if weight else total.item()), weight
 
 
-def merged(had: Parts, parts: Parts) -> Parts:
-    """Return the parts ``had`` with a batch's added, as a new mapping; raise naming a misfit."""
-    totals = dict(had)
-    for key, part in parts.items():
-        if isinstance(part, torch.Tensor):
-            if part.is_cpu and part.numel() == 1:  # a count: summed exactly on the host
-                part = part.item()
-            else:
-                part = _fitting(key, part, had.get(key))
-        before = had.get(key)
-        totals[key] = part if before is None else before + part
-    return totals
-
-
-def _fitting(key: Any, part: torch.Tensor, before: Any) -> torch.Tensor:
-    """Return a tensor part ready to add to ``before`` (cloned if first); raise if it misfits."""
-    if before is None:  # a first tensor part is cloned: the batch's may be a view
-        return part.detach().clone()
-    if isinstance(before, torch.Tensor) and (
-        (part.shape, torch.result_type(before, part)) != (before.shape, before.dtype)
-    ):
-        raise ValueError(
-            f"metrics[{key[0]!r}]: part {key[1]} of its state is a {part.dtype} tensor of shape "
-            f"{tuple(part.shape)} in this batch but a {before.dtype} of shape "
-            f"{tuple(before.shape)} in the ones before; each part must keep its shape"
-        )
-    return part.detach()
-
-
 def add_loss(total: Any, loss: torch.Tensor, scale: float) -> Any:
     """Return ``total + loss * scale``: on the host, or on ``loss``'s device without a sync."""
     if loss.is_cpu:
