@@ -61,7 +61,7 @@ class BatchGuard:
 @contextmanager
 def evaluating(model: nn.Module) -> Iterator[None]:
     """Set eval mode; torch.ao observers (they observe in eval mode too) stop; all put back."""
-    observers = [m for m in model.modules() if hasattr(m, "calculate_qparams")]  # torchao's too
+    observers = [m for m in model.modules() if hasattr(type(m), "calculate_qparams")]  # torchao's
     saved = [(b, b.clone()) for m in observers for b in m.buffers(recurse=False)]
     try:
         for module in observers:  # fake-quant (prepare_qat) stops; bare (prepare) gets buffers back
