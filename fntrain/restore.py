@@ -33,7 +33,8 @@ class BatchGuard:
 
     def __init__(self, model: nn.Module) -> None:
         training = (m for m in model.modules() if m.training)  # eval-mode BatchNorm keeps its
-        self.live = list({id(b): b for m in training for b in m.buffers(recurse=False)}.values())
+        owned = (b for m in training for b in m._buffers.values() if b is not None)  # .buffers()
+        self.live = list({id(b): b for b in owned}.values())  # a shared buffer once
         self.copy = [buffer.detach().clone() for buffer in self.live]
         self.undo: list[Callable[[], object]] = []  # what puts torchmetrics states back
 

@@ -244,14 +244,10 @@ class Stepper:
     def step(self, window: Window, index: int) -> Step | None:
         """Step on ``window``; return the Step taken when ``record`` asks (None: none, skipped)."""
         if self.plain and not window.summed and not self.unsynced:  # the hand loop's step
-            if self.record is None:
-                self.optimizer.step()
-                self.steps += 1
-                return None
-            lr = self.optimizer.param_groups[0]["lr"]  # the one this step uses
+            lr = None if self.record is None else self.optimizer.param_groups[0]["lr"]
             self.optimizer.step()
             self.steps += 1
-            return self._record(window, index, None, lr)
+            return None if lr is None else self._record(window, index, None, lr)
         norm, scaler = self._clip(window), self.scaler
         if norm is not None and not math.isfinite(norm) and not (scaler and scaler.is_enabled()):
             if self.options.on_nonfinite == "raise":
