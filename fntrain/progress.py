@@ -39,9 +39,7 @@ class Progress(contextlib.AbstractContextManager["Progress"]):
             shown = "".join(f"  {name} {value}" for name, value in numbers.items())
             print(f"{self.desc} {where}{shown}", file=sys.stderr, flush=True)
 
-    def tick(
-        self, samples: int = 0, running: Callable[[], Mapping[str, Any]] | None = None
-    ) -> None:
+    def tick(self, samples: int, running: Callable[[], Mapping[str, Any]] | None = None) -> None:
         """Count one batch; now and then show ``running()``, the loss and metrics so far."""
         if not self.on:
             return

@@ -22,8 +22,7 @@ class ReadOnlyDict(dict[str, Any]):
     def _refuse(self, *_: object, **__: object) -> NoReturn:
         raise TypeError("this mapping is read-only; copy it with dict(...) to change it")
 
-    __setitem__ = __delitem__ = __ior__ = update = setdefault = _refuse
-    pop = popitem = clear = _refuse
+    __setitem__ = __delitem__ = __ior__ = update = setdefault = pop = popitem = clear = _refuse
 
     def __reduce__(self) -> tuple[type, tuple[dict[Any, Any]]]:
         return type(self), (dict(self),)

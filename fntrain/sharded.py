@@ -167,31 +167,28 @@ def strays(target: Path) -> list[str] | None:
     return None
 
 
-class _Unpickler(pickle.Unpickler):
-    """Unpickle a ``.metadata`` file, refusing every global outside ``_ALLOWED``."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        """Return an allowed class or dtype; raise CheckpointError for anything else."""
-        dtype = getattr(torch, name, None) if module == "torch" else None
-        if (module, name) in _ALLOWED or isinstance(dtype, torch.dtype):
-            return super().find_class(module, name)
-        raise CheckpointError(
-            f"refused to load: the folder's {_METADATA} names {module}.{name}, which a "
-            f"checkpoint's metadata does not hold, and unpickling it could run code"
-        )
-
-
 def _metadata(target: Path) -> Any:
     """Return the folder's metadata if allow-listed, all tensors, all files in the folder."""
     # DCP would unpickle a non-tensor entry with weights_only=False
     from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
+    class Unpickler(pickle.Unpickler):  # refuses every global outside _ALLOWED
+        def find_class(self, module: str, name: str) -> Any:
+            """Return an allowed class or dtype; raise CheckpointError for anything else."""
+            dtype = getattr(torch, name, None) if module == "torch" else None
+            if (module, name) in _ALLOWED or isinstance(dtype, torch.dtype):
+                return super().find_class(module, name)
+            raise CheckpointError(
+                f"refused to load {str(target)!r}: its {_METADATA} names {module}.{name}, which "
+                f"a checkpoint's metadata does not hold, and unpickling it could run code"
+            )
+
     try:
         with open(target / _METADATA, "rb") as handle:
-            metadata = _Unpickler(handle).load()
+            metadata = Unpickler(handle).load()
         entries, files = metadata.state_dict_metadata, metadata.storage_data.values()
-    except CheckpointError as error:
-        raise CheckpointError(f"{str(target)!r}: {error}") from None
+    except CheckpointError:
+        raise
     except Exception as error:
         raise CheckpointError(
             f"{str(target)!r} is not a loadable sharded checkpoint: its {_METADATA} is "
