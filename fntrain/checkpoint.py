@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
-from torch.serialization import MAP_LOCATION
+from torch.serialization import MAP_LOCATION as MapLocation  # a device, str, dict, function
 
 from fntrain import distributed, records, restore, sharded
 from fntrain.records import Checkpoint, CheckpointError, MetricValue, SavedCheckpoint, Step
@@ -46,7 +46,6 @@ _LOOP_KEYS = {  # where hand-written loops' checkpoint dicts keep each state
 }  # fmt: skip
 
 PathLike = str | os.PathLike[str]
-MapLocation = MAP_LOCATION  # torch.load's: a device, str, dict, function or None
 Scheduler = LRScheduler | ReduceLROnPlateau
 
 
@@ -88,9 +87,8 @@ def write_atomically(target: Path, write: Callable[[BinaryIO], None]) -> int:
         full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
         if full or "unexpected pos" in str(error):  # torch's writer after a short write
             old = f"the old {target.name!r} is intact" if target.exists() else "nothing was saved"
-            where = f"in {str(target.parent)!r} (or a quota reached) after writing {written} bytes"
-            why = f"no space left {where} of {target.name!r}; {old}, the partial file was removed"
-            raise OSError(errno.ENOSPC, why) from error
+            where = f"{str(target.parent)!r} (or quota) after {written} bytes of {target.name!r}"
+            raise OSError(errno.ENOSPC, f"no space left in {where}; {old}") from error
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable
         os.fsync(folder := os.open(target.parent, os.O_RDONLY))
@@ -99,11 +97,10 @@ def write_atomically(target: Path, write: Callable[[BinaryIO], None]) -> int:
     with contextlib.suppress(OSError):  # what killed saves of target left: older, unlocked
         for orphan in [e.path for e in os.scandir(target.parent) if names.fullmatch(e.name)]:
             with contextlib.suppress(OSError), open(orphan, "rb") as probe:
-                if os.stat(probe.fileno()).st_mtime >= started:
-                    continue
-                if fcntl is not None:  # fails while the writing process is alive
-                    fcntl.flock(probe.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-                os.unlink(orphan)
+                if os.stat(probe.fileno()).st_mtime < started:
+                    if fcntl is not None:  # fails while the writing process is alive
+                        fcntl.flock(probe.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    os.unlink(orphan)
     return target.stat().st_size
 
 
@@ -117,10 +114,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def _check_plain(value: Any, where: str, inside: tuple[int, ...] = ()) -> None:
     """Raise TypeError unless ``value`` is data that ``torch.load(weights_only=True)`` loads."""
     if isinstance(value, torch.Tensor) and (value.is_meta or value.layout != torch.strided):
-        raise TypeError(
-            f"{where} is a {'meta' if value.is_meta else 'sparse'} tensor, which would not load "
-            f"into a model; save a dense tensor (.to_dense(), or materialise the model first)"
-        )
+        kind = "meta" if value.is_meta else "sparse"
+        raise TypeError(f"{where} is a {kind} tensor; save a dense one (.to_dense(), materialised)")
     if type(value) in _PLAIN:
         return
     if type(value) in (list, tuple, torch.Size, dict, OrderedDict):
@@ -131,10 +126,8 @@ def _check_plain(value: Any, where: str, inside: tuple[int, ...] = ()) -> None:
                 raise TypeError(f"{where} must have str or number keys, but has the key {key!r}")
             _check_plain(item, f"{where}[{key!r}]", (*inside, id(value)))
         return
-    raise TypeError(
-        f"{where} must hold only plain data (None, bool, int, float, str, tensors, dtypes, devices"
-        f" and lists, tuples, dicts of them) for weights_only=True, but it is a {type_name(value)}"
-    )
+    plain = "None, bool, int, float, str, tensors, dtypes, devices and lists, tuples, dicts of them"
+    raise TypeError(f"{where} must hold only plain data ({plain}), but it is a {type_name(value)}")
 
 
 def _digest(payload: dict[str, Any]) -> int:
@@ -249,10 +242,8 @@ def save_checkpoint(
         if shards or distributed.is_main() else None
     )  # fmt: skip
     if isinstance(step, Step) and step.origin is None:
-        raise ValueError(
-            "'step' is an ft.Step without the origin of its pass (built by hand?); pass the "
-            "Step that on_step was given, or the number of steps as an int"
-        )
+        why = "the origin of its pass (built by hand?); pass on_step's Step, or an int"
+        raise ValueError(f"'step' is an ft.Step without {why}")
     at, step = (step, step.index + 1) if isinstance(step, Step) else (None, step)
     for name, value in (("epoch", epoch), ("step", step)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -265,16 +256,15 @@ def save_checkpoint(
         skip = shards and name == "optimizer"  # FSDP2's goes into the shards
         payload[name] = None if obj is None or skip else obj.state_dict()
         payload[f"{name}_class"] = None if obj is None else type(obj).__qualname__
-    origin = None if at is None else at.origin
-    gathered = distributed.all_gather((restore.capture_rng(), origin))  # every rank's, to resume
-    states = [state for state, _ in gathered]
+    gathered = distributed.all_gather((restore.capture_rng(), None if at is None else at.origin))
+    states, starts = [state for state, _ in gathered], [start for _, start in gathered]  # ranks'
     payload.update(rng=states[0], epoch=epoch, step=step, metrics=dict(metrics or {}))
     if at is not None:
-        starts = [start for _, start in gathered]
         payload["position"] = {"batch_index": at.batch_index, "index": at.index, "starts": starts}
     payload["extra"] = dict(extra or {})
     if len(states) > 1:
         payload["rng_ranks"] = states
+    payload["model"] = None if shards else _unwrap(model).state_dict()
     for key, entry in payload.items():
         _check_plain(entry, _LABELS.get(key, f"'{key}' state"))
     if shards:  # each rank writes its own shards: nothing is gathered
@@ -282,10 +272,8 @@ def save_checkpoint(
 
         params = [p for group in getattr(optimizer, "param_groups", []) for p in group["params"]]
         if foreign := len({id(p) for p in params} - {id(p) for p in model.parameters()}):
-            raise ValueError(
-                f"'optimizer' holds {foreign} parameter(s) that are not the model's, but a sharded "
-                f"checkpoint stores optimizer state by the model's names; save theirs in 'extra'"
-            )
+            why = "a sharded checkpoint keeps optimizer state by the model's names"
+            raise ValueError(f"'optimizer' holds {foreign} parameter(s) not the model's, but {why}")
         payload["model"] = dsd.get_model_state_dict(model)
         if optimizer is not None:  # DSD would step an optimizer without state to make one
             state = dsd.get_optimizer_state_dict if optimizer.state else lambda _, o: o.state_dict()
@@ -294,12 +282,8 @@ def save_checkpoint(
         _check_plain(meta, "the checkpoint's non-tensor state")
         size = sharded.save(target, tensors, meta)
     else:
-        payload["model"] = _unwrap(model).state_dict()
-        _check_plain(payload["model"], "'model' state")
         payload["digest"] = _digest(payload)
-        size = distributed.on_main(
-            lambda: write_atomically(target, lambda f: torch.save(payload, f))
-        )
+        size = distributed.on_main(lambda: write_atomically(target, partial(torch.save, payload)))
     return SavedCheckpoint(path=target, size=size, epoch=epoch, step=step)
 
 
