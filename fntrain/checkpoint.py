@@ -391,8 +391,7 @@ def _normalise(payload: Any, target: Path) -> dict[str, Any]:
         why = f"of version {version!r}, but this fntrain reads version {VERSION}"
         raise CheckpointError(f"{str(target)!r} is an fntrain checkpoint {why}")
     problem = _state_dict_problem(payload["model"]) if "model" in payload else "there is none"
-    if problem is not None:
-        problem = f"its 'model' entry is not a model state_dict: {problem}"
+    problem = problem and f"its 'model' entry is not a model state_dict: {problem}"
     for name, kind in {"epoch": int, "step": int, "metrics": dict, "extra": dict}.items():
         value = payload.get(name)
         if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
@@ -453,10 +452,9 @@ def _another_class(name: str, obj: Any, saved: dict[str, Any]) -> str | None:
         ours = set(obj.defaults)
     else:
         theirs, ours = set(saved), set(obj.state_dict())
-    foreign, lacking = sorted(map(repr, theirs - ours)), sorted(map(repr, ours - theirs))
-    kind, has, lacks = type(obj).__name__, ", ".join(foreign), ", ".join(lacking)
-    message = f"'{name}' is {kind}, but the file's {name} state has {has} and lacks {lacks}"
-    return f"{message}: another class's?" if foreign and lacking else None
+    has, lacks = (", ".join(sorted(map(repr, keys))) for keys in (theirs - ours, ours - theirs))
+    state = f"the file's {name} state has {has} and lacks {lacks}: another class's?"
+    return f"'{name}' is {type(obj).__name__}, but {state}" if has and lacks else None
 
 
 def _state_problems(payload: dict[str, Any], given: dict[str, Any]) -> list[str]:
