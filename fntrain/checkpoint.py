@@ -497,7 +497,7 @@ def _rng_state(payload: dict[str, Any]) -> tuple[Any, list[str]]:
         return ranks[rank], []
     held = f"holds the RNG states of {len(ranks)} process(es)"
     if "rng" in payload and size == 1:
-        return ranks[0], [f"the checkpoint {held}; one restores rank 0's, {restore.NOT_EXACT}"]
+        return ranks[0], [f"the checkpoint {held}; one process takes rank 0's, {restore.NOT_EXACT}"]
     held += f" but {size} ranks load it; they were not restored"
     held = held if "rng" in payload else "holds no RNG state (not saved by fntrain)"
     return None, [f"the checkpoint {held}, {restore.NOT_EXACT}"]
