@@ -339,7 +339,7 @@ def _read(target: Path, map_location: MapLocation) -> Any:
         if raised:
             prefix = f"'map_location' raised for {str(target)!r}: "
             raise records.reword(raised[0], prefix=prefix) from None
-        if str(error).lower().startswith("weights only load failed"):
+        if "weights only load failed" in str(error).lower():
             found = (re.findall(r"GLOBAL ([\w.]+)", str(error)) or ["object"])[0]
             raise CheckpointError(
                 f"refused to load {str(target)!r}: it holds a pickled {found} (a whole model saved "
