@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
-from torch.serialization import MAP_LOCATION
+from torch.serialization import MAP_LOCATION as MapLocation  # a device, str, dict, function
 
 from fntrain import distributed, records, restore, sharded
 from fntrain.records import Checkpoint, CheckpointError, MetricValue, SavedCheckpoint, Step
@@ -46,7 +46,6 @@ _LOOP_KEYS = {  # where hand-written loops' checkpoint dicts keep each state
 }  # fmt: skip
 
 PathLike = str | os.PathLike[str]
-MapLocation = MAP_LOCATION  # torch.load's: a device, str, dict, function or None
 Scheduler = LRScheduler | ReduceLROnPlateau
 
 
@@ -88,9 +87,8 @@ def write_atomically(target: Path, write: Callable[[BinaryIO], None]) -> int:
         full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
         if full or "unexpected pos" in str(error):  # torch's writer after a short write
             old = f"the old {target.name!r} is intact" if target.exists() else "nothing was saved"
-            where = f"in {str(target.parent)!r} (or a quota reached) after writing {written} bytes"
-            why = f"no space left {where} of {target.name!r}; {old}, the partial file was removed"
-            raise OSError(errno.ENOSPC, why) from error
+            where = f"{str(target.parent)!r} (or quota) after {written} bytes of {target.name!r}"
+            raise OSError(errno.ENOSPC, f"no space left in {where}; {old}") from error
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable
         os.fsync(folder := os.open(target.parent, os.O_RDONLY))
@@ -99,11 +97,10 @@ def write_atomically(target: Path, write: Callable[[BinaryIO], None]) -> int:
     with contextlib.suppress(OSError):  # what killed saves of target left: older, unlocked
         for orphan in [e.path for e in os.scandir(target.parent) if names.fullmatch(e.name)]:
             with contextlib.suppress(OSError), open(orphan, "rb") as probe:
-                if os.stat(probe.fileno()).st_mtime >= started:
-                    continue
-                if fcntl is not None:  # fails while the writing process is alive
-                    fcntl.flock(probe.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-                os.unlink(orphan)
+                if os.stat(probe.fileno()).st_mtime < started:
+                    if fcntl is not None:  # fails while the writing process is alive
+                        fcntl.flock(probe.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    os.unlink(orphan)
     return target.stat().st_size
 
 
@@ -117,10 +114,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def _check_plain(value: Any, where: str, inside: tuple[int, ...] = ()) -> None:
     """Raise TypeError unless ``value`` is data that ``torch.load(weights_only=True)`` loads."""
     if isinstance(value, torch.Tensor) and (value.is_meta or value.layout != torch.strided):
-        raise TypeError(
-            f"{where} is a {'meta' if value.is_meta else 'sparse'} tensor, which would not load "
-            f"into a model; save a dense tensor (.to_dense(), or materialise the model first)"
-        )
+        kind = "meta" if value.is_meta else "sparse"
+        raise TypeError(f"{where} is a {kind} tensor; save a dense one (.to_dense(), materialised)")
     if type(value) in _PLAIN:
         return
     if type(value) in (list, tuple, torch.Size, dict, OrderedDict):
@@ -131,10 +126,8 @@ def _check_plain(value: Any, where: str, inside: tuple[int, ...] = ()) -> None:
                 raise TypeError(f"{where} must have str or number keys, but has the key {key!r}")
             _check_plain(item, f"{where}[{key!r}]", (*inside, id(value)))
         return
-    raise TypeError(
-        f"{where} must hold only plain data (None, bool, int, float, str, tensors, dtypes, devices"
-        f" and lists, tuples, dicts of them) for weights_only=True, but it is a {type_name(value)}"
-    )
+    plain = "None, bool, int, float, str, tensors, dtypes, devices and lists, tuples, dicts of them"
+    raise TypeError(f"{where} must hold only plain data ({plain}), but it is a {type_name(value)}")
 
 
 def _digest(payload: dict[str, Any]) -> int:
@@ -249,10 +242,8 @@ def save_checkpoint(
         if shards or distributed.is_main() else None
     )  # fmt: skip
     if isinstance(step, Step) and step.origin is None:
-        raise ValueError(
-            "'step' is an ft.Step without the origin of its pass (built by hand?); pass the "
-            "Step that on_step was given, or the number of steps as an int"
-        )
+        why = "the origin of its pass (built by hand?); pass on_step's Step, or an int"
+        raise ValueError(f"'step' is an ft.Step without {why}")
     at, step = (step, step.index + 1) if isinstance(step, Step) else (None, step)
     for name, value in (("epoch", epoch), ("step", step)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -265,16 +256,15 @@ def save_checkpoint(
         skip = shards and name == "optimizer"  # FSDP2's goes into the shards
         payload[name] = None if obj is None or skip else obj.state_dict()
         payload[f"{name}_class"] = None if obj is None else type(obj).__qualname__
-    origin = None if at is None else at.origin
-    gathered = distributed.all_gather((restore.capture_rng(), origin))  # every rank's, to resume
-    states = [state for state, _ in gathered]
+    gathered = distributed.all_gather((restore.capture_rng(), None if at is None else at.origin))
+    states, starts = [state for state, _ in gathered], [start for _, start in gathered]  # ranks'
     payload.update(rng=states[0], epoch=epoch, step=step, metrics=dict(metrics or {}))
     if at is not None:
-        starts = [start for _, start in gathered]
         payload["position"] = {"batch_index": at.batch_index, "index": at.index, "starts": starts}
     payload["extra"] = dict(extra or {})
     if len(states) > 1:
         payload["rng_ranks"] = states
+    payload["model"] = None if shards else _unwrap(model).state_dict()
     for key, entry in payload.items():
         _check_plain(entry, _LABELS.get(key, f"'{key}' state"))
     if shards:  # each rank writes its own shards: nothing is gathered
@@ -282,10 +272,8 @@ def save_checkpoint(
 
         params = [p for group in getattr(optimizer, "param_groups", []) for p in group["params"]]
         if foreign := len({id(p) for p in params} - {id(p) for p in model.parameters()}):
-            raise ValueError(
-                f"'optimizer' holds {foreign} parameter(s) that are not the model's, but a sharded "
-                f"checkpoint stores optimizer state by the model's names; save theirs in 'extra'"
-            )
+            why = "a sharded checkpoint keeps optimizer state by the model's names"
+            raise ValueError(f"'optimizer' holds {foreign} parameter(s) not the model's, but {why}")
         payload["model"] = dsd.get_model_state_dict(model)
         if optimizer is not None:  # DSD would step an optimizer without state to make one
             state = dsd.get_optimizer_state_dict if optimizer.state else lambda _, o: o.state_dict()
@@ -294,12 +282,8 @@ def save_checkpoint(
         _check_plain(meta, "the checkpoint's non-tensor state")
         size = sharded.save(target, tensors, meta)
     else:
-        payload["model"] = _unwrap(model).state_dict()
-        _check_plain(payload["model"], "'model' state")
         payload["digest"] = _digest(payload)
-        size = distributed.on_main(
-            lambda: write_atomically(target, lambda f: torch.save(payload, f))
-        )
+        size = distributed.on_main(lambda: write_atomically(target, partial(torch.save, payload)))
     return SavedCheckpoint(path=target, size=size, epoch=epoch, step=step)
 
 
@@ -314,28 +298,26 @@ def _position(payload: dict[str, Any], target: Path) -> dict[str, Any] | None:
         place = {"batch_index": int(saved["batch_index"]), "index": int(saved["index"])}
         return place | {"start": start, "now": _rng_state(payload)[0]}
     except (KeyError, IndexError, TypeError, ValueError) as error:
-        problem = f"a malformed fntrain checkpoint: its 'position' entry fails with {error!r}"
-        raise CheckpointError(f"{str(target)!r} is {problem}") from None
+        why = f"its 'position' entry fails with {error!r}"
+        raise CheckpointError(f"{str(target)!r} is a malformed fntrain checkpoint: {why}") from None
 
 
 def _check_map_location(value: Any, where: str = "'map_location'") -> None:
     """Raise unless ``value`` is a map_location torch.load takes, naming a device that exists."""
-    if value is None or callable(value):
-        return
     if isinstance(value, dict):
         for key, device in value.items():
             _check_map_location(device, f"'map_location'[{key!r}]")
-        return
-    if not isinstance(value, str | torch.device):
-        kinds = "a str, torch.device, dict, callable or None"
-        raise TypeError(f"{where} must be {kinds}, but got {type_name(value)}")
-    try:
-        device = torch.device(value)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"{where} must name a device such as 'cuda:0', not {value!r}") from None
-    available = getattr(getattr(torch, device.type, None), "is_available", None)
-    if callable(available) and not available():
-        raise ValueError(f"{where} is {value!r}, but {device.type} is not available here")
+    elif value is not None and not callable(value):
+        if not isinstance(value, str | torch.device):
+            kinds = "a str, torch.device, dict, callable or None"
+            raise TypeError(f"{where} must be {kinds}, but got {type_name(value)}")
+        try:
+            device = torch.device(value)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"{where} must name a device like 'cuda:0', not {value!r}") from None
+        available = getattr(getattr(torch, device.type, None), "is_available", None)
+        if callable(available) and not available():
+            raise ValueError(f"{where} is {value!r}, but {device.type} is not available here")
 
 
 def _read(target: Path, map_location: MapLocation) -> Any:
@@ -357,18 +339,15 @@ def _read(target: Path, map_location: MapLocation) -> Any:
         if raised:
             prefix = f"'map_location' raised for {str(target)!r}: "
             raise records.reword(raised[0], prefix=prefix) from None
-        text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
-        if "weights only load failed" in text.lower():
-            found = (re.findall(r"GLOBAL ([\w.]+)", text) or ["object"])[0]
+        if "weights only load failed" in str(error).lower():
+            found = (re.findall(r"GLOBAL ([\w.]+)", str(error)) or ["object"])[0]
             raise CheckpointError(
                 f"refused to load {str(target)!r}: it holds a pickled {found} (a whole model saved "
                 f"with torch.save(model)?), which could run code. If you trust it, convert it once:"
                 f" torch.save(torch.load({str(target)!r}, weights_only=False).state_dict(), 'w.pt')"
             ) from None
-        raise CheckpointError(
-            f"{str(target)!r} is not a loadable checkpoint (empty, truncated, or not a file "
-            f"written by torch.save): {type(error).__name__}: {_first_line(error)}"
-        ) from None
+        why = f"(empty, truncated, not torch.save's): {type(error).__name__}: {_first_line(error)}"
+        raise CheckpointError(f"{str(target)!r} is not a loadable checkpoint {why}") from None
 
 
 def _state_dict_problem(value: Any) -> str | None:
@@ -398,26 +377,21 @@ def _from_loop(saved: dict[Any, Any]) -> dict[str, Any] | None:
 
 def _normalise(payload: Any, target: Path) -> dict[str, Any]:
     """Return a checked fntrain payload; a bare state_dict or a loop's dict becomes one."""
-    keyed = isinstance(payload, dict) and len(_MARKS & payload.keys()) >= len(_MARKS) - 1
-    if not (keyed or (isinstance(payload, dict) and payload.get("format") == FORMAT)):
-        if isinstance(payload, dict) and payload and _state_dict_problem(payload) is None:
+    keys = set(payload) if isinstance(payload, dict) else None  # its marks: a flipped "format"
+    if keys is None or (payload.get("format") != FORMAT and len(_MARKS & keys) < len(_MARKS) - 1):
+        if keys and _state_dict_problem(payload) is None:
             return {"model": payload}
-        if isinstance(payload, dict) and (from_loop := _from_loop(payload)) is not None:
+        if keys and (from_loop := _from_loop(payload)) is not None:
             return from_loop
-        held = f"a dict with keys {list(payload)[:8]}" if isinstance(payload, dict) else None
-        raise CheckpointError(
-            f"{str(target)!r} is neither an fntrain checkpoint nor a model state_dict (bare, "
-            f"or under {', '.join(map(repr, _LOOP_KEYS['model']))}); it holds "
-            f"{held or 'a ' + type(payload).__name__}"
-        )
-    if payload.get("version") != VERSION:
-        raise CheckpointError(
-            f"{str(target)!r} is an fntrain checkpoint of version {payload.get('version')!r}, "
-            f"but this fntrain reads version {VERSION}"
-        )
+        held = f"dict with keys {list(payload)[:8]}" if keys is not None else type_name(payload)
+        under = ", ".join(map(repr, _LOOP_KEYS["model"]))
+        what = f"neither an fntrain checkpoint nor a model state_dict (bare, or under {under})"
+        raise CheckpointError(f"{str(target)!r} is {what}; it holds a {held}")
+    if (version := payload.get("version")) != VERSION:
+        why = f"of version {version!r}, but this fntrain reads version {VERSION}"
+        raise CheckpointError(f"{str(target)!r} is an fntrain checkpoint {why}")
     problem = _state_dict_problem(payload["model"]) if "model" in payload else "there is none"
-    if problem is not None:
-        problem = f"its 'model' entry is not a model state_dict: {problem}"
+    problem = problem and f"its 'model' entry is not a model state_dict: {problem}"
     for name, kind in {"epoch": int, "step": int, "metrics": dict, "extra": dict}.items():
         value = payload.get(name)
         if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
@@ -425,10 +399,8 @@ def _normalise(payload: Any, target: Path) -> dict[str, Any]:
     if problem is not None:
         raise CheckpointError(f"{str(target)!r} is a malformed fntrain checkpoint: {problem}")
     if "digest" in payload and payload["digest"] != _digest(payload):  # a flipped "format" too
-        raise CheckpointError(
-            f"{str(target)!r} is corrupt: its contents do not match the checksum written with "
-            f"them (a changed byte on disk or in transfer); nothing was loaded, use another copy"
-        )
+        why = "its contents do not match their checksum (a byte changed on disk or in transfer)"
+        raise CheckpointError(f"{str(target)!r} is corrupt: {why}; nothing was loaded")
     return payload
 
 
@@ -439,17 +411,14 @@ def _model_problems(saved: dict[str, Any], current: dict[str, Any], strict: bool
         if strict and (absent := [repr(key) for key in keys if key not in others]):
             problems.append(f"{label} the file: {', '.join(absent)}")
     for key, value in saved.items():
-        other = current.get(key)
         if not isinstance(value, torch.Tensor):
             continue
         if value.is_meta or value.layout != torch.strided:
             kind = "meta" if value.is_meta else "sparse"
             problems.append(f"key {key!r} is a {kind} tensor in the file, not a dense one")
-        elif isinstance(other, torch.Tensor) and value.shape != other.shape:
-            problems.append(
-                f"key {key!r} has shape {tuple(value.shape)} in the file but "
-                f"{tuple(other.shape)} in the model"
-            )
+        elif isinstance(other := current.get(key), torch.Tensor) and value.shape != other.shape:
+            shapes = f"{tuple(value.shape)} in the file but {tuple(other.shape)} in the model"
+            problems.append(f"key {key!r} has shape {shapes}")
     return problems
 
 
@@ -483,10 +452,9 @@ def _another_class(name: str, obj: Any, saved: dict[str, Any]) -> str | None:
         ours = set(obj.defaults)
     else:
         theirs, ours = set(saved), set(obj.state_dict())
-    foreign, lacking = sorted(map(repr, theirs - ours)), sorted(map(repr, ours - theirs))
-    kind, has, lacks = type(obj).__name__, ", ".join(foreign), ", ".join(lacking)
-    message = f"'{name}' is {kind}, but the file's {name} state has {has} and lacks {lacks}"
-    return f"{message}: another class's?" if foreign and lacking else None
+    has, lacks = (", ".join(sorted(map(repr, keys))) for keys in (theirs - ours, ours - theirs))
+    state = f"the file's {name} state has {has} and lacks {lacks}: another class's?"
+    return f"'{name}' is {type(obj).__name__}, but {state}" if has and lacks else None
 
 
 def _state_problems(payload: dict[str, Any], given: dict[str, Any]) -> list[str]:
@@ -525,17 +493,14 @@ def _rng_state(payload: dict[str, Any]) -> tuple[Any, list[str]]:
     """Return this rank's RNG state in the file (None if it has none for it), and why not."""
     rank, size = distributed.world()
     ranks = found if isinstance(found := payload.get("rng_ranks"), list) else [payload.get("rng")]
-    if "rng" not in payload:
-        problem = "holds no RNG state (not saved by fntrain)"
-    elif len(ranks) == size:
+    if "rng" in payload and len(ranks) == size:
         return ranks[rank], []
-    elif size == 1:
-        lost = f"holds the RNG states of {len(ranks)} processes; one process restores rank 0's"
-        return ranks[0], [f"the checkpoint {lost}, {restore.NOT_EXACT}"]
-    else:
-        problem = f"holds the RNG states of {len(ranks)} process(es) but {size} ranks load it"
-        problem += "; they were not restored"
-    return None, [f"the checkpoint {problem}, {restore.NOT_EXACT}"]
+    held = f"holds the RNG states of {len(ranks)} process(es)"
+    if "rng" in payload and size == 1:
+        return ranks[0], [f"the checkpoint {held}; one process takes rank 0's, {restore.NOT_EXACT}"]
+    held += f" but {size} ranks load it; they were not restored"
+    held = held if "rng" in payload else "holds no RNG state (not saved by fntrain)"
+    return None, [f"the checkpoint {held}, {restore.NOT_EXACT}"]
 
 
 def load_checkpoint(
@@ -590,23 +555,18 @@ def load_checkpoint(
             payload = _normalise(_read(target, map_location), target)
         seen = (payload.get("digest"), payload.get("epoch"), payload.get("step"))
         if together and len(set(distributed.everywhere(lambda: seen))) > 1:
-            raise CheckpointError(
-                f"the ranks read different checkpoints at 'path' {str(target)!r} (node-local "
-                f"copies?): DDP or FSDP2 replicas would differ; nothing was loaded"
-            )
+            why = "(node-local copies?): replicas would differ; nothing was loaded"
+            raise CheckpointError(f"the ranks read different checkpoints at {str(target)!r} {why}")
         if optimizer is not None and sharded.is_sharded(model):
-            raise CheckpointError(
-                f"{str(target)!r} is a single file: it loads into a sharded (FSDP2) model's "
-                f"weights, not its optimizer; resume from a sharded folder or omit 'optimizer'"
-            )
+            why = "loads into a sharded (FSDP2) model's weights, not its optimizer"
+            raise CheckpointError(f"{str(target)!r} is a single file: it {why}; omit 'optimizer'")
     position = _position(payload, target)
     plain = _unwrap(model)
     current = plain.state_dict()
     model_state = keyed = dict(payload["model"])  # or, wrapper prefixes cut, what fits it best
     while cut := [p for p in _WRAPPER_PREFIXES if keyed and all(k.startswith(p) for k in keyed)]:
-        keyed = {key[len(cut[0]) :]: value for key, value in keyed.items()}
-        if len(current.keys() & keyed.keys()) > len(current.keys() & model_state.keys()):
-            model_state = keyed
+        keyed = {key.removeprefix(cut[0]): value for key, value in keyed.items()}
+        model_state = max(model_state, keyed, key=lambda state: len(current.keys() & state.keys()))
     objects = dict(zip(_STATES, (optimizer, scheduler, scaler), strict=True))
     given = {name: obj for name, obj in objects.items() if obj is not None}
     problems = _model_problems(model_state, current, strict) + _state_problems(payload, given)
