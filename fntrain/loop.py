@@ -40,7 +40,6 @@ _APPLIED = (
 )
 _RETURNS = "'forward' must return"
 _PAIRS = (tuple, list)
-_isfinite = math.isfinite
 _sums = functools.partial(tuple.__new__, sums.Sums)  # a Sums built in C, not in Python
 _NO_BATCHES = (
     "'loader' yielded no batches; expected at least one (is the dataset empty, or is "
@@ -305,7 +304,7 @@ def train_epoch(
             if not window.batches:
                 optimizer.zero_grad()
                 if index == first:  # once: zero_grad() sets .grad to None, or zeroes it
-                    cleared = stepper.cleared()
+                    cleared = all(p.grad is None for p in params)  # then set: a backward
             full = window.batches + 1 == accumulate
             if length is not None:  # DDP with accumulation: sync the window's last backward
                 stepper.sync(full or index + 1 == length)
@@ -321,15 +320,20 @@ def train_epoch(
                 loss, total = score(outputs, targets), None
                 if not isinstance(loss, Tensor) or loss.ndim or not loss.dtype.is_floating_point:
                     loss, total, items = _loss(loss, samples, index)  # per sample, (sum, count)
-                if index == first and cleared:  # once: a loss_fn that called backward() itself
-                    stepper.check_untouched(index)
+                if index == first and cleared and any(p.grad is not None for p in params):
+                    raise ValueError(  # once: loss_fn (or forward) called backward() itself
+                        f"'loss_fn' called backward() itself for batch {index} (or 'forward' did): "
+                        f"the gradients are already set, and train_epoch's own backward() would "
+                        f"double them; return the loss without calling backward()"
+                    )
                 value: float
                 weight: float  # what the loss averages over: samples, or the items counted
                 if total is None:
                     value, weight = loss.item(), samples  # the one host sync per batch
-                else:
-                    value, weight = sums.per_item(total, items)
-                bad = not _isfinite(value)
+                else:  # (sum, count): the mean over the items counted
+                    weight = items.item() if isinstance(items, Tensor) else items
+                    value = total.item() / weight if weight else total.item()
+                bad = not math.isfinite(value)
                 if distributed.agree(bad)[0] if together else bad:
                     if on_nonfinite == "raise":
                         raise NonFiniteLossError(index, value)

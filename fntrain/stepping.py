@@ -171,19 +171,6 @@ class Stepper:
         if self.ddp is not None:  # the user's own loop syncs again
             self.ddp.require_backward_grad_sync = True
 
-    def cleared(self) -> bool:
-        """Tell whether zero_grad() left every .grad None (then a set one means a backward)."""
-        return all(p.grad is None for p in self.params)
-
-    def check_untouched(self, index: int) -> None:
-        """Raise if the gradients zero_grad() cleared are set again: loss_fn called backward()."""
-        if any(p.grad is not None for p in self.params):
-            raise ValueError(
-                f"'loss_fn' called backward() itself for batch {index} (or 'forward' did): the "
-                f"gradients are already set, and train_epoch's own backward() would double "
-                f"them; return the loss without calling backward()"
-            )
-
     def version(self) -> int:
         """Return the sum of the parameters' version counters: in-place updates raise it."""
         return sum(map(VERSION, self.params))

@@ -28,12 +28,6 @@ class Sums(NamedTuple):
     parts: Parts = MappingProxyType({})  # metric parts by (name, position)
 
 
-def per_item(total: torch.Tensor, items: Any) -> tuple[float, float]:
-    """Return a (sum, count) loss's mean over its items and their number, on the host."""
-    weight = items.item() if isinstance(items, torch.Tensor) else items
-    return (total.item() / weight if weight else total.item()), weight
-
-
 def add_loss(total: Any, loss: torch.Tensor, scale: float) -> Any:
     """Return ``total + loss * scale``: on the host, or on ``loss``'s device without a sync."""
     if loss.is_cpu:
