@@ -59,10 +59,10 @@ def check_model_on(model: nn.Module, device: torch.device) -> None:
     """Raise if a parameter or buffer of ``model`` is not on ``device``."""
     for kind, tensors in (("parameters", model.parameters()), ("buffers", model.buffers())):
         for tensor in tensors:
-            if (found := tensor.device) == device:
+            if (found := tensor.device) == device:  # the common case: one comparison
                 continue
-            other_index = found.index not in (None, device.index) and device.index is not None
-            if found.type != device.type or other_index:
+            same_index = found.index in (None, device.index) or device.index is None
+            if found.type != device.type or not same_index:
                 raise ValueError(
                     f"'device' is {device} but the model's {kind} are on {tensor.device}; "
                     f"move the model first with model.to({str(device)!r})"

@@ -65,14 +65,7 @@ def _run(
         samples = data.batch_size(targets)  # None: targets without a batch dimension
     if samples == 0:
         return None, targets, 0
-    if not isinstance(inputs, torch.Tensor) or inputs.device != device:
-        inputs = data.to_device(inputs, device)
-    try:
-        outputs = model(inputs)
-    except (RuntimeError, AttributeError, TypeError) as error:
-        if hint := _hint(error, model, inputs, index, None):
-            reword(error, suffix=hint)
-        raise
+    outputs = _call(model, None, inputs, index, device)
     if samples is None:
         return outputs, targets, data.count(outputs, targets, index)
     odd = isinstance(outputs, torch.Tensor) and outputs.ndim and outputs.shape[0] != samples
@@ -496,9 +489,7 @@ def evaluate(
                 parts = totals.parts  # the pass's parts with this batch's
                 if metrics:
                     parts = metric_lib.added(parts, metrics, outputs, targets)
-                if total is None and loss.is_cpu:  # a mean over the samples, on the host
-                    loss_sum = totals.loss + loss.item() * samples
-                elif total is None:  # on a device: summed there
+                if total is None:  # a mean over the samples (items: the samples)
                     loss_sum = sums.add_loss(totals.loss, loss, samples)
                 else:  # (sum, count): the count may be a device tensor
                     loss_sum = sums.add_loss(totals.loss, total, 1)

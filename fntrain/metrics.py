@@ -67,13 +67,10 @@ def _class_indices(outputs: Any, targets: Any) -> bool:
     """Tell whether ``targets`` are plainly class indices (CPU, in range) for scores (N, C)."""
     if not (isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor)):
         return False
-    if outputs.ndim != 2 or targets.ndim != 1 or not targets.is_cpu:
+    if outputs.ndim != 2 or targets.ndim != 1:
         return False
     samples, classes = outputs.shape
-    if targets.shape[0] != samples or not samples or classes < 2 or targets.dtype.is_floating_point:
-        return False
-    low, high = torch.aminmax(targets)  # one reduction
-    return low.item() >= 0 and high.item() < classes
+    return targets.shape[0] == samples and classes > 1 and _plainly_in_range(targets, classes)
 
 
 def _judge(
@@ -265,7 +262,8 @@ def added(
         except Exception as error:
             raise reword(error, prefix=f"metrics[{name!r}]: ") from None
         for position, part in enumerate(state if isinstance(state, _SEQUENCES) else (state,)):
-            key, before = (name, position), had.get((name, position))
+            key = name, position
+            before = had.get(key)
             if isinstance(part, torch.Tensor):
                 if part.is_cpu and (not part.ndim or part.numel() == 1):  # summed on the host
                     part = part.item()

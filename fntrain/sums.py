@@ -71,9 +71,6 @@ def running(sums: Sums, metrics: Mapping[str, Any]) -> dict[str, MetricValue]:
 
 def finish(sums: Sums, metrics: Mapping[str, Any]) -> tuple[float, dict[str, MetricValue], Sums]:
     """Return the mean loss, the metric values and the (global) counts: over all ranks at once."""
-    if not distributed.active() and not sums.parts and type(sums.loss) is float:  # host numbers
-        items = float(sums.items)
-        return sums.loss / items if items else float("nan"), metric_lib.finish(metrics, {}), sums
     totals = _host(sums)
     if distributed.active():  # one all-reduce
         totals[_SAMPLES], totals[_BATCHES] = torch.tensor(sums.samples), torch.tensor(sums.batches)
