@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 import time
+import weakref
 from collections import OrderedDict, UserDict
 
 import attrs
@@ -380,6 +381,30 @@ def test_nonfinite_batches_can_be_skipped() -> None:
     assert result.loss == pytest.approx(ref_loss)
     for a, b in zip(reference.state_dict().values(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_skipped_batchs_graph_is_freed_before_the_next_forward() -> None:
+    """A batch skipped as non-finite, never back-propagated, holds no graph into the next one."""
+    data = make_data(16, 4, 3, 0)
+    good = list(loader(data, 8))
+    bad = (torch.full_like(good[0][0], float("inf")), good[0][1])
+    model = mlp(4, 3, 0, dropout=0.0)
+    losses: list[weakref.ref[torch.Tensor]] = []
+    alive_at_forward: list[bool] = []
+
+    def loss_fn(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        loss = nn.functional.cross_entropy(outputs, targets)
+        losses.append(weakref.ref(loss))
+        return loss
+
+    def before_forward(*_: object) -> None:
+        alive_at_forward.append(any(ref() is not None and not ref().isfinite() for ref in losses))
+
+    model.register_forward_pre_hook(before_forward)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    result = ft.train_epoch(model, [bad, good[1]], loss_fn, opt, CPU, on_nonfinite="skip")
+    assert result.skipped_batches == 1
+    assert alive_at_forward == [False, False]
 
 
 @pytest.mark.parametrize("name", ["train_epoch", "evaluate", "predict"])
@@ -1169,11 +1194,21 @@ def test_a_failure_after_the_step_says_the_batch_was_applied() -> None:
     )
 
 
+class _StepSetOnTheInstance:
+    """A scheduler whose step is a plain function on the instance (no self to drop)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self.step = lambda loss: None
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [
         (lambda m, o: {"scheduler": torch.optim.lr_scheduler.ReduceLROnPlateau(o)},
          r"'scheduler'.*ReduceLROnPlateau.*step\(\) needs 'metrics'"),
+        (lambda m, o: {"scheduler": _StepSetOnTheInstance(o)},
+         r"'scheduler'.*_StepSetOnTheInstance.*step\(\) needs 'loss'"),
         (lambda m, o: {"optimizer": torch.optim.LBFGS(m.parameters())},
          r"'optimizer'.*LBFGS.*closure"),
         (lambda m, o: {"optimizer": torch.optim.SGD(nn.Linear(3, 2).parameters(), lr=0.1)},
