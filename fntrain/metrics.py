@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any
 
 import attrs
@@ -22,6 +22,7 @@ _REFUSALS = (
 )
 _CLEAN = (0, 0, 0)
 _SEQUENCES = (tuple, list)  # no target that cannot be judged
+_INDICES = (torch.int64, torch.int32)  # what index_select takes
 
 
 @attrs.frozen
@@ -55,22 +56,30 @@ def _refuse(name: str, bad: tuple[Part, ...]) -> None:
             raise ValueError(f"{name} cannot judge {message.format(n=int(count))}")
 
 
+@lru_cache(maxsize=64)
+def _slots(classes: int) -> torch.Tensor:
+    """Return a CPU tensor of length ``classes`` (one byte, expanded): indexing it checks range."""
+    return torch.zeros(1, dtype=torch.uint8).expand(classes)
+
+
 def _plainly_in_range(targets: torch.Tensor, classes: int) -> bool:
-    """Tell whether integer CPU targets all lie in [0, classes), at the cost of one reduction."""
-    if not targets.is_cpu or targets.dtype.is_floating_point or not targets.numel():
+    """Tell whether int64/int32 CPU targets all lie in [0, classes), at the cost of one index."""
+    if not targets.is_cpu or targets.dtype not in _INDICES:
         return False
-    low, high = torch.aminmax(targets)
-    return low.item() >= 0 and high.item() < classes
+    try:  # torch checks every index in C, with no reduction and no host sync
+        _slots(classes).index_select(0, targets if targets.ndim == 1 else targets.reshape(-1))
+    except IndexError:
+        return False
+    return True
 
 
 def _class_indices(outputs: Any, targets: Any) -> bool:
     """Tell whether ``targets`` are plainly class indices (CPU, in range) for scores (N, C)."""
     if not (isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor)):
         return False
-    if outputs.ndim != 2 or targets.ndim != 1:
-        return False
-    samples, classes = outputs.shape
-    return targets.shape[0] == samples and classes > 1 and _plainly_in_range(targets, classes)
+    shape = outputs.shape
+    fits = len(shape) == 2 and shape[1] > 1 and targets.shape == shape[:1]
+    return fits and _plainly_in_range(targets, shape[1])
 
 
 def _judge(
@@ -89,7 +98,7 @@ def _judge(
         multi_hot = ((targets == 0) | (targets == 1)).all(dim=1) & ~probability
         bad: tuple[Part, Part, Part] = (0, multi_hot.sum(), (~probability & ~multi_hot).sum())
         labels = targets.argmax(dim=1)
-    elif _plainly_in_range(targets, classes):  # the common case on the CPU: one reduction
+    elif _plainly_in_range(targets, classes):  # the common case on the CPU: one index
         bad, labels = _CLEAN, targets
     else:
         outside = (targets < 0) | (targets >= classes)
@@ -109,7 +118,7 @@ def _classification(name: str, threshold: float, ignore_index: int | None, k: in
     plain = ignore_index is None and k == 1
 
     def state(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[Part, ...]:
-        if plain and _class_indices(outputs, targets):  # the common case, in three reductions
+        if plain and _class_indices(outputs, targets):  # the common case, in three operations
             return (outputs.argmax(dim=1) == targets).sum(), targets.shape[0]
         if not isinstance(outputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
             raise TypeError(

@@ -389,6 +389,29 @@ def test_accuracy_refuses_targets_it_cannot_judge_and_names_the_metric_to_use(
                     metrics={"acc": chosen})  # fmt: skip
 
 
+@FAST
+@given(
+    dtype=st.sampled_from([torch.int64, torch.int32, torch.int16, torch.uint8, torch.float32]),
+    values=st.lists(st.integers(-3, 7), min_size=1, max_size=12),
+    dense=st.booleans(),
+    seed=s.seeds,
+)
+def test_accuracy_refuses_exactly_the_targets_outside_the_classes(
+    dtype: torch.dtype, values: list[int], dense: bool, seed: int
+) -> None:
+    """Any integer dtype, any shape: out of [0, classes) raises, else it counts argmax hits."""
+    classes, targets = 5, torch.tensor(values).to(dtype)  # uint8 wraps -1 to 255: outside too
+    gen = torch.Generator().manual_seed(seed)
+    shape = (1, classes, len(values)) if dense else (len(values), classes)
+    outputs, targets = torch.randn(shape, generator=gen), targets.reshape(shape[:1] + shape[2:])
+    if ((targets < 0) | (targets >= classes)).any():
+        with pytest.raises(ValueError, match=r"not class indices in \[0, number of classes\)"):
+            _value(ft.accuracy(), outputs, targets)
+    else:
+        hits = (outputs.argmax(dim=1) == targets.long()).sum().item()
+        assert _value(ft.accuracy(), outputs, targets) == hits / len(values)
+
+
 def test_a_refusal_found_on_the_device_is_raised_when_the_epoch_is_computed() -> None:
     """Counts of targets it cannot judge add up like any part; compute refuses them."""
     metric = ft.accuracy()
