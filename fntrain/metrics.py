@@ -23,6 +23,9 @@ _REFUSALS = (
 _CLEAN = (0, 0, 0)
 _SEQUENCES = (tuple, list)  # no target that cannot be judged
 _INDICES = (torch.int64, torch.int32)  # what index_select takes
+_slots = lru_cache(maxsize=64)(  # classes -> a zero-stride tensor of that length to index
+    lambda classes: torch.zeros(1, dtype=torch.uint8).expand(classes)
+)
 
 
 @attrs.frozen
@@ -56,12 +59,6 @@ def _refuse(name: str, bad: tuple[Part, ...]) -> None:
             raise ValueError(f"{name} cannot judge {message.format(n=int(count))}")
 
 
-@lru_cache(maxsize=64)
-def _slots(classes: int) -> torch.Tensor:
-    """Return a CPU tensor of length ``classes`` (one byte, expanded): indexing it checks range."""
-    return torch.zeros(1, dtype=torch.uint8).expand(classes)
-
-
 def _plainly_in_range(targets: torch.Tensor, classes: int) -> bool:
     """Tell whether int64/int32 CPU targets all lie in [0, classes), at the cost of one index."""
     if not targets.is_cpu or targets.dtype not in _INDICES:
@@ -75,11 +72,10 @@ def _plainly_in_range(targets: torch.Tensor, classes: int) -> bool:
 
 def _class_indices(outputs: Any, targets: Any) -> bool:
     """Tell whether ``targets`` are plainly class indices (CPU, in range) for scores (N, C)."""
-    if not (isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor)):
+    shape = outputs.shape if isinstance(outputs, torch.Tensor) else ()
+    if len(shape) != 2 or shape[1] < 2 or not isinstance(targets, torch.Tensor):
         return False
-    shape = outputs.shape
-    fits = len(shape) == 2 and shape[1] > 1 and targets.shape == shape[:1]
-    return fits and _plainly_in_range(targets, shape[1])
+    return targets.shape == shape[:1] and _plainly_in_range(targets, shape[1])
 
 
 def _judge(
@@ -274,10 +270,8 @@ def added(
             key = name, position
             before = had.get(key)
             if isinstance(part, torch.Tensor):
-                if part.is_cpu and (not part.ndim or part.numel() == 1):  # summed on the host
-                    part = part.item()
-                else:
-                    part = _fitting(key, part, before)
+                host = part.is_cpu and (not part.ndim or part.numel() == 1)  # summed there
+                part = part.item() if host else _fitting(key, part, before)
             totals[key] = part if before is None else before + part
     return totals
 
