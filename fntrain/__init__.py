@@ -22,7 +22,7 @@ from fntrain.records import (
     TrainResult,
 )
 
-__version__ = "0.7.1"
+__version__ = "0.7.2"
 
 __all__ = [
     "Checkpoint",
