@@ -55,11 +55,6 @@ def type_name(value: Any) -> str:
     return name if module == "builtins" else f"{module}.{name}"
 
 
-def _first_line(error: BaseException) -> str:
-    """Return the first line of an error's message (its repr when it has none)."""
-    return (str(error).strip().splitlines() or [repr(error)])[0]
-
-
 def write_atomically(target: Path, write: Callable[[BinaryIO], None]) -> int:
     """Run ``write`` on a locked temp file, fsync it, rename it over ``target``; return its size."""
     started, room = time.time(), 255 - 22  # a name's bytes, less the 22 the temp name adds
@@ -346,7 +341,8 @@ def _read(target: Path, map_location: MapLocation) -> Any:
                 f"with torch.save(model)?), which could run code. If you trust it, convert it once:"
                 f" torch.save(torch.load({str(target)!r}, weights_only=False).state_dict(), 'w.pt')"
             ) from None
-        why = f"(empty, truncated, not torch.save's): {type(error).__name__}: {_first_line(error)}"
+        why = f"(empty, truncated, not torch.save's): {type(error).__name__}: "
+        why += records.first_line(error)
         raise CheckpointError(f"{str(target)!r} is not a loadable checkpoint {why}") from None
 
 
@@ -602,10 +598,10 @@ def load_checkpoint(
             try:
                 put_back()
             except Exception as undo_error:
-                failed.append(f"{what} ({_first_line(undo_error)})")
+                failed.append(f"{what} ({records.first_line(undo_error)})")
         if failed:  # the rest was put back
             unfit = unfit.replace("nothing was loaded", f"could not put back {', '.join(failed)}")
-        raise CheckpointError(f"{unfit} {_first_line(error)}") from error
+        raise CheckpointError(f"{unfit} {records.first_line(error)}") from error
     for note in notes:
         warnings.warn(note, RuntimeWarning, stacklevel=2)
     stored: dict[str, Any] = {k: payload.get(k) for k in ("epoch", "step", "metrics", "extra")}

@@ -175,10 +175,8 @@ def _finish(
     loss, values, totals = sums.finish(totals, metrics)  # an all-reduce: every rank reaches it
     if totals.batches == 0 and not empty_is_fine:
         raise ValueError(_NO_BATCHES)
-    seconds = time.perf_counter() - start
-    return dict(
-        loss=loss, metrics=values, samples=totals.samples, batches=totals.batches, seconds=seconds
-    )
+    seconds, samples, batches = time.perf_counter() - start, totals.samples, totals.batches
+    return dict(loss=loss, metrics=values, samples=samples, batches=batches, seconds=seconds)
 
 
 def train_epoch(
@@ -476,11 +474,10 @@ def evaluate(
     resolved = _check_args(model, loader, device, forward)
     _check_callable("loss_fn", loss_fn, "loss_fn(outputs, targets)", optional=False)
     metrics, totals = metric_lib.prepare(metrics, resolved), sums.Sums()
-    batches = distributed.in_step(loader) if sharded.is_sharded(model) else loader  # ranks in step
     start = time.perf_counter()
     with Progress(progress, loader, "eval") as bar:
         with _inference(model, resolved, autocast, inference_mode), distributed.told():
-            for index, batch in enumerate(batches):
+            for index, batch in enumerate(_in_step(model, loader)):
                 outputs, targets, samples = _run(model, forward, batch, index, resolved)
                 if not samples:
                     continue
@@ -514,6 +511,11 @@ def _inference(
     amp = autocast_context(autocast, device) or contextlib.nullcontext()
     with evaluating(model), torch.inference_mode() if inference_mode else torch.no_grad(), amp:
         yield
+
+
+def _in_step(model: nn.Module, loader: Iterable[Any]) -> Iterable[Any]:
+    """Return ``loader``, checked to run in step on every rank if ``model`` is sharded."""
+    return distributed.in_step(loader) if sharded.is_sharded(model) else loader
 
 
 def _outputs(
@@ -571,9 +573,8 @@ def predict(
     gathering = distributed.active() and gather != "none"
     indices = distributed.sampler_indices(loader) if gathering else []
     outputs, targets, cpu, samples = list[Any](), list[Any](), torch.device("cpu"), 0
-    batches = distributed.in_step(loader) if sharded.is_sharded(model) else loader  # ranks in step
     with _inference(model, resolved, autocast), Progress(progress, loader, "predict") as bar:
-        for index, batch in enumerate(batches):
+        for index, batch in enumerate(_in_step(model, loader)):
             batch_outputs, batch_targets = _outputs(model, forward, batch, index, resolved)
             if index and (batch_targets is None) != (not targets):
                 raise TypeError(

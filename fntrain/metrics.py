@@ -23,9 +23,8 @@ _REFUSALS = (
 _CLEAN = (0, 0, 0)
 _SEQUENCES = (tuple, list)  # no target that cannot be judged
 _INDICES = (torch.int64, torch.int32)  # what index_select takes
-_slots = lru_cache(maxsize=64)(  # classes -> a zero-stride tensor of that length to index
-    lambda classes: torch.zeros(1, dtype=torch.uint8).expand(classes)
-)
+# classes -> a zero-stride tensor of that length: index_select into it checks a range
+_slots = lru_cache(maxsize=64)(lambda classes: torch.zeros(1, dtype=torch.uint8).expand(classes))
 
 
 @attrs.frozen
@@ -70,14 +69,6 @@ def _plainly_in_range(targets: torch.Tensor, classes: int) -> bool:
     return True
 
 
-def _class_indices(outputs: Any, targets: Any) -> bool:
-    """Tell whether ``targets`` are plainly class indices (CPU, in range) for scores (N, C)."""
-    shape = outputs.shape if isinstance(outputs, torch.Tensor) else ()
-    if len(shape) != 2 or shape[1] < 2 or not isinstance(targets, torch.Tensor):
-        return False
-    return targets.shape == shape[:1] and _plainly_in_range(targets, shape[1])
-
-
 def _judge(
     outputs: torch.Tensor, targets: torch.Tensor, name: str, threshold: float, k: int = 1
 ) -> tuple[torch.Tensor, tuple[Part, Part, Part]]:
@@ -114,8 +105,10 @@ def _classification(name: str, threshold: float, ignore_index: int | None, k: in
     plain = ignore_index is None and k == 1
 
     def state(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[Part, ...]:
-        if plain and _class_indices(outputs, targets):  # the common case, in three operations
-            return (outputs.argmax(dim=1) == targets).sum(), targets.shape[0]
+        shape = outputs.shape if isinstance(outputs, torch.Tensor) else ()  # (N, C) scores?
+        scores = plain and len(shape) == 2 and shape[1] > 1 and isinstance(targets, torch.Tensor)
+        if scores and targets.shape == shape[:1] and _plainly_in_range(targets, shape[1]):
+            return (outputs.argmax(dim=1) == targets).sum(), targets.shape[0]  # 4 operations
         if not isinstance(outputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
             raise TypeError(
                 f"{name} needs the outputs as a tensor of class scores and the targets as a "

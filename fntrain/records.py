@@ -192,5 +192,10 @@ def reword(error: BaseException, prefix: str = "", suffix: str = "") -> BaseExce
     return error
 
 
+def first_line(error: BaseException) -> str:
+    """Return the first line of an error's message (its repr when it has none)."""
+    return (str(error).strip().splitlines() or [repr(error)])[0]
+
+
 class CheckpointError(Exception):
     """A file is not a loadable fntrain checkpoint, or does not fit what it is loaded into."""

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fntrain.records import first_line
+
 NOT_EXACT = "so resuming will not be bit-exact"
 
 
@@ -137,7 +139,6 @@ def restore_rng(state: Any) -> list[str]:
             try:
                 notes += restore(state.get(name.lower())) or []
             except Exception as error:  # any failure means the saved state cannot be restored
-                why = (str(error).strip().splitlines() or [repr(error)])[0]
                 problem = f"the {name} RNG state in the file cannot be restored"
-                raise ValueError(f"{problem}: {why}") from None
+                raise ValueError(f"{problem}: {first_line(error)}") from None
     return notes
