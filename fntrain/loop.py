@@ -334,7 +334,8 @@ def train_epoch(
                     continue
                 parts = totals.parts  # the pass's parts with this batch's, checked to fit
                 if metrics:
-                    parts = metric_lib.added(parts, metrics, outputs, targets, guard.undo)
+                    with torch.no_grad():
+                        parts = metric_lib.added(parts, metrics, outputs, targets, guard.undo)
                 del outputs, targets  # the graph keeps what backward needs; backward frees it
                 if simple and total is None:  # a mean loss, a step per batch: as by hand
                     if not loss.requires_grad:

@@ -59,11 +59,11 @@ def _refuse(name: str, bad: tuple[Part, ...]) -> None:
 
 
 def _plainly_in_range(targets: torch.Tensor, classes: int) -> bool:
-    """Tell whether int64/int32 CPU targets all lie in [0, classes), at the cost of one index."""
+    """Tell whether 1-D int64/int32 CPU targets all lie in [0, classes), at one index's cost."""
     if not targets.is_cpu or targets.dtype not in _INDICES:
         return False
     try:  # torch checks every index in C, with no reduction and no host sync
-        _slots(classes).index_select(0, targets if targets.ndim == 1 else targets.reshape(-1))
+        _slots(classes).index_select(0, targets)
     except IndexError:
         return False
     return True
@@ -85,7 +85,7 @@ def _judge(
         multi_hot = ((targets == 0) | (targets == 1)).all(dim=1) & ~probability
         bad: tuple[Part, Part, Part] = (0, multi_hot.sum(), (~probability & ~multi_hot).sum())
         labels = targets.argmax(dim=1)
-    elif _plainly_in_range(targets, classes):  # the common case on the CPU: one index
+    elif _plainly_in_range(targets.reshape(-1), classes):  # on the CPU: one index
         bad, labels = _CLEAN, targets
     else:
         outside = (targets < 0) | (targets >= classes)
@@ -108,7 +108,7 @@ def _classification(name: str, threshold: float, ignore_index: int | None, k: in
         shape = outputs.shape if isinstance(outputs, torch.Tensor) else ()  # (N, C) scores?
         scores = plain and len(shape) == 2 and shape[1] > 1 and isinstance(targets, torch.Tensor)
         if scores and targets.shape == shape[:1] and _plainly_in_range(targets, shape[1]):
-            return (outputs.argmax(dim=1) == targets).sum(), targets.shape[0]  # 4 operations
+            return (outputs.argmax(1) == targets).sum().item(), shape[0]  # all on the CPU
         if not isinstance(outputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
             raise TypeError(
                 f"{name} needs the outputs as a tensor of class scores and the targets as a "
@@ -154,7 +154,7 @@ def accuracy(threshold: float = 0.0, ignore_index: int | None = None) -> Metric:
     Example:
         >>> import torch, fntrain as ft
         >>> ft.accuracy().state(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([1, 1]))[:2]
-        (tensor(1), 2)
+        (1, 2)
         >>> ft.accuracy().state(torch.tensor([2.0, -1.0]), torch.tensor([1.0, 1.0]))[:2]
         (tensor(1), 2)
     """
@@ -243,11 +243,9 @@ def added(
 ) -> dict[Any, Part]:
     """Return the parts ``had``, keyed (name, position), with a batch's added: a new dict.
 
-    torchmetrics objects are updated instead (``undo`` gets what puts them back).
+    Call it under ``torch.no_grad()``. torchmetrics objects are updated instead (``undo``
+    gets what puts them back).
     """
-    if torch.is_grad_enabled():  # train_epoch; evaluate is under no_grad already
-        with torch.no_grad():
-            return added(had, metrics, outputs, targets, undo)
     totals = dict(had)
     for name, metric in metrics.items():
         try:

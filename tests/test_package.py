@@ -76,4 +76,4 @@ def test_the_package_stays_within_its_size_budget() -> None:
     modules = [p for p in root.glob("*.py") if p.name != "__init__.py"]
     lines = sum(len(p.read_text().splitlines()) for p in root.glob("*.py"))
     assert len(modules) <= 12, sorted(p.name for p in modules)
-    assert lines <= 3228, lines
+    assert lines <= 3227, lines
